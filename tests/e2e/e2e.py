@@ -1,0 +1,547 @@
+#!/usr/bin/env python3
+"""End-to-end proof of vif-route-qubes under a real Xen 4.17 hypervisor.
+
+Builds (and caches) a Debian bookworm PV dom0 initramfs, a busybox guest
+initramfs and the Xen image, boots Xen under qemu (TCG), lets dom0 run the
+checks in ``dom0/checks.sh`` and reports them as ``E2E CHECK <name> PASS|FAIL
+<detail>`` lines plus a final ``E2E RESULT PASS|FAIL``.
+
+Usage (as root):  python3 tests/e2e/e2e.py [--log FILE] [--timeout SEC]
+Exit status: 0 when every check passed, 1 when a check failed, 2 when the
+images could not be built or qemu could not run / timed out.
+
+Environment:
+  VRQ_E2E_CACHE      cache directory (default /var/cache/vif-route-qubes-e2e)
+  VRQ_E2E_PROJECT    project checkout to install (default: this repository)
+  VRQ_E2E_VIF_SCRIPT hotplug drop-in to install as /etc/xen/scripts/vif-route-qubes
+                     (default: <project>/hotplug/vif-route-qubes)
+  VRQ_E2E_TIMEOUT    overall qemu timeout in seconds (default 600)
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import hashlib
+import lzma
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+SUITE = "bookworm"
+XEN_MAJOR = "4.17"
+# Bump to force a rebuild of the cached dom0 base when the recipe below changes.
+BASE_RECIPE = "dom0-base-v1"
+DEBOOTSTRAP_INCLUDE = "busybox,iproute2,kmod,python3,procps"
+DOM0_PACKAGES = [
+    "xenstore-utils",
+    "iptables",
+    "conntrack",
+    "python3-venv",
+]
+# Kernel module trees (relative to lib/modules/VER/kernel) copied into dom0.
+DOM0_MODULE_DIRS = [
+    "net",
+    "lib",
+    "crypto",
+    "drivers/xen",
+    "drivers/net/xen-netback",
+    "drivers/net/dummy.ko",
+    "drivers/net/veth.ko",
+]
+DEPS = ["click", "plumbum", "pyxs"]
+
+RESULT_RE = re.compile(r"^E2E RESULT (PASS|FAIL)", re.M)
+CHECK_RE = re.compile(r"^E2E CHECK (\S+) (PASS|FAIL)\b ?(.*)$", re.M)
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def log(msg: str) -> None:
+    print(f"[e2e {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run(cmd, **kw) -> subprocess.CompletedProcess:
+    if isinstance(cmd, str):
+        kw.setdefault("shell", True)
+    kw.setdefault("check", True)
+    try:
+        return subprocess.run(cmd, **kw)
+    except subprocess.CalledProcessError as e:
+        out = ""
+        if e.stdout:
+            out += e.stdout if isinstance(e.stdout, str) else e.stdout.decode(errors="replace")
+        if e.stderr:
+            out += e.stderr if isinstance(e.stderr, str) else e.stderr.decode(errors="replace")
+        raise BuildError(f"command failed ({e.returncode}): {cmd}\n{out[-4000:]}") from None
+    except FileNotFoundError as e:
+        raise BuildError(f"command not found: {e.filename} (needed by: {cmd})") from None
+
+
+def out(cmd) -> str:
+    return run(cmd, capture_output=True, text=True).stdout
+
+
+def sha(*parts) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        if isinstance(p, Path):
+            h.update(p.read_bytes())
+        else:
+            h.update(str(p).encode())
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def need_tools(*tools: str) -> None:
+    missing = [t for t in tools if shutil.which(t) is None]
+    if missing:
+        raise BuildError(
+            "missing host tools: " + " ".join(missing)
+            + " (apt-get install qemu-system-x86 debootstrap busybox-static cpio zstd xz-utils)"
+        )
+
+
+# --------------------------------------------------------------------------
+# host-side downloads
+
+
+def apt_candidate(pkg: str) -> str:
+    for attempt in (0, 1):
+        txt = subprocess.run(["apt-cache", "policy", pkg], capture_output=True, text=True).stdout
+        m = re.search(r"Candidate: (\S+)", txt)
+        if m and m.group(1) != "(none)":
+            return m.group(1)
+        if attempt == 0:
+            log("apt lists lack %s: running apt-get update" % pkg)
+            run(["apt-get", "update"], capture_output=True)
+    raise BuildError(f"Debian package {pkg} not found by apt (check the host's apt sources)")
+
+
+def kernel_package() -> str:
+    apt_candidate("linux-image-amd64")
+    txt = out(["apt-cache", "depends", "linux-image-amd64"])
+    m = re.search(r"Depends: (linux-image-6\.1\.\S+-amd64)", txt)
+    if not m:
+        raise BuildError("cannot resolve the current linux-image-6.1 package:\n" + txt)
+    return m.group(1)
+
+
+def fetch_deb(cache: Path, pkg: str, version: str) -> Path:
+    debs = cache / "debs"
+    debs.mkdir(parents=True, exist_ok=True)
+    # apt-get download names files pkg_version_arch.deb with ':' encoded as %3a
+    ver_fs = version.replace(":", "%3a")
+    hits = list(debs.glob(f"{pkg}_{ver_fs}_*.deb"))
+    if hits:
+        return hits[0]
+    log(f"downloading {pkg}={version}")
+    tmp = Path(tempfile.mkdtemp(dir=debs))
+    try:
+        os.chmod(tmp, 0o777)
+        run(["apt-get", "download", f"{pkg}={version}"], cwd=tmp, capture_output=True)
+        got = list(tmp.glob("*.deb"))
+        if len(got) != 1:
+            raise BuildError(f"apt-get download {pkg} produced {got}")
+        dest = debs / got[0].name
+        got[0].rename(dest)
+        return dest
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def extract_vmlinux(bzimage: Path, dest: Path) -> None:
+    """Uncompressed ELF kernel out of a bzImage (guests boot much faster from it)."""
+    data = bzimage.read_bytes()
+    for magic, kind in ((b"\xfd7zXZ\x00", "xz"), (b"\x28\xb5\x2f\xfd", "zstd")):
+        pos = data.find(magic)
+        while pos != -1:
+            try:
+                if kind == "xz":
+                    blob = lzma.LZMADecompressor().decompress(data[pos:])
+                else:
+                    blob = subprocess.run(["zstd", "-dc"], input=data[pos:],
+                                          capture_output=True).stdout
+                if blob[:4] == b"\x7fELF":
+                    dest.write_bytes(blob)
+                    return
+            except lzma.LZMAError:
+                pass
+            pos = data.find(magic, pos + 1)
+    raise BuildError(f"no compressed ELF kernel found in {bzimage}")
+
+
+def prepare_kernel_and_xen(cache: Path) -> dict:
+    kpkg = kernel_package()
+    kver_pkg = apt_candidate(kpkg)
+    xver = apt_candidate(f"xen-hypervisor-{XEN_MAJOR}-amd64")
+    kdeb = fetch_deb(cache, kpkg, kver_pkg)
+    xdeb = fetch_deb(cache, f"xen-hypervisor-{XEN_MAJOR}-amd64", xver)
+    key = sha(kdeb.name, xdeb.name, "kx-v1")
+    d = cache / f"kernel-{key}"
+    if not (d / "done").exists():
+        log(f"unpacking {kdeb.name} and {xdeb.name}")
+        shutil.rmtree(d, ignore_errors=True)
+        (d / "root").mkdir(parents=True)
+        run(["dpkg-deb", "-x", str(kdeb), str(d / "root")])
+        run(["dpkg-deb", "-x", str(xdeb), str(d / "root")])
+        with open(d / "xen", "wb") as f:
+            run(["zcat", str(d / "root" / "boot" / f"xen-{XEN_MAJOR}-amd64.gz")], stdout=f)
+        vmlinuz = next((d / "root" / "boot").glob("vmlinuz-*"))
+        shutil.copy(vmlinuz, d / "vmlinuz")
+        extract_vmlinux(vmlinuz, d / "vmlinux")
+        (d / "done").write_text("ok\n")
+    modroot = d / "root" / "lib" / "modules"
+    kver = next(modroot.iterdir()).name
+    return {"dir": d, "kver": kver, "xen_version": xver, "key": key}
+
+
+# --------------------------------------------------------------------------
+# cpio helpers
+
+
+def pack_cpio(root: Path, dest: Path, paths: list[str] | None = None, level: int = 6) -> None:
+    """newc cpio of ROOT (or of the given relative paths under it), zstd-compressed."""
+    tmp = dest.with_suffix(".tmp")
+    if paths is None:
+        find = "find . -mindepth 1"
+    else:
+        find = "find " + " ".join(f"'./{p}'" for p in paths)
+    run(f"cd '{root}' && {find} | LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0 "
+        f"| zstd -q -T0 -{level} > '{tmp}'")
+    tmp.rename(dest)
+
+
+# --------------------------------------------------------------------------
+# dom0 base: debootstrap + Xen tools + kernel modules + guest kernel
+
+
+class Mounts:
+    def __init__(self, root: Path):
+        self.root = root
+        self.done: list[Path] = []
+
+    def __enter__(self):
+        for src, dst, opts in (("proc", "proc", ["-t", "proc"]),
+                               ("sysfs", "sys", ["-t", "sysfs"]),
+                               ("/dev", "dev", ["--bind"])):
+            p = self.root / dst
+            p.mkdir(exist_ok=True)
+            run(["mount", *opts, src, str(p)])
+            self.done.append(p)
+        return self
+
+    def __exit__(self, *exc):
+        for p in reversed(self.done):
+            subprocess.run(["umount", "-l", str(p)])
+
+
+def chroot(root: Path, cmd: str, **kw) -> subprocess.CompletedProcess:
+    env = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+           "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C", "HOME": "/root"}
+    return run(["chroot", str(root), "/bin/sh", "-ec", cmd], env=env, **kw)
+
+
+def copy_host_apt_sources(root: Path) -> None:
+    src = Path("/etc/apt")
+    dst = root / "etc" / "apt"
+    (dst / "sources.list.d").mkdir(parents=True, exist_ok=True)
+    if (src / "sources.list").exists():
+        shutil.copy(src / "sources.list", dst / "sources.list")
+    for f in (src / "sources.list.d").glob("*"):
+        if f.suffix in (".list", ".sources"):
+            shutil.copy(f, dst / "sources.list.d" / f.name)
+
+
+def build_dom0_base(cache: Path, kx: dict) -> Path:
+    xver = kx["xen_version"]
+    key = sha(BASE_RECIPE, SUITE, DEBOOTSTRAP_INCLUDE, DOM0_PACKAGES, DOM0_MODULE_DIRS,
+              xver, kx["key"], HERE / "dom0" / "etc-default-xen")
+    d = cache / f"dom0-base-{key}"
+    img = d / "base.cpio.zst"
+    if img.exists():
+        return d
+    need_tools("debootstrap", "cpio", "zstd")
+    log(f"building dom0 base {key} (debootstrap {SUITE}, xen-utils-{XEN_MAJOR}={xver})")
+    shutil.rmtree(d, ignore_errors=True)
+    d.mkdir(parents=True)
+    root = d / "root"
+    t0 = time.time()
+    run(["debootstrap", "--variant=minbase", f"--include={DEBOOTSTRAP_INCLUDE}", SUITE,
+         str(root)], capture_output=True)
+    log(f"debootstrap done in {time.time() - t0:.0f}s")
+    copy_host_apt_sources(root)
+    (root / "usr/sbin/policy-rc.d").write_text("#!/bin/sh\nexit 101\n")
+    os.chmod(root / "usr/sbin/policy-rc.d", 0o755)
+    pkgs = " ".join([f"xen-utils-{XEN_MAJOR}={xver}"] + DOM0_PACKAGES)
+    with Mounts(root):
+        chroot(root, f"apt-get update -q && apt-get install -y -q --no-install-recommends {pkgs}"
+               " && apt-get clean", capture_output=True)
+    log(f"packages installed at {time.time() - t0:.0f}s")
+    (root / "usr/sbin/policy-rc.d").unlink()
+    # trim
+    for p in ("usr/share/doc", "usr/share/man", "usr/share/info", "usr/share/locale",
+              "var/lib/apt/lists", "var/cache/apt", "var/cache/debconf/templates.dat-old",
+              "usr/share/i18n"):
+        shutil.rmtree(root / p, ignore_errors=True)
+    (root / "var/lib/apt/lists/partial").mkdir(parents=True, exist_ok=True)
+    # kernel modules
+    kver = kx["kver"]
+    ksrc = kx["dir"] / "root" / "lib" / "modules" / kver
+    kdst = root / "lib" / "modules" / kver
+    (kdst / "kernel").mkdir(parents=True, exist_ok=True)
+    for rel in DOM0_MODULE_DIRS:
+        s = ksrc / "kernel" / rel
+        t = kdst / "kernel" / rel
+        t.parent.mkdir(parents=True, exist_ok=True)
+        if s.is_dir():
+            shutil.copytree(s, t, dirs_exist_ok=True)
+        else:
+            shutil.copy(s, t)
+    for f in ksrc.glob("modules.*"):
+        if f.name in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
+            shutil.copy(f, kdst / f.name)
+    chroot(root, f"depmod -a {kver}")
+    # guest kernel (uncompressed ELF) lives in dom0's /e2e
+    (root / "e2e").mkdir(exist_ok=True)
+    shutil.copy(kx["dir"] / "vmlinux", root / "e2e" / "vmlinux")
+    # Xen defaults: guest consoles logged to files
+    shutil.copy(HERE / "dom0" / "etc-default-xen", root / "etc" / "default" / "xen")
+    (root / "var/log/xen/console").mkdir(parents=True, exist_ok=True)
+    pack_cpio(root, img, level=10)
+    log(f"dom0 base packed ({img.stat().st_size >> 20} MB) in {time.time() - t0:.0f}s")
+    return d
+
+
+# --------------------------------------------------------------------------
+# guest initramfs
+
+
+def build_guest(cache: Path, kx: dict) -> Path:
+    busybox = Path("/bin/busybox")
+    if not busybox.exists():
+        raise BuildError("/bin/busybox (static) is missing: apt-get install busybox-static")
+    key = sha("guest-v1", busybox, HERE / "guest" / "init", kx["key"])
+    img = cache / f"guest-{key}.cpio.zst"
+    if img.exists():
+        return img
+    log(f"building guest initramfs {key}")
+    with tempfile.TemporaryDirectory(dir=cache) as t:
+        root = Path(t)
+        for p in ("bin", "sbin", "proc", "sys", "dev", "etc", "tmp", "lib/modules"):
+            (root / p).mkdir(parents=True, exist_ok=True)
+        shutil.copy(busybox, root / "bin" / "busybox")
+        shutil.copy(HERE / "guest" / "init", root / "init")
+        os.chmod(root / "init", 0o755)
+        ko = next((kx["dir"] / "root" / "lib" / "modules").glob(
+            "*/kernel/drivers/net/xen-netfront.ko*"))
+        if ko.suffix == ".xz":
+            (root / "lib/modules/xen-netfront.ko").write_bytes(lzma.decompress(ko.read_bytes()))
+        else:
+            shutil.copy(ko, root / "lib/modules/xen-netfront.ko")
+        pack_cpio(root, img, level=19)
+    return img
+
+
+# --------------------------------------------------------------------------
+# project layer: venv + drop-in + checks, rebuilt on every run (seconds)
+
+
+def project_wheels(cache: Path, project: Path, dest: Path) -> None:
+    deps = cache / "wheels-deps"
+    if not (deps / "done").exists():
+        log("downloading dependency wheels: " + " ".join(DEPS))
+        shutil.rmtree(deps, ignore_errors=True)
+        deps.mkdir(parents=True)
+        run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:",
+             "-d", str(deps), *DEPS], capture_output=True)
+        (deps / "done").write_text("ok\n")
+    for w in deps.glob("*.whl"):
+        shutil.copy(w, dest)
+    pw = dest / "project"
+    pw.mkdir()
+    if not (project / "pyproject.toml").exists() and not (project / "setup.py").exists():
+        raise BuildError(f"{project} has no pyproject.toml: the package is not there yet")
+    with tempfile.TemporaryDirectory() as t:
+        # build from a copy so that no build/ or *.egg-info lands in the checkout
+        src = Path(t) / "src"
+        shutil.copytree(project, src, ignore=shutil.ignore_patterns(
+            ".git", "build", "dist", "*.egg-info", "__pycache__", ".venv", ".tox",
+            ".pytest_cache"))
+        run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"
+             if _has_setuptools() else "--isolated", "-w", str(pw), str(src)],
+            capture_output=True)
+
+
+def _has_setuptools() -> bool:
+    try:
+        import setuptools  # noqa: F401
+        import wheel  # noqa: F401
+        return True
+    except ImportError:
+        return False
+
+
+def build_layer(cache: Path, base: Path, project: Path, vif_script: Path, dest: Path) -> None:
+    root = base / "root"
+    venv = root / "opt" / "vif-route-qubes"
+    wheels = root / "tmp" / "e2e-wheels"
+    shutil.rmtree(wheels, ignore_errors=True)
+    wheels.mkdir(parents=True)
+    shutil.rmtree(venv, ignore_errors=True)
+    shutil.rmtree(root / "e2e-layer", ignore_errors=True)
+    project_wheels(cache, project, wheels)
+    proj = [w.name for w in (wheels / "project").glob("*.whl")]
+    if len(proj) != 1:
+        raise BuildError(f"expected one project wheel, got {proj}")
+    chroot(root, "python3 -m venv /opt/vif-route-qubes && "
+           "/opt/vif-route-qubes/bin/pip install -q --no-index --no-cache-dir "
+           f"--find-links /tmp/e2e-wheels /tmp/e2e-wheels/project/{proj[0]} && "
+           "/opt/vif-route-qubes/bin/pip uninstall -q -y pip setuptools >/dev/null 2>&1; "
+           "test -x /opt/vif-route-qubes/bin/vif-route-qubes",
+           capture_output=True)
+    shutil.rmtree(wheels)
+    # the rest of the layer: /init, checks, drop-in
+    lay = root / "e2e-layer"
+    lay.mkdir()
+    try:
+        shutil.copy(HERE / "dom0" / "init", root / "init")
+        os.chmod(root / "init", 0o755)
+        e2e = root / "e2e"
+        for f in (HERE / "dom0").iterdir():
+            if f.name not in ("init", "etc-default-xen"):
+                shutil.copy(f, e2e / f.name)
+        scripts = root / "etc" / "xen" / "scripts"
+        shutil.copy(vif_script, scripts / "vif-route-qubes")
+        os.chmod(scripts / "vif-route-qubes", 0o755)
+        paths = ["init", "opt", "opt/vif-route-qubes", "etc/xen/scripts/vif-route-qubes"]
+        paths += ["e2e/" + f.name for f in (HERE / "dom0").iterdir()
+                  if f.name not in ("init", "etc-default-xen")]
+        # find with explicit paths packs directories recursively; 'opt' itself only once
+        tmp = dest.with_suffix(".tmp")
+        run(f"cd '{root}' && {{ echo ./init; echo ./opt; find ./opt/vif-route-qubes; "
+            "echo ./etc/xen/scripts/vif-route-qubes; "
+            + " ".join(f"echo ./e2e/{f.name};" for f in (HERE / 'dom0').iterdir()
+                       if f.name not in ('init', 'etc-default-xen'))
+            + f" }} | cpio -o -H newc --quiet -R 0:0 | zstd -q -T0 -3 > '{tmp}'")
+        tmp.rename(dest)
+    finally:
+        shutil.rmtree(lay, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+# boot
+
+
+def build_all(cache: Path, project: Path, vif_script: Path) -> dict:
+    need_tools("apt-get", "apt-cache", "dpkg-deb", "cpio", "zstd", "zcat", "chroot")
+    if os.geteuid() != 0:
+        raise BuildError("must run as root (debootstrap, chroot)")
+    if not vif_script.exists():
+        raise BuildError(f"hotplug drop-in {vif_script} does not exist")
+    cache.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    kx = prepare_kernel_and_xen(cache)
+    base = build_dom0_base(cache, kx)
+    guest = build_guest(cache, kx)
+    run_dir = cache / "run"
+    run_dir.mkdir(exist_ok=True)
+    layer = run_dir / "layer.cpio.zst"
+    build_layer(cache, base, project, vif_script, layer)
+    # guest image goes to /e2e/guest.cpio.zst inside dom0: wrap it in a tiny cpio
+    with tempfile.TemporaryDirectory(dir=cache) as t:
+        (Path(t) / "e2e").mkdir()
+        shutil.copy(guest, Path(t) / "e2e" / "guest.cpio.zst")
+        pack_cpio(Path(t), run_dir / "guest-layer.cpio.zst", level=1)
+    initrd = run_dir / "dom0.img"
+    with open(initrd, "wb") as f:
+        for part in (base / "base.cpio.zst", run_dir / "guest-layer.cpio.zst", layer):
+            with open(part, "rb") as p:
+                shutil.copyfileobj(p, f)
+    log(f"images ready in {time.time() - t0:.1f}s")
+    return {"xen": kx["dir"] / "xen", "kernel": kx["dir"] / "vmlinuz", "initrd": initrd}
+
+
+def boot(images: dict, logfile: Path, timeout: int) -> tuple[int, str]:
+    qemu = shutil.which("qemu-system-x86_64")
+    if qemu is None:
+        raise BuildError("qemu-system-x86_64 not found: apt-get install qemu-system-x86")
+    xen_cmd = ("console=com1 com1=115200 dom0_mem=1024M,max:1024M loglvl=all "
+               "guest_loglvl=all noreboot")
+    dom0_cmd = "console=hvc0 earlyprintk=xen quiet"
+    cmd = [qemu, "-accel", "tcg,thread=multi", "-cpu", "qemu64,+svm", "-m", "3G", "-smp", "2",
+           "-nographic", "-no-reboot", "-monitor", "none", "-serial", "stdio",
+           "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+           "-kernel", str(images["xen"]), "-append", xen_cmd,
+           "-initrd", f"{images['kernel']} {dom0_cmd},{images['initrd']}"]
+    log(f"booting Xen under qemu (timeout {timeout}s), serial log: {logfile}")
+    t0 = time.time()
+    with open(logfile, "wb") as lf:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=lf,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            rc = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log(f"timeout after {timeout}s: killing qemu pid {proc.pid}")
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+            rc = None
+    text = logfile.read_bytes().decode(errors="replace").replace("\r", "")
+    log(f"qemu exited with {rc} after {time.time() - t0:.0f}s")
+    if rc is None:
+        with open(logfile, "a") as lf:
+            lf.write(f"\nE2E RESULT FAIL timeout after {timeout}s\n")
+        text += f"\nE2E RESULT FAIL timeout after {timeout}s\n"
+    return rc, text
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--log", type=Path, default=None, help="serial log file")
+    ap.add_argument("--timeout", type=int,
+                    default=int(os.environ.get("VRQ_E2E_TIMEOUT", "600")))
+    ap.add_argument("--build-only", action="store_true")
+    args = ap.parse_args(argv)
+    cache = Path(os.environ.get("VRQ_E2E_CACHE", "/var/cache/vif-route-qubes-e2e"))
+    project = Path(os.environ.get("VRQ_E2E_PROJECT", HERE.parent.parent)).resolve()
+    vif_script = Path(os.environ.get("VRQ_E2E_VIF_SCRIPT",
+                                     project / "hotplug" / "vif-route-qubes"))
+    logfile = args.log or cache / "run" / "serial.log"
+    try:
+        images = build_all(cache, project, vif_script)
+        if args.build_only:
+            return 0
+        logfile.parent.mkdir(parents=True, exist_ok=True)
+        rc, text = boot(images, logfile, args.timeout)
+    except BuildError as e:
+        print(f"E2E RESULT FAIL build/boot error: {e}", flush=True)
+        if args.log:
+            args.log.parent.mkdir(parents=True, exist_ok=True)
+            args.log.write_text(f"E2E RESULT FAIL build/boot error: {e}\n")
+        return 2
+    for m in CHECK_RE.finditer(text):
+        print(m.group(0), flush=True)
+    res = RESULT_RE.findall(text)
+    if rc is None:
+        print(f"E2E RESULT FAIL timeout after {args.timeout}s (log: {logfile})")
+        return 2
+    # isa-debug-exit: qemu exits with (value << 1) | 1; dom0 writes 1 for PASS, 2 for FAIL
+    if rc == 3 and res and res[-1] == "PASS":
+        print("E2E RESULT PASS")
+        return 0
+    print(f"E2E RESULT FAIL (qemu status {rc}, result {res[-1] if res else 'missing'}; "
+          f"log: {logfile})")
+    return 1 if res else 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
