@@ -1,0 +1,96 @@
+"""The click interface of vif-route-qubes: help, dry run, verbosity, status.
+
+Xen's own calls (``online type_if=vif``) skip this module entirely; see
+:func:`vif_route_qubes.hotplug.main`. Everything here ends in the same
+:func:`vif_route_qubes.hotplug.run`.
+"""
+
+import os
+import sys
+
+import click
+
+from . import hotplug
+from .errors import Failure
+
+ENV_HELP = """
+
+\b
+Environment (as libxl and udev set it):
+  vif            the backend interface, vifDOMID.DEVID (vifD.N-emu for type_if=tap)
+  XENBUS_PATH    the device's XenStore directory, backend/vif/DOMID/DEVID
+                 (relative to this domain's home) or absolute
+  type_if        vif (default) or tap; also accepted as a type_if= word
+  XENSTORED_PATH XenStore socket (default /var/run/xenstored/socket, else
+                 /dev/xen/xenbus)
+  VIF_ROUTE_QUBES_STATE_DIR   state records (default /run/vif-route-qubes)
+  VIF_ROUTE_QUBES_LOCK        lock file (default STATE_DIR/lock)
+  VIF_ROUTE_QUBES_LOCK_TIMEOUT  seconds to wait for the lock (default 20)
+  VIF_ROUTE_QUBES_HOOKS_DIR   hooks (default /rw/config/network-hooks.d)
+  VIF_ROUTE_QUBES_IPTABLES    nft or legacy: force an iptables backend
+  VIF_ROUTE_QUBES_DEBUG=1     debug logging on stderr (like -v)
+
+\b
+XenStore keys read:
+  $XENBUS_PATH/ip          guest addresses, space separated (IPv4/IPv6)
+  $XENBUS_PATH/mac         guest MAC address
+  $XENBUS_PATH/vifname     optional: rename the interface to this first
+  $XENBUS_PATH/type        vif or vif_ioemu (passed to hooks)
+  $XENBUS_PATH/frontend-id guest domain id (checked against the path)
+  qubes_netvm_gateway      optional: gateway address put on the vif as /32
+  qubes_netvm_gateway6     optional: IPv6 gateway (/128 and proxy_ndp)
+\b
+XenStore keys written: $XENBUS_PATH/hotplug-status (connected or error),
+$XENBUS_PATH/hotplug-error (one-line reason on failure).
+"""
+
+
+def _common(f):
+    f = click.option("-n", "--dry-run", is_flag=True,
+                     help="Print exactly what would be run and written; change nothing.")(f)
+    f = click.option("-v", "--verbose", is_flag=True, help="Log every action to stderr.")(f)
+    return f
+
+
+@click.group(
+    help="Routed, spoof-proof networking for a Xen guest interface, run by "
+    "Xen as a vif hotplug script (script=vif-route-qubes).\n\n"
+    "Xen runs it as: vif-route-qubes online|offline [type_if=vif] [key=value ...]"
+    + ENV_HELP,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.version_option(package_name="vif-route-qubes", message="%(prog)s %(version)s")
+def vif_route_qubes():
+    pass
+
+
+def _hotplug_command(name, summary):
+    @vif_route_qubes.command(
+        name,
+        help=summary + "\n\nWORDS are key=value settings as Xen passes them (type_if=vif, "
+        "and ip=, mac=, vifname=, type= to override the XenStore values)." + ENV_HELP,
+        context_settings={"max_content_width": 100},
+    )
+    @click.argument("words", nargs=-1)
+    @_common
+    def command(words, dry_run, verbose):
+        try:
+            cmd, variables = hotplug.parse_words(list(words))
+        except Failure as exc:
+            raise click.UsageError(str(exc))
+        if cmd is not None:
+            raise click.UsageError(f"unexpected word {cmd!r}: only key=value words follow the command")
+        from .log import Log
+
+        log = Log("vif-route-qubes", os.environ, verbose=verbose)
+        if dry_run:
+            click.echo(f"# vif-route-qubes {name} (dry run: nothing is changed)")
+        sys.exit(hotplug.run(name, variables, os.environ, dry_run=dry_run, log=log))
+
+    return command
+
+
+_hotplug_command("online", "Set up the routed interface and report hotplug-status=connected.")
+_hotplug_command("offline", "Undo everything online made for the interface (never fails).")
+_hotplug_command("add", "online, for an emulated NIC (type_if=tap).")
+_hotplug_command("remove", "offline, for an emulated NIC (type_if=tap).")

@@ -1,0 +1,180 @@
+"""The one seam between vif-route-qubes and the host: every command it runs
+and every /proc or /sys file it writes goes through :class:`System`.
+
+* Commands run through plumbum's local machine, as argv lists (never a
+  shell string), with their payload on stdin.
+* ``dry_run=True`` prints each mutating action exactly as it would be
+  performed (the same argv and the same stdin text) and performs none;
+  read-only probes still run, so the printed plan is the one a real run
+  would choose.
+* ``VIF_ROUTE_QUBES_FAIL_AT=N`` makes the N-th mutating action fail as if
+  the command had exited non-zero. It exists for the rollback tests (every
+  step of ``online`` is failed once, and the host must end as it began).
+"""
+
+import os
+import sys
+from collections import namedtuple
+from subprocess import PIPE
+
+from .errors import CommandFailed, Failure
+
+Result = namedtuple("Result", "argv code stdout stderr")
+
+COMMAND_TIMEOUT = 30.0  # inside libxl's 40 s hotplug timeout
+
+_PACKAGES = {
+    "ip": "iproute2",
+    "conntrack": "conntrack",
+}
+
+
+def _package_of(prog: str) -> str:
+    if "tables" in prog:
+        return "iptables"
+    return _PACKAGES.get(prog, prog)
+
+
+class _Started:
+    """A command that is running (or, in a dry run, was only printed)."""
+
+    def __init__(self, argv, proc, data, ok):
+        self.argv, self.proc, self.data, self.ok = argv, proc, data, ok
+
+    def wait(self, check=True) -> Result:
+        if self.proc is None:
+            return Result(self.argv, 0, "", "")
+        try:
+            out, err = self.proc.communicate(self.data, timeout=COMMAND_TIMEOUT)
+        except Exception:  # TimeoutExpired: do not leave it running behind us
+            self.proc.kill()
+            self.proc.communicate()
+            raise Failure(f"{' '.join(self.argv)} did not finish within {COMMAND_TIMEOUT:.0f} s") from None
+        res = Result(self.argv, self.proc.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
+        if check and res.code not in self.ok:
+            raise CommandFailed(self.argv, res.code, res.stderr)
+        return res
+
+
+class System:
+    def __init__(self, dry_run=False, out=None, log=None, env=None):
+        env = os.environ if env is None else env
+        self.dry_run = dry_run
+        self.out = out or sys.stdout
+        self.log = log
+        self.actions = 0
+        fail_at = env.get("VIF_ROUTE_QUBES_FAIL_AT", "")
+        self.fail_at = int(fail_at) if fail_at.isdigit() else None
+        # Which iptables the host uses is the administrator's choice
+        # (update-alternatives); this only lets benchmarks and tests pick one.
+        backend = env.get("VIF_ROUTE_QUBES_IPTABLES", "")
+        if backend not in ("", "nft", "legacy"):
+            raise Failure(f"VIF_ROUTE_QUBES_IPTABLES={backend!r}: expected nft or legacy")
+        self._backend = f"-{backend}" if backend else ""
+        self.spawned = 0
+
+    # -- naming --------------------------------------------------------------
+    def iptables(self, version: int, tool: str) -> str:
+        """``iptables-restore`` / ``ip6tables-legacy-save`` ..."""
+        base = "iptables" if version == 4 else "ip6tables"
+        return f"{base}{self._backend}-{tool}" if tool else f"{base}{self._backend}"
+
+    # -- commands ------------------------------------------------------------
+    def fault_point(self, what):
+        self.actions += 1
+        if self.fail_at is not None and self.actions == self.fail_at:
+            raise CommandFailed(what, 99, f"injected fault (VIF_ROUTE_QUBES_FAIL_AT={self.fail_at})")
+
+    def start(self, argv, data=None, ok=(0,), readonly=False) -> _Started:
+        """Start a command; ``.wait()`` collects it. Several started before
+        any is waited for run in parallel (the two firewall families, the
+        conntrack purges), which is most of a hotplug run's wall time."""
+        argv = [str(a) for a in argv]
+        if not readonly:
+            if self.dry_run:
+                self._print(argv, data)
+                return _Started(argv, None, None, ok)
+            self.fault_point(argv)
+        if self.log:
+            self.log.debug("run: " + " ".join(argv) + (f" <<{len(data.splitlines())} lines" if data else ""))
+            if data:
+                for line in data.splitlines():
+                    self.log.debug("  | " + line)
+        from ._plumbum import local
+
+        machine = local()
+        try:
+            cmd = machine[argv[0]]
+        except Exception as exc:  # plumbum's CommandNotFound
+            if type(exc).__name__ != "CommandNotFound":
+                raise
+            raise Failure(f"{argv[0]}: command not found (install {_package_of(argv[0])})") from None
+        stdin = PIPE if data is not None else open(os.devnull, "rb")
+        proc = cmd.popen(argv[1:], stdin=stdin, stdout=PIPE, stderr=PIPE)
+        if stdin is not PIPE:
+            stdin.close()
+        self.spawned += 1
+        return _Started(argv, proc, data.encode() if data is not None else None, ok)
+
+    def run(self, argv, data=None, ok=(0,), readonly=False, check=True) -> Result:
+        return self.start(argv, data, ok, readonly).wait(check=check)
+
+    def run_all(self, calls, check=True) -> list:
+        """Run ``(argv, data, ok)`` triples in parallel; first failure raises
+        after all have finished (nothing is left running)."""
+        started = [self.start(argv, data, ok) for argv, data, ok in calls]
+        results, first = [], None
+        for s in started:
+            try:
+                results.append(s.wait(check=check))
+            except Failure as exc:
+                first = first or exc
+                results.append(None)
+        if first:
+            raise first
+        return results
+
+    # -- files ---------------------------------------------------------------
+    def write(self, path: str, value: str) -> None:
+        if self.dry_run:
+            print(f"write {path} = {value}", file=self.out)
+            return
+        self.fault_point(["write", path])
+        if self.log:
+            self.log.debug(f"write {path} = {value}")
+        try:
+            with open(path, "w") as f:
+                f.write(value)
+        except OSError as exc:
+            raise Failure(f"cannot write {path}: {exc.strerror}") from None
+
+    @staticmethod
+    def read(path: str, default=None):
+        try:
+            with open(path) as f:
+                return f.read()
+        except OSError:
+            return default
+
+    @staticmethod
+    def iface_exists(name: str) -> bool:
+        return os.path.exists(f"/sys/class/net/{name}")
+
+    def note(self, text: str) -> None:
+        """A line of explanation in the dry run's output."""
+        if self.dry_run:
+            print(f"# {text}", file=self.out)
+
+    def _print(self, argv, data):
+        line = "$ " + " ".join(_quote(a) for a in argv)
+        if data is None:
+            print(line, file=self.out)
+        else:
+            print(f"{line} <<'EOF'\n{data}EOF", file=self.out)
+
+
+def _quote(arg: str) -> str:
+    """Display quoting only (the dry run's text is for people; nothing here
+    ever reaches a shell)."""
+    safe = all(c.isalnum() or c in "@%+=:,./-_" for c in arg) and arg
+    return arg if safe else "'" + arg.replace("'", "'\\''") + "'"
