@@ -1,0 +1,262 @@
+"""Throwaway network namespaces that build the seed document's world: a
+netvm with an uplink to an upstream host, and guests behind vif-named veth
+pairs. Used by the integration tests, the demo and the benchmarks, so there
+is one rig, not three.
+
+Everything created here is named with a per-run prefix and removed by
+:meth:`World.close` (also on errors: use it as a context manager).
+Packets are real: :func:`udp_send` and :class:`UdpSink` run small Python
+programs inside the namespaces.
+"""
+
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+PY = sys.executable
+
+
+def run(argv, check=True, **kw):
+    kw.setdefault("capture_output", True)
+    kw.setdefault("text", True)
+    res = subprocess.run(argv, **kw)
+    if check and res.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv)} exited {res.returncode}: {res.stderr.strip()}")
+    return res
+
+
+class Netns:
+    def __init__(self, name):
+        self.name = name
+        run(["ip", "netns", "add", name])
+        self.ip("link", "set", "lo", "up")
+
+    def ip(self, *args, check=True):
+        return run(["ip", "-n", self.name, *args], check=check)
+
+    def exec(self, argv, check=True, **kw):
+        return run(["ip", "netns", "exec", self.name, *argv], check=check, **kw)
+
+    def popen(self, argv, **kw):
+        return subprocess.Popen(["ip", "netns", "exec", self.name, *argv], **kw)
+
+    def sysctl(self, key, value):
+        self.exec(["sh", "-c", f"echo {value} > /proc/sys/{key.replace('.', '/')}"])
+
+    def read(self, path):
+        return self.exec(["cat", path]).stdout
+
+    def delete(self):
+        run(["ip", "netns", "del", self.name], check=False)
+
+
+class Guest:
+    def __init__(self, world, domid, devid, addresses, mac, vif, ns):
+        self.world, self.domid, self.devid = world, domid, devid
+        self.addresses, self.mac, self.vif, self.ns = addresses, mac, vif, ns
+
+    @property
+    def xenbus_path(self):
+        return f"backend/vif/{self.domid}/{self.devid}"
+
+    def env(self, **extra):
+        """The environment libxl gives the hotplug script."""
+        env = dict(self.world.env)
+        env.update(vif=self.vif, XENBUS_PATH=self.xenbus_path, XENBUS_TYPE="vif",
+                   XENBUS_BASE_PATH="backend", script="/etc/xen/scripts/vif-route-qubes", netdev="")
+        env.update(extra)
+        return env
+
+    def configure(self, gateway="10.137.0.1"):
+        """Configure the guest side by hand (qubes-setup-ip's job in the
+        end-to-end test): address, a route to the gateway, default route."""
+        for a in self.addresses:
+            if ":" in a:
+                self.ns.ip("-6", "addr", "add", f"{a}/128", "dev", "eth0", "nodad")
+            else:
+                self.ns.ip("addr", "add", f"{a}/32", "dev", "eth0")
+        self.ns.ip("link", "set", "eth0", "up")
+        self.ns.ip("route", "add", gateway, "dev", "eth0")
+        self.ns.ip("route", "add", "default", "via", gateway, "dev", "eth0", "onlink")
+
+
+class World:
+    """netvm + upstream (192.168.0.0/24 uplink, as in the seed's table) +
+    guests. ``xenstored`` is a started ``XenStored`` whose socket the
+    commands under test reach through ``XENSTORED_PATH``."""
+
+    UPLINK_NETVM = "192.168.0.2"
+    UPLINK_UPSTREAM = "192.168.0.1"
+
+    def __init__(self, xenstored, tmpdir, prefix=None, gateway="10.137.0.1",
+                 dns=("10.139.1.1", "10.139.1.2"), upstream=True):
+        self.prefix = prefix or f"vrq{uuid.uuid4().hex[:6]}"
+        self.xs = xenstored
+        self.tmpdir = str(tmpdir)
+        self.namespaces = []
+        self.guests = []
+        self.gateway = gateway
+        self.env = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "HOME": "/",
+            "XENSTORED_PATH": getattr(xenstored, "socket_path", None) or str(xenstored),
+            "VIF_ROUTE_QUBES_STATE_DIR": os.path.join(self.tmpdir, "state"),
+            "VIF_ROUTE_QUBES_HOOKS_DIR": os.path.join(self.tmpdir, "hooks"),
+            "VIF_ROUTE_QUBES_SYSLOG": os.path.join(self.tmpdir, "no-syslog"),
+            "VIF_ROUTE_QUBES_HOTPLUG_LOG": os.path.join(self.tmpdir, "xen", "xen-hotplug.log"),
+        }
+        try:
+            self.netvm = self._ns("netvm")
+            self.netvm.sysctl("net.ipv4.ip_forward", 1)
+            self.netvm.sysctl("net.ipv6.conf.all.forwarding", 1)
+            if upstream:
+                self.upstream = self._ns("up")
+                self.netvm.ip("link", "add", "eth0", "type", "veth", "peer", "name", "eth0",
+                              "netns", self.upstream.name)
+                self.netvm.ip("addr", "add", f"{self.UPLINK_NETVM}/24", "dev", "eth0")
+                self.netvm.ip("link", "set", "eth0", "up")
+                self.upstream.ip("addr", "add", f"{self.UPLINK_UPSTREAM}/24", "dev", "eth0")
+                self.upstream.ip("link", "set", "eth0", "up")
+                self.netvm.ip("route", "add", "default", "via", self.UPLINK_UPSTREAM, "metric", "0")
+                # upstream routes guest space back to the netvm, so it sees
+                # real guest source addresses (and so we can check them)
+                self.upstream.ip("route", "add", "10.137.0.0/16", "via", self.UPLINK_NETVM)
+            if gateway:
+                self.xs.write("/local/domain/0/qubes_netvm_gateway", gateway)
+            if dns:
+                self.xs.write("/local/domain/0/qubes_netvm_primary_dns", dns[0])
+                self.xs.write("/local/domain/0/qubes_netvm_secondary_dns", dns[1])
+        except BaseException:
+            self.close()
+            raise
+
+    def _ns(self, role):
+        ns = Netns(f"{self.prefix}-{role}")
+        self.namespaces.append(ns)
+        return ns
+
+    def add_guest(self, domid, addresses, devid=0, mac=None, write_xenstore=True, vifname=None):
+        """A guest namespace whose eth0 is the peer of ``vifD.N`` in the netvm."""
+        mac = mac or "00:16:3e:5e:%02x:%02x" % (domid % 256, devid % 256)
+        vif = f"vif{domid}.{devid}"
+        ns = self._ns(f"g{domid}-{devid}")
+        self.netvm.ip("link", "add", vif, "type", "veth", "peer", "name", "eth0", "netns", ns.name)
+        ns.ip("link", "set", "eth0", "address", mac)
+        guest = Guest(self, domid, devid, list(addresses), mac, vif, ns)
+        if write_xenstore:
+            base = f"/local/domain/0/{guest.xenbus_path}"
+            self.xs.write(f"{base}/ip", " ".join(addresses))
+            self.xs.write(f"{base}/mac", mac)
+            self.xs.write(f"{base}/frontend-id", str(domid))
+            self.xs.write(f"{base}/handle", str(devid))
+            self.xs.write(f"{base}/type", "vif")
+            self.xs.write(f"{base}/script", "/etc/xen/scripts/vif-route-qubes")
+            if vifname:
+                self.xs.write(f"{base}/vifname", vifname)
+        self.guests.append(guest)
+        return guest
+
+    def hotplug(self, guest, command="online", *words, env=None, check=False, cmd=None):
+        """Run the installed console script in the netvm as libxl would."""
+        argv = [cmd or _script("vif-route-qubes"), command, "type_if=vif", *words]
+        return self.netvm.exec(argv, check=check, env=env or guest.env())
+
+    def close(self):
+        for ns in reversed(self.namespaces):
+            ns.delete()
+        self.namespaces.clear()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _script(name):
+    """The console script installed next to the running interpreter."""
+    candidate = os.path.join(os.path.dirname(PY), name)
+    return candidate if os.path.exists(candidate) else name
+
+
+# ----------------------------------------------------------------------------
+# Real packets
+
+_SINK = r"""
+import socket, sys, time
+fam = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+proto = sys.argv[3]
+s = socket.socket(fam, socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+print("ready", flush=True)
+if proto == "udp":
+    while True:
+        data, addr = s.recvfrom(2048)
+        print(addr[0], data.decode(errors="replace"), flush=True)
+"""
+
+_SEND = r"""
+import socket, sys
+src, dst, port, msg = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
+s = socket.socket(fam, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+if src != "-":
+    s.bind((src, 0))
+for _ in range(int(sys.argv[5])):
+    s.sendto(msg.encode(), (dst, port))
+"""
+
+
+class UdpSink:
+    """A UDP listener in a namespace that records (source, payload) pairs."""
+
+    def __init__(self, ns, addr, port):
+        self.proc = ns.popen([PY, "-c", _SINK, addr, str(port), "udp"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if line.strip() != "ready":
+            self.proc.kill()
+            raise RuntimeError(f"sink did not start: {self.proc.stderr.read()}")
+        os.set_blocking(self.proc.stdout.fileno(), False)
+        self.received = []
+
+    def collect(self, wait=0.3):
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+            while True:
+                try:
+                    line = self.proc.stdout.readline()
+                except (BlockingIOError, ValueError):
+                    line = ""
+                if not line:
+                    break
+                src, _, data = line.rstrip("\n").partition(" ")
+                self.received.append((src, data))
+        return list(self.received)
+
+    def got(self, payload, wait=1.0):
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if any(d == payload for _, d in self.collect(0.1)):
+                return True
+        return False
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def udp_send(ns, dst, port, payload, src="-", count=3):
+    """Send ``count`` datagrams from inside ``ns`` (bound to ``src`` if given)."""
+    return ns.exec([PY, "-c", _SEND, src, dst, str(port), payload, str(count)], check=False)
