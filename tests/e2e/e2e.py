@@ -406,36 +406,36 @@ def build_layer(cache: Path, base: Path, project: Path, vif_script: Path, dest: 
     chroot(root, "python3 -m venv /opt/vif-route-qubes && "
            "/opt/vif-route-qubes/bin/pip install -q --no-index --no-cache-dir "
            f"--find-links /tmp/e2e-wheels /tmp/e2e-wheels/project/{proj[0]} && "
-           "/opt/vif-route-qubes/bin/pip uninstall -q -y pip setuptools >/dev/null 2>&1; "
+           "{ /opt/vif-route-qubes/bin/pip uninstall -q -y pip setuptools >/dev/null 2>&1 || true; } && "
            "test -x /opt/vif-route-qubes/bin/vif-route-qubes",
            capture_output=True)
     shutil.rmtree(wheels)
-    # the rest of the layer: /init, checks, drop-in
-    lay = root / "e2e-layer"
-    lay.mkdir()
-    try:
-        shutil.copy(HERE / "dom0" / "init", root / "init")
-        os.chmod(root / "init", 0o755)
-        e2e = root / "e2e"
+    # the rest of the layer: /init, checks, drop-in, from a staging tree
+    parts = [dest.with_suffix(".venv"), dest.with_suffix(".extra")]
+    pack_cpio(root, parts[0], paths=["opt/vif-route-qubes"], level=3)
+    with tempfile.TemporaryDirectory(dir=cache) as t:
+        st = Path(t)
+        (st / "e2e").mkdir()
+        (st / "etc/xen/scripts").mkdir(parents=True)
+        shutil.copy(HERE / "dom0" / "init", st / "init")
         for f in (HERE / "dom0").iterdir():
             if f.name not in ("init", "etc-default-xen"):
-                shutil.copy(f, e2e / f.name)
-        scripts = root / "etc" / "xen" / "scripts"
-        shutil.copy(vif_script, scripts / "vif-route-qubes")
-        os.chmod(scripts / "vif-route-qubes", 0o755)
-        paths = ["init", "opt", "opt/vif-route-qubes", "etc/xen/scripts/vif-route-qubes"]
-        paths += ["e2e/" + f.name for f in (HERE / "dom0").iterdir()
-                  if f.name not in ("init", "etc-default-xen")]
-        # find with explicit paths packs directories recursively; 'opt' itself only once
-        tmp = dest.with_suffix(".tmp")
-        run(f"cd '{root}' && {{ echo ./init; echo ./opt; find ./opt/vif-route-qubes; "
-            "echo ./etc/xen/scripts/vif-route-qubes; "
-            + " ".join(f"echo ./e2e/{f.name};" for f in (HERE / 'dom0').iterdir()
-                       if f.name not in ('init', 'etc-default-xen'))
-            + f" }} | cpio -o -H newc --quiet -R 0:0 | zstd -q -T0 -3 > '{tmp}'")
-        tmp.rename(dest)
-    finally:
-        shutil.rmtree(lay, ignore_errors=True)
+                shutil.copy(f, st / "e2e" / f.name)
+        env = []
+        if os.environ.get("VRQ_E2E_STANDIN") == "1":
+            shutil.copy(HERE / "standin" / "qubes-setup-dnat-to-ns", st / "e2e" / "standin-dnat")
+            env.append("DNAT_TOOL=/e2e/standin-dnat")
+        (st / "e2e" / "env").write_text("".join(e + "\n" for e in env))
+        shutil.copy(vif_script, st / "etc/xen/scripts/vif-route-qubes")
+        run(["chmod", "-R", "a+rX,u+w", str(st)])
+        os.chmod(st / "init", 0o755)
+        os.chmod(st / "etc/xen/scripts/vif-route-qubes", 0o755)
+        pack_cpio(st, parts[1], paths=["init", "e2e", "etc/xen/scripts/vif-route-qubes"],
+                  level=3)
+    with open(dest, "wb") as f:
+        for p in parts:
+            f.write(p.read_bytes())
+            p.unlink()
 
 
 # --------------------------------------------------------------------------
@@ -515,6 +515,8 @@ def main(argv=None) -> int:
     project = Path(os.environ.get("VRQ_E2E_PROJECT", HERE.parent.parent)).resolve()
     vif_script = Path(os.environ.get("VRQ_E2E_VIF_SCRIPT",
                                      project / "hotplug" / "vif-route-qubes"))
+    if os.environ.get("VRQ_E2E_STANDIN") == "1":
+        vif_script = HERE / "standin" / "vif-route-qubes"
     logfile = args.log or cache / "run" / "serial.log"
     try:
         images = build_all(cache, project, vif_script)

@@ -1,9 +1,225 @@
 #!/bin/sh
-# placeholder: boot only
-for m in xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xen-netback; do modprobe $m; done
-mount -t xenfs xenfs /proc/xen 2>/dev/null
+# The e2e checks, run by /init inside the real dom0. Every check prints
+#   E2E CHECK <name> PASS|FAIL <detail>
+# and the script ends with "E2E RESULT PASS|FAIL" (exit 0 / 1).
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+# the hotplug script inherits xl's environment: ask it to log argv + env
+export VIF_ROUTE_QUBES_DEBUG=1
+VENV=/opt/vif-route-qubes
+DNAT_TOOL=$VENV/bin/qubes-setup-dnat-to-ns
+[ -f /e2e/env ] && . /e2e/env
+GW=10.137.0.1 DNS1=10.139.1.1 DNS2=10.139.1.2
+UPSTREAM=192.0.2.53 FORGED=10.137.0.99
+FAILED=0
+T0=$(cut -d' ' -f1 /proc/uptime)
+
+check() {  # name PASS|FAIL detail...
+    n=$1 s=$2; shift 2
+    echo "E2E CHECK $n $s $*"
+    [ "$s" = PASS ] || FAILED=1
+}
+expect() {  # name detail -- command...: PASS if the command succeeds
+    n=$1 d=$2; shift 3
+    if "$@" >/tmp/expect.out 2>&1; then check "$n" PASS "$d"
+    else check "$n" FAIL "$d: $(tail -c 600 /tmp/expect.out | tr '\n' ' ')"; fi
+}
+note() { echo "E2E NOTE $*"; }
+elapsed() { awk -v t0="$T0" '{printf "%.1f", $1 - t0}' /proc/uptime; }
+
+# ---------------------------------------------------------------- Xen up
+for m in xenfs xen-evtchn xen-gntdev xen-gntalloc xen-privcmd xen-netback dummy; do
+    modprobe $m || note "modprobe $m failed"
+done
+mountpoint -q /proc/xen || mount -t xenfs xenfs /proc/xen
 /etc/init.d/xen start
-xl info | head -5
-xl list
-echo "E2E CHECK boot PASS dom0"
-echo "E2E RESULT PASS"
+sysctl -qw net.ipv4.ip_forward=1
+# no reverse-path filter: only our rules may stop a forged source
+for f in /proc/sys/net/ipv4/conf/*/rp_filter; do echo 0 >"$f"; done
+if xl info >/tmp/xlinfo 2>&1; then
+    check xen-up PASS "$(grep -E '^xen_version' /tmp/xlinfo | tr -s ' ')"
+else
+    check xen-up FAIL "$(tr '\n' ' ' </tmp/xlinfo)"
+    echo "E2E RESULT FAIL"; exit 1
+fi
+
+# ---------------------------------------------------------------- install
+drop=/etc/xen/scripts/vif-route-qubes
+expect drop-in-installed "$drop -> $(grep -o '/[^ ]*bin/vif-route-qubes' $drop | head -1)" -- \
+    sh -c "test -x $drop && test -x $VENV/bin/vif-route-qubes && test -x $DNAT_TOOL"
+
+# ---------------------------------------------------------------- 1. netvm keys
+xenstore-write /local/domain/0/qubes_netvm_gateway $GW \
+    /local/domain/0/qubes_netvm_primary_dns $DNS1 \
+    /local/domain/0/qubes_netvm_secondary_dns $DNS2
+got="$(xenstore-read /local/domain/0/qubes_netvm_gateway /local/domain/0/qubes_netvm_primary_dns \
+    /local/domain/0/qubes_netvm_secondary_dns | tr '\n' ' ')"
+[ "$got" = "$GW $DNS1 $DNS2 " ] && check netvm-keys PASS "$got" || check netvm-keys FAIL "read back: $got"
+
+# ---------------------------------------------------------------- 4a. DNS upstream + DNAT
+ip link add dns0 type dummy && ip addr add $UPSTREAM/32 dev dns0 && ip link set dns0 up
+python3 /e2e/dns_responder.py $UPSTREAM >/tmp/dns.log 2>&1 &
+echo "nameserver $UPSTREAM" >/tmp/resolv.conf
+$DNAT_TOOL --resolv-conf /tmp/resolv.conf >/tmp/dnat.out 2>&1; rc=$?
+nat="$(iptables -w -t nat -S 2>&1 | grep -- "--to-destination $UPSTREAM" | tr '\n' ';')"
+if [ $rc = 0 ] && echo "$nat" | grep -q -- "-d $DNS1/32" && echo "$nat" | grep -q -- "-d $DNS2/32"; then
+    check dnat-setup PASS "exit 0, $(echo "$nat" | tr ';' '\n' | grep -c DNAT) DNAT rules to $UPSTREAM"
+else
+    check dnat-setup FAIL "exit $rc: $(tr '\n' ' ' </tmp/dnat.out) rules: $nat"
+fi
+$DNAT_TOOL --resolv-conf /tmp/resolv.conf >/tmp/dnat.out 2>&1; rc=$?
+[ $rc = 100 ] && check dnat-unchanged PASS "second run exit 100" \
+    || check dnat-unchanged FAIL "second run exit $rc: $(tr '\n' ' ' </tmp/dnat.out)"
+
+# counters seen by dom0's INPUT for the forged source and for a genuine one
+iptables -w -A INPUT -s $FORGED -p icmp -j ACCEPT
+iptables -w -A INPUT -s 10.137.0.10 -p icmp -j ACCEPT
+
+# ---------------------------------------------------------------- 1/2. guests
+guest_cfg() {  # name ip [extra]
+    cat >/tmp/$1.cfg <<EOF
+name = "$1"
+type = "pv"
+kernel = "/e2e/vmlinux"
+ramdisk = "/e2e/guest.cpio.zst"
+extra = "console=hvc0 quiet e2e_name=$1 e2e_ip=$2 e2e_gw=$GW $3"
+memory = 128
+vcpus = 1
+on_crash = "destroy"
+vif = [ 'script=vif-route-qubes,ip=$2' ]
+EOF
+}
+raw_chains() { { iptables -w -t raw -S; ip6tables -w -t raw -S; } 2>/dev/null | grep -- 'vrq-' ; }
+
+guest_cfg g1 10.137.0.10 "e2e_dns=$DNS1 e2e_forged=$FORGED"
+guest_cfg g2 10.137.0.11 "e2e_dns=$DNS2"
+for g in g1 g2; do
+    if xl create /tmp/$g.cfg >/tmp/xl-$g.log 2>&1; then
+        check $g-create PASS "xl create ok at +$(elapsed)s, domid $(xl domid $g)"
+    else
+        check $g-create FAIL "$(tail -c 800 /tmp/xl-$g.log | tr '\n' ' ')"
+    fi
+done
+
+for g in g1 g2; do
+    case $g in g1) ip=10.137.0.10 ;; g2) ip=10.137.0.11 ;; esac
+    domid=$(xl domid $g 2>/dev/null) || { check $g-online FAIL "no domain"; continue; }
+    vif=vif$domid.0
+    XP=/local/domain/0/backend/vif/$domid/0
+    eval "${g}_vif=$vif ${g}_ip=$ip"
+    st=$(xenstore-read $XP/hotplug-status 2>&1)
+    [ "$st" = connected ] && check $g-hotplug-status PASS "$XP/hotplug-status=connected" \
+        || check $g-hotplug-status FAIL "hotplug-status='$st' error='$(xenstore-read $XP/hotplug-error 2>&1)'"
+    r=$(ip -4 route show $ip/32 2>&1)
+    echo "$r" | grep -q "dev $vif .*metric $((32752 - domid))" \
+        && check $g-route PASS "$ip/32 dev $vif metric $((32752 - domid))" \
+        || check $g-route FAIL "got: $r"
+    a=$(ip -4 -o addr show dev $vif 2>&1)
+    echo "$a" | grep -q "inet $GW/32" && check $g-gateway-addr PASS "$GW/32 on $vif" \
+        || check $g-gateway-addr FAIL "got: $a"
+    mac=$(xenstore-read $XP/mac)
+    n=$(ip neigh show $ip dev $vif 2>&1)
+    echo "$n" | grep -qi "lladdr $mac PERMANENT" && check $g-neighbour PASS "$ip lladdr $mac PERMANENT" \
+        || check $g-neighbour FAIL "want $mac PERMANENT, got: $n"
+    pa=$(cat /proc/sys/net/ipv4/conf/$vif/proxy_arp 2>&1)
+    [ "$pa" = 1 ] && check $g-proxy-arp PASS "proxy_arp=1" || check $g-proxy-arp FAIL "proxy_arp=$pa"
+    c4=$(iptables -w -t raw -S 2>&1); c6=$(ip6tables -w -t raw -S 2>&1)
+    miss=""
+    for c in vrq-in-$vif vrq-src-$vif; do
+        echo "$c4" | grep -q -- "-N $c\$" || miss="$miss iptables:-N $c"
+        echo "$c6" | grep -q -- "-N $c\$" || miss="$miss ip6tables:-N $c"
+        echo "$c4" | grep -q -- "-A PREROUTING .*-j $c\$" || miss="$miss iptables:PREROUTING->$c"
+        echo "$c6" | grep -q -- "-A PREROUTING .*-j $c\$" || miss="$miss ip6tables:PREROUTING->$c"
+    done
+    [ -z "$miss" ] && check $g-chains PASS "vrq-in-$vif, vrq-src-$vif hooked in raw PREROUTING (v4+v6)" \
+        || check $g-chains FAIL "missing:$miss"
+    [ -s /run/vif-route-qubes/$vif.json ] && check $g-state-record PASS "/run/vif-route-qubes/$vif.json" \
+        || check $g-state-record FAIL "no /run/vif-route-qubes/$vif.json ($(ls /run/vif-route-qubes 2>&1))"
+done
+
+# ---------------------------------------------------------------- 3/4. guest side
+for g in g1 g2; do
+    log=/var/log/xen/console/guest-$g.log
+    i=0
+    while ! grep -q "GUEST DONE" $log 2>/dev/null && [ $i -lt 180 ]; do sleep 1; i=$((i+1)); done
+    if grep -q "GUEST DONE" $log 2>/dev/null; then
+        note "$g console finished at +$(elapsed)s"
+    else
+        check $g-guest-finished FAIL "no GUEST DONE after ${i}s; console: $(tail -c 1500 $log 2>&1 | tr '\n' ' ')"
+    fi
+    tr -d '\r' <$log 2>/dev/null | sed -n 's/^GUEST CHECK \([^ ]*\) \(PASS\|FAIL\) \?\(.*\)$/\1 \2 \3/p' |
+        while read -r n s d; do echo "E2E CHECK guest-$n $s $d"; done
+    tr -d '\r' <$log 2>/dev/null | grep -q "^GUEST CHECK .* FAIL" && FAILED=1
+    tr -d '\r' <$log 2>/dev/null | grep -q "^GUEST CHECK" || FAILED=1
+done
+grep -q "query from 10.137.0.10" /tmp/dns.log && check dns-reached-upstream PASS \
+    "$(grep -c 'query from' /tmp/dns.log) queries from guests reached $UPSTREAM" \
+    || check dns-reached-upstream FAIL "responder log: $(tr '\n' ' ' </tmp/dns.log)"
+
+# ---------------------------------------------------------------- 3. forged source, counted in dom0
+cnt() { iptables-save -c -t filter | grep -- "-A INPUT -s $1/32 -p icmp" | sed -n 's/^\[\([0-9]*\):.*/\1/p' | head -1; }
+forged=$(cnt $FORGED); genuine=$(cnt 10.137.0.10)
+drops=$(iptables-save -c -t raw | grep -- "-A vrq-in-$g1_vif .*-j DROP" | sed -n 's/^\[\([0-9]*\):.*/\1/p' | awk '{s += $1} END {print s + 0}')
+if [ "${forged:-x}" = 0 ] && [ "${genuine:-0}" -gt 0 ]; then
+    check forged-source-dropped PASS "dom0 INPUT saw 0 packets from $FORGED, $genuine from 10.137.0.10; vrq-in-$g1_vif DROP counted $drops"
+else
+    check forged-source-dropped FAIL "dom0 INPUT saw '$forged' packets from $FORGED, '$genuine' from 10.137.0.10; DROP counted $drops"
+fi
+
+# ---------------------------------------------------------------- 5. malformed ip
+before_chains=$(raw_chains | sort); before_rec=$(ls /run/vif-route-qubes 2>/dev/null | sort)
+guest_cfg g3 10.137.0.300
+if xl create /tmp/g3.cfg >/tmp/xl-g3.log 2>&1; then
+    check bad-ip-create-fails FAIL "xl create of ip=10.137.0.300 succeeded"
+    xl destroy g3 >/dev/null 2>&1
+else
+    check bad-ip-create-fails PASS "xl create exit non-zero"
+fi
+herr=$(sed -n 's/.*script: \(.\+\)$/\1/p' /tmp/xl-g3.log | head -1)
+[ -n "$herr" ] && check bad-ip-hotplug-error PASS "xl reported: $herr" \
+    || check bad-ip-hotplug-error FAIL "no 'script: <hotplug-error>' in xl output: $(tail -c 1200 /tmp/xl-g3.log | tr '\n' ' ')"
+sleep 1
+after_chains=$(raw_chains | sort); after_rec=$(ls /run/vif-route-qubes 2>/dev/null | sort)
+left=""
+xl domid g3 >/dev/null 2>&1 && left="$left domain g3 still exists;"
+[ "$before_chains" = "$after_chains" ] || left="$left raw rules changed: $(echo "$after_chains" | tr '\n' ';');"
+[ "$before_rec" = "$after_rec" ] || left="$left records: $after_rec;"
+ip route show | grep -q '10\.137\.0\.30' && left="$left route: $(ip route show | grep '10\.137\.0\.30');"
+[ -z "$left" ] && check bad-ip-nothing-left PASS "no new vrq rules, records or routes" \
+    || check bad-ip-nothing-left FAIL "$left"
+
+# ---------------------------------------------------------------- 6. destroy
+for g in g1 g2; do
+    eval "vif=\$${g}_vif ip=\$${g}_ip"
+    [ -n "$vif" ] || continue
+    if xl destroy $g >/tmp/xl-destroy-$g.log 2>&1; then :; else
+        check $g-destroy FAIL "$(tr '\n' ' ' </tmp/xl-destroy-$g.log)"
+    fi
+    i=0  # offline runs as the backend goes away; give it a moment
+    while [ -e /run/vif-route-qubes/$vif.json ] && [ $i -lt 20 ]; do sleep 0.5; i=$((i+1)); done
+    left=""
+    ip route show | grep -q "^$ip " && left="$left route: $(ip route show | grep "^$ip ");"
+    ip neigh show | grep -q "^$ip " && left="$left neighbour: $(ip neigh show | grep "^$ip ");"
+    raw_chains | grep -q -- "$vif\\b" && left="$left rules: $(raw_chains | grep -- "$vif" | tr '\n' ';');"
+    [ -e /run/vif-route-qubes/$vif.json ] && left="$left record /run/vif-route-qubes/$vif.json;"
+    [ -z "$left" ] && check $g-offline-clean PASS "no route, neighbour, vrq rule or record for $vif" \
+        || check $g-offline-clean FAIL "$left"
+done
+left=$(raw_chains | tr '\n' ';')
+[ -z "$left" ] && check no-vrq-rules-left PASS "raw tables hold no vrq rule" \
+    || check no-vrq-rules-left FAIL "$left"
+
+# ---------------------------------------------------------------- 7. argv + env, for the record
+grep -h -i -E "argv|environ|XENBUS_PATH" /var/log/xen/xen-hotplug.log /tmp/xl-*.log 2>/dev/null \
+    | head -40 | sed 's/^/E2E HOTPLUG-LOG /' >/tmp/hlog
+cat /tmp/hlog
+if grep -q XENBUS_PATH /tmp/hlog && grep -q online /tmp/hlog && grep -q offline /tmp/hlog; then
+    check debug-log PASS "argv and environment of online and offline logged ($(wc -l </tmp/hlog) lines)"
+else
+    check debug-log FAIL "VIF_ROUTE_QUBES_DEBUG=1 output not found in xen-hotplug.log or xl output"
+fi
+note "xen-hotplug.log tail:"
+tail -n 15 /var/log/xen/xen-hotplug.log 2>/dev/null | sed 's/^/E2E HOTPLUG-LOG-TAIL /'
+
+note "checks done at +$(elapsed)s"
+if [ $FAILED = 0 ]; then echo "E2E RESULT PASS"; exit 0; fi
+echo "E2E RESULT FAIL"; exit 1
