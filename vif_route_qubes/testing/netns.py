@@ -163,6 +163,31 @@ class World:
         argv = [cmd or _script("vif-route-qubes"), command, "type_if=vif", *words]
         return self.netvm.exec(argv, check=check, env=env or guest.env())
 
+    def snapshot(self, ns=None):
+        """The netvm's networking state as comparable text: links, addresses,
+        routes, neighbours, raw/nat rules of both families, state records.
+        Timestamps and packet counters are left out (they change by
+        themselves); everything that a hotplug run could change is in."""
+        ns = ns or self.netvm
+        snap = {
+            "links": ns.ip("-o", "link", "show").stdout,
+            "addrs": ns.ip("-o", "addr", "show").stdout,
+            "routes": ns.ip("route", "show", "table", "all").stdout,
+            "routes6": ns.ip("-6", "route", "show", "table", "all").stdout,
+            "neigh": "\n".join(sorted(line for line in ns.ip("neigh", "show", "nud", "permanent").stdout.splitlines())),
+        }
+        for tool in ("iptables-save", "ip6tables-save"):
+            text = ns.exec([tool]).stdout
+            snap[tool] = "\n".join(
+                line.split(" [")[0] if line.startswith(":") else line
+                for line in text.splitlines() if not line.startswith("#")
+            )
+        for key in ("proxy_arp",):
+            snap[key] = ns.exec(["sh", "-c", "grep -H . /proc/sys/net/ipv4/conf/*/proxy_arp"]).stdout
+        state = self.env["VIF_ROUTE_QUBES_STATE_DIR"]
+        snap["records"] = sorted(f for f in os.listdir(state) if f.endswith(".json")) if os.path.isdir(state) else []
+        return snap
+
     def close(self):
         for ns in reversed(self.namespaces):
             ns.delete()
