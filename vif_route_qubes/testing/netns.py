@@ -176,12 +176,12 @@ class World:
             "routes6": ns.ip("-6", "route", "show", "table", "all").stdout,
             "neigh": "\n".join(sorted(line for line in ns.ip("neigh", "show", "nud", "permanent").stdout.splitlines())),
         }
+        # IPv6 link-local addresses appear on their own once DAD finishes,
+        # whenever that is; nothing of ours touches them
+        for key in ("addrs", "routes", "routes6"):
+            snap[key] = "\n".join(line for line in snap[key].splitlines() if "fe80:" not in line)
         for tool in ("iptables-save", "ip6tables-save"):
-            text = ns.exec([tool]).stdout
-            snap[tool] = "\n".join(
-                line.split(" [")[0] if line.startswith(":") else line
-                for line in text.splitlines() if not line.startswith("#")
-            )
+            snap[tool] = _rules(ns.exec([tool]).stdout)
         for key in ("proxy_arp",):
             snap[key] = ns.exec(["sh", "-c", "grep -H . /proc/sys/net/ipv4/conf/*/proxy_arp"]).stdout
         state = self.env["VIF_ROUTE_QUBES_STATE_DIR"]
@@ -198,6 +198,28 @@ class World:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def _rules(save_text):
+    """iptables-save output without comments and counters, and without
+    tables that hold nothing (an emptied table stays listed once touched)."""
+    blocks, cur = [], []
+    for line in save_text.splitlines():
+        if line.startswith("#"):
+            continue
+        cur.append(line.split(" [")[0] if line.startswith(":") else line)
+        if line == "COMMIT":
+            blocks.append(cur)
+            cur = []
+    kept = []
+    for block in blocks:
+        chains = [line for line in block if line.startswith(":")]
+        empty = not any(line.startswith("-") for line in block) and all(
+            line.endswith(" ACCEPT") for line in chains
+        )
+        if not empty:
+            kept.extend(block)
+    return "\n".join(kept)
 
 
 def _script(name):

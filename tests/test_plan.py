@@ -1,0 +1,216 @@
+"""Pure tests of validation and the plan/render layer: golden payloads."""
+
+from ipaddress import ip_address
+
+import pytest
+
+from vif_route_qubes import plan as P
+from vif_route_qubes import validate
+from vif_route_qubes.errors import Failure
+
+
+def vif(**kw):
+    base = dict(
+        name="vif3.0", domid=3, devid=0, mac="00:16:3e:5e:6c:00",
+        addresses=(ip_address("10.137.0.12"),), gateway=ip_address("10.137.0.1"),
+    )
+    base.update(kw)
+    return P.Vif(**base)
+
+
+def test_firewall_create_payload_golden():
+    fw = P.firewall(vif(addresses=(ip_address("10.137.0.12"), ip_address("10.137.0.13"))), 4)
+    assert fw.create == (
+        "*raw\n"
+        "-N vrq-in-vif3.0\n"
+        "-N vrq-src-vif3.0\n"
+        "-A vrq-in-vif3.0 -s 10.137.0.12/32 -j RETURN\n"
+        "-A vrq-in-vif3.0 -s 10.137.0.13/32 -j RETURN\n"
+        "-A vrq-in-vif3.0 -j DROP\n"
+        "-A vrq-src-vif3.0 -s 10.137.0.12/32 -j DROP\n"
+        "-A vrq-src-vif3.0 -s 10.137.0.13/32 -j DROP\n"
+        "-A PREROUTING -i vif3.0 -m comment --comment vrq-in -j vrq-in-vif3.0\n"
+        "-A PREROUTING -m devgroup ! --src-group 2 -m comment --comment vrq-src -j vrq-src-vif3.0\n"
+        "COMMIT\n"
+    )
+
+
+def test_firewall_replace_and_teardown_golden():
+    fw = P.firewall(vif(), 4)
+    assert fw.replace == (
+        "*raw\n"
+        ":vrq-in-vif3.0 - [0:0]\n"
+        ":vrq-src-vif3.0 - [0:0]\n"
+        "-A vrq-in-vif3.0 -s 10.137.0.12/32 -j RETURN\n"
+        "-A vrq-in-vif3.0 -j DROP\n"
+        "-A vrq-src-vif3.0 -s 10.137.0.12/32 -j DROP\n"
+        "-D PREROUTING -i vif3.0 -m comment --comment vrq-in -j vrq-in-vif3.0\n"
+        "-D PREROUTING -m devgroup ! --src-group 2 -m comment --comment vrq-src -j vrq-src-vif3.0\n"
+        "-A PREROUTING -i vif3.0 -m comment --comment vrq-in -j vrq-in-vif3.0\n"
+        "-A PREROUTING -m devgroup ! --src-group 2 -m comment --comment vrq-src -j vrq-src-vif3.0\n"
+        "COMMIT\n"
+    )
+    assert fw.teardown == (
+        "*raw\n"
+        "-D PREROUTING -i vif3.0 -m comment --comment vrq-in -j vrq-in-vif3.0\n"
+        "-D PREROUTING -m devgroup ! --src-group 2 -m comment --comment vrq-src -j vrq-src-vif3.0\n"
+        "-F vrq-in-vif3.0\n-F vrq-src-vif3.0\n-X vrq-in-vif3.0\n-X vrq-src-vif3.0\n"
+        "COMMIT\n"
+    )
+
+
+def test_ipv6_without_addresses_drops_everything_from_the_vif():
+    fw = P.firewall(vif(), 6)
+    assert "-A vrq-in-vif3.0 -j DROP\n" in fw.create
+    assert "RETURN" not in fw.create
+    assert "-A vrq-src-vif3.0 -s" not in fw.create
+
+
+def test_ipv6_with_address_allows_it_and_neighbour_discovery():
+    fw = P.firewall(vif(addresses=(ip_address("10.137.0.12"), ip_address("fd09:24ef:4179::a89:c"))), 6)
+    lines = fw.create.splitlines()
+    assert "-A vrq-in-vif3.0 -s fd09:24ef:4179::a89:c/128 -j RETURN" in lines
+    assert "-A vrq-in-vif3.0 -s fe80::/10 -p ipv6-icmp -j RETURN" in lines
+    assert lines.index("-A vrq-in-vif3.0 -j DROP") > lines.index("-A vrq-in-vif3.0 -s fe80::/10 -p ipv6-icmp -j RETURN")
+    assert "10.137.0.12" not in fw.create
+
+
+def test_link_online_batch_golden_and_order():
+    lp = P.link_online(vif(), ipv6=True)
+    assert lp.batch == (
+        "link set dev vif3.0 group 2",
+        "link set dev vif3.0 up",
+        "neigh replace 10.137.0.12 lladdr 00:16:3e:5e:6c:00 dev vif3.0 nud permanent",
+        "route replace 10.137.0.12/32 dev vif3.0 metric 32749",
+        "addr replace 10.137.0.1/32 dev vif3.0",
+    )
+    assert lp.sysctls == (("/proc/sys/net/ipv4/conf/vif3.0/proxy_arp", "1"),)
+
+
+def test_link_offline_removes_routes_before_the_last_address():
+    lp = P.link_offline(vif(gateway6=ip_address("fd09:24ef:4179::a89:1"),
+                            addresses=(ip_address("10.137.0.12"), ip_address("fd09:24ef:4179::a89:c"))), ipv6=True)
+    b = list(lp.batch)
+    assert b.index("route del 10.137.0.12/32 dev vif3.0 metric 32749") < b.index("addr del 10.137.0.1/32 dev vif3.0")
+    assert "route del fd09:24ef:4179::a89:c/128 dev vif3.0 metric 32749" in b
+    assert b[-2:] == ["link set dev vif3.0 down", "link set dev vif3.0 group 0"]
+    assert ("/proc/sys/net/ipv6/conf/vif3.0/proxy_ndp", "0") in lp.sysctls
+
+
+def test_ipv6_gateway_only_where_ipv6_is_enabled():
+    v = vif(gateway6=ip_address("fd09:24ef:4179::a89:1"), addresses=(ip_address("fd09:24ef:4179::a89:c"),))
+    on = P.link_online(v, ipv6=True)
+    assert "addr replace fd09:24ef:4179::a89:1/128 dev vif3.0 nodad" in on.batch
+    assert ("/proc/sys/net/ipv6/conf/vif3.0/proxy_ndp", "1") in on.sysctls
+    off = P.link_online(v, ipv6=False)
+    assert not any("fd09" in line for line in off.batch)
+    assert all("ipv6" not in path for path, _ in off.sysctls)
+
+
+def test_metric_is_32752_minus_domid():
+    assert P.metric_for(0) == 32752
+    assert P.metric_for(32752) == 0
+    assert vif(domid=10).metric == 32742
+
+
+def test_conntrack_purges_both_directions_per_address():
+    calls = P.conntrack_purges((ip_address("10.137.0.12"), ip_address("fd00::c")))
+    assert calls == (
+        ("conntrack", "-D", "-s", "10.137.0.12"),
+        ("conntrack", "-D", "-d", "10.137.0.12"),
+        ("conntrack", "-D", "-f", "ipv6", "-s", "fd00::c"),
+        ("conntrack", "-D", "-f", "ipv6", "-d", "fd00::c"),
+    )
+
+
+SAVE = """# Generated by iptables-save v1.8.9 (nf_tables)
+*raw
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:vrq-in-vif3.0 - [0:0]
+:vrq-src-vif3.0 - [0:0]
+:vrq-in-vif3.1 - [0:0]
+-A PREROUTING -i vif3.0 -m comment --comment vrq-in -j vrq-in-vif3.0
+-A PREROUTING -i vif3.1 -m comment --comment vrq-in -j vrq-in-vif3.1
+-A vrq-in-vif3.0 -s 10.137.0.12/32 -j RETURN
+-A vrq-in-vif3.0 -j DROP
+-A vrq-src-vif3.0 -s 10.137.0.12/32 -j DROP
+-A vrq-src-vif3.0 -s 10.137.0.13/32 -j DROP
+COMMIT
+"""
+
+
+def test_teardown_from_save_removes_exactly_what_exists():
+    # the src jump is gone (hand-deleted): only the rest is removed, and
+    # vif3.1's chain is left alone
+    assert P.teardown_from_save(SAVE, "vif3.0") == (
+        "*raw\n"
+        "-D PREROUTING -i vif3.0 -m comment --comment vrq-in -j vrq-in-vif3.0\n"
+        "-F vrq-in-vif3.0\n-F vrq-src-vif3.0\n-X vrq-in-vif3.0\n-X vrq-src-vif3.0\n"
+        "COMMIT\n"
+    )
+    assert P.teardown_from_save(SAVE, "vif9.0") == ""
+
+
+def test_addresses_are_recovered_from_the_src_chain():
+    assert P.addresses_from_save(SAVE, "vif3.0") == ("10.137.0.12/32", "10.137.0.13/32")
+
+
+# -- validation ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,expected", [("vif3.0", (3, 0)), ("vif32752.7", (32752, 7)), ("vif1.0-emu", (1, 0))])
+def test_vif_names_accepted(name, expected):
+    assert validate.vif_name(name) == expected
+
+
+@pytest.mark.parametrize("name", ["", "eth0", "vif32753.0", "vif03.0", "vif3", "vif3.0;rm", "vif3.0 ", "vif+", "vif３.0"])
+def test_vif_names_refused(name):
+    with pytest.raises(Failure):
+        validate.vif_name(name)
+
+
+@pytest.mark.parametrize("name", ["x" * 16, "a b", "a/b", "vif+", "..", "-x", "é", "a:b", ""])
+def test_ifnames_refused(name):
+    with pytest.raises(Failure):
+        validate.ifname(name, "vifname")
+
+
+@pytest.mark.parametrize("value", [
+    "10.137.0.300", "10.137.0.0/24", "::ffff:10.1.2.3", "169.254.1.1", "fe80::1", "224.0.0.1",
+    "0.0.0.0", "127.0.0.1", "255.255.255.255", "10.1.1.1 10.1.1.1", "$(reboot)", "10.1.1.1;ls",
+    "１０.1.1.1", "", "   ", "fd00::1%eth0", "ff02::1", "240.0.0.1",
+])
+def test_bad_addresses_refused_with_one_line_reason(value):
+    with pytest.raises(Failure) as info:
+        validate.addresses(value, "ip")
+    assert "\n" not in str(info.value)
+    assert str(info.value).startswith("ip")
+
+
+def test_addresses_keep_order_and_accept_host_prefixes():
+    got = validate.addresses(" 10.137.0.12   fd09::c/128 10.137.0.13/32 ")
+    assert [str(a) for a in got] == ["10.137.0.12", "fd09::c", "10.137.0.13"]
+
+
+@pytest.mark.parametrize("value", ["00:16:3e:5e:6c", "00-16-3e-5e-6c-00", "01:16:3e:5e:6c:00",
+                                   "00:00:00:00:00:00", "zz:16:3e:5e:6c:00", "00:16:3e:5e:6c:00\n"])
+def test_bad_macs_refused(value):
+    with pytest.raises(Failure):
+        validate.mac(value)
+
+
+def test_mac_normalised_to_lower_case():
+    assert validate.mac("00:16:3E:5E:6C:0A") == "00:16:3e:5e:6c:0a"
+
+
+@pytest.mark.parametrize("value", ["backend/vif//3/0", "backend/vif/3/0/", "backend/vif/3/0 x",
+                                   "backend/vbd/3/0", "../backend/vif/3/0", "backend/vif/3/x", "backend/vif/40000/0"])
+def test_bad_xenbus_paths_refused(value):
+    with pytest.raises(Failure):
+        validate.xenbus_path(value)
+
+
+def test_xenbus_paths_relative_and_absolute():
+    assert validate.xenbus_path("backend/vif/3/0") == ("backend/vif/3/0", 3, 0)
+    assert validate.xenbus_path("/local/domain/5/backend/vif/12/1") == ("/local/domain/5/backend/vif/12/1", 12, 1)

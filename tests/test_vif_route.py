@@ -1,0 +1,308 @@
+"""vif-route-qubes against the real ip, iptables, ip6tables and conntrack in
+network namespaces, checked with real packets, XenStore served over the
+real wire protocol."""
+
+import json
+import os
+
+import pytest
+
+from vif_route_qubes.testing.netns import UdpSink, udp_send
+
+PORT = 5353
+
+
+def online(world, guest, *words, env=None):
+    res = world.hotplug(guest, "online", *words, env=env)
+    assert res.returncode == 0, res.stderr
+    return res
+
+
+def status(world, guest):
+    value = world.xs.read(f"/local/domain/0/{guest.xenbus_path}/hotplug-status")
+    return value.decode() if value is not None else None
+
+
+def error_text(world, guest):
+    value = world.xs.read(f"/local/domain/0/{guest.xenbus_path}/hotplug-error")
+    return value.decode() if value is not None else None
+
+
+def reaches_upstream(world, guest, src, tag):
+    with UdpSink(world.upstream, world.UPLINK_UPSTREAM, PORT) as sink:
+        udp_send(guest.ns, world.UPLINK_UPSTREAM, PORT, tag, src=src)
+        ok = sink.got(tag, wait=1.5)
+        seen = [s for s, d in sink.collect(0.05) if d == tag]
+    return ok, seen
+
+
+def test_online_configures_the_netvm_and_reports_connected(world):
+    g = world.add_guest(3, ["10.137.0.12"])
+    online(world, g)
+    assert status(world, g) == "connected"
+    routes = world.netvm.ip("route", "show", "dev", "vif3.0").stdout
+    assert "10.137.0.12 scope link metric 32749" in routes
+    assert "10.137.0.1/32" in world.netvm.ip("addr", "show", "dev", "vif3.0").stdout
+    neigh = world.netvm.ip("neigh", "show", "dev", "vif3.0").stdout
+    assert "10.137.0.12 lladdr 00:16:3e:5e:03:00 PERMANENT" in neigh
+    link = world.netvm.ip("-d", "link", "show", "dev", "vif3.0").stdout
+    assert "group 2" in link and ",UP" in link
+    assert world.netvm.read("/proc/sys/net/ipv4/conf/vif3.0/proxy_arp").strip() == "1"
+    raw = world.netvm.exec(["iptables-save", "-t", "raw"]).stdout
+    assert "-A PREROUTING -i vif3.0 -m comment --comment vrq-in -j vrq-in-vif3.0" in raw
+    assert "-A vrq-in-vif3.0 -s 10.137.0.12/32 -j RETURN" in raw
+    record = json.load(open(os.path.join(world.env["VIF_ROUTE_QUBES_STATE_DIR"], "vif3.0.json")))
+    assert record["addresses"] == ["10.137.0.12"] and record["mac"] == "00:16:3e:5e:03:00"
+
+
+def test_own_source_is_routed_and_spoofed_source_is_dropped(world):
+    g = world.add_guest(3, ["10.137.0.12"])
+    online(world, g)
+    g.configure()
+    ok, seen = reaches_upstream(world, g, "10.137.0.12", "good")
+    assert ok and seen == ["10.137.0.12"] * len(seen)
+    g.ns.ip("addr", "add", "10.137.0.99/32", "dev", "eth0")
+    ok, _ = reaches_upstream(world, g, "10.137.0.99", "spoofed")
+    assert not ok, "a packet with a forged source address got through"
+    counters = world.netvm.exec(["iptables", "-t", "raw", "-L", "vrq-in-vif3.0", "-v", "-x", "-n"]).stdout
+    drop = [line for line in counters.splitlines() if "DROP" in line][0]
+    assert int(drop.split()[0]) >= 3, counters
+
+
+def test_packet_bearing_guest_address_from_upstream_is_dropped(world):
+    g = world.add_guest(3, ["10.137.0.12"])
+    online(world, g)
+    world.upstream.ip("addr", "add", "10.137.0.12/32", "dev", "eth0")
+    world.upstream.ip("addr", "add", "10.137.0.77/32", "dev", "eth0")
+    with UdpSink(world.netvm, world.UPLINK_NETVM, PORT) as sink:
+        udp_send(world.upstream, world.UPLINK_NETVM, PORT, "forged", src="10.137.0.12")
+        udp_send(world.upstream, world.UPLINK_NETVM, PORT, "control", src="10.137.0.77")
+        assert sink.got("control"), "the control packet should arrive"
+        assert not any(d == "forged" for _, d in sink.collect(0.3))
+
+
+def test_ipv6_from_a_guest_without_ipv6_is_dropped(world):
+    g = world.add_guest(3, ["10.137.0.12"])
+    online(world, g)
+    g.configure()
+    world.netvm.ip("-6", "addr", "add", "fd00:77::1/64", "dev", "vif3.0", "nodad")
+    g.ns.ip("-6", "addr", "add", "fd00:77::2/64", "dev", "eth0", "nodad")
+    world.netvm.ip("-6", "neigh", "replace", "fd00:77::2", "lladdr", g.mac, "dev", "vif3.0")
+    with UdpSink(world.netvm, "fd00:77::1", PORT) as sink:
+        udp_send(g.ns, "fd00:77::1", PORT, "v6")
+        assert not any(d == "v6" for _, d in sink.collect(0.6))
+    counters = world.netvm.exec(["ip6tables", "-t", "raw", "-L", "vrq-in-vif3.0", "-v", "-x", "-n"]).stdout
+    assert int([line for line in counters.splitlines() if "DROP" in line][0].split()[0]) > 0
+
+
+def test_two_addresses_on_one_vif_both_work(world):
+    g = world.add_guest(3, ["10.137.0.12", "10.137.0.13"])
+    online(world, g)
+    g.configure()
+    for src in ("10.137.0.12", "10.137.0.13"):
+        ok, seen = reaches_upstream(world, g, src, f"from-{src}")
+        assert ok and set(seen) == {src}
+
+
+def test_ipv6_address_routed_when_given(world):
+    g = world.add_guest(4, ["10.137.0.14", "fd09:24ef:4179::a89:e"])
+    online(world, g)
+    routes6 = world.netvm.ip("-6", "route", "show", "dev", "vif4.0").stdout
+    assert "fd09:24ef:4179::a89:e metric 32748" in routes6
+    raw6 = world.netvm.exec(["ip6tables-save", "-t", "raw"]).stdout
+    assert "-A vrq-in-vif4.0 -s fd09:24ef:4179::a89:e/128 -j RETURN" in raw6
+
+
+def test_offline_leaves_nothing_behind(world):
+    before = world.snapshot()
+    g = world.add_guest(3, ["10.137.0.12", "10.137.0.13"])
+    vif_before = world.netvm.ip("-o", "link", "show", "dev", "vif3.0").stdout
+    online(world, g)
+    res = world.hotplug(g, "offline")
+    assert res.returncode == 0, res.stderr
+    after = world.snapshot()
+    for key in ("routes", "routes6", "neigh", "iptables-save", "ip6tables-save", "records"):
+        assert after[key] == before[key], key
+    assert "vif3.0" not in after["addrs"].replace(vif_before, "")
+    assert "10.137.0.1/32" not in after["addrs"]
+
+
+def test_online_twice_equals_once_and_offline_twice_is_fine(world):
+    g = world.add_guest(3, ["10.137.0.12"])
+    online(world, g)
+    once = world.snapshot()
+    online(world, g)
+    assert world.snapshot() == once
+    assert world.hotplug(g, "offline").returncode == 0
+    gone = world.snapshot()
+    assert world.hotplug(g, "offline").returncode == 0
+    assert world.snapshot() == gone
+
+
+def test_repeated_online_offline_cycles(world):
+    g = world.add_guest(3, ["10.137.0.12"])
+    before = world.snapshot()
+    for _ in range(5):
+        online(world, g)
+        assert world.hotplug(g, "offline").returncode == 0
+    after = world.snapshot()
+    for key in ("routes", "neigh", "iptables-save", "ip6tables-save", "records"):
+        assert after[key] == before[key], key
+
+
+def test_offline_after_the_interface_vanished(world):
+    g = world.add_guest(3, ["10.137.0.12"])
+    online(world, g)
+    world.netvm.ip("link", "del", "vif3.0")
+    res = world.hotplug(g, "offline")
+    assert res.returncode == 0, res.stderr
+    snap = world.snapshot()
+    assert "vrq" not in snap["iptables-save"] and "vrq" not in snap["ip6tables-save"]
+    assert snap["records"] == []
+
+
+def test_online_for_a_missing_interface_fails_and_changes_nothing(world):
+    g = world.add_guest(3, ["10.137.0.12"])
+    world.netvm.ip("link", "del", "vif3.0")
+    before = world.snapshot()
+    res = world.hotplug(g, "online")
+    assert res.returncode == 1
+    assert "vif3.0 does not exist" in res.stderr
+    assert status(world, g) == "error"
+    assert "vif3.0 does not exist" in error_text(world, g)
+    assert world.snapshot() == before
+
+
+def test_rerun_after_lost_record_does_not_duplicate_rules(world):
+    g = world.add_guest(3, ["10.137.0.12"])
+    online(world, g)
+    once = world.snapshot()
+    os.unlink(os.path.join(world.env["VIF_ROUTE_QUBES_STATE_DIR"], "vif3.0.json"))
+    online(world, g)
+    assert world.snapshot() == once
+
+
+def test_hand_deleted_jump_is_repaired_without_duplicates(world):
+    g = world.add_guest(3, ["10.137.0.12"])
+    online(world, g)
+    once = world.snapshot()
+    world.netvm.exec(["iptables", "-t", "raw", "-D", "PREROUTING", "-i", "vif3.0", "-m", "comment",
+                      "--comment", "vrq-in", "-j", "vrq-in-vif3.0"])
+    online(world, g)
+    assert world.snapshot()["iptables-save"] == once["iptables-save"]
+
+
+def test_vifname_renames_the_interface_first(world):
+    g = world.add_guest(5, ["10.137.0.15"], vifname="guest-web")
+    online(world, g)
+    assert "guest-web" in world.netvm.ip("-o", "link", "show").stdout
+    assert "10.137.0.15 scope link metric 32747" in world.netvm.ip("route", "show", "dev", "guest-web").stdout
+    g.configure()
+    ok, _ = reaches_upstream(world, g, "10.137.0.15", "renamed")
+    assert ok
+    assert world.hotplug(g, "offline").returncode == 0
+    assert "vrq" not in world.netvm.exec(["iptables-save", "-t", "raw"]).stdout
+
+
+def test_vifname_taken_is_refused(world):
+    g = world.add_guest(5, ["10.137.0.15"], vifname="taken0")
+    world.netvm.ip("link", "add", "taken0", "type", "veth", "peer", "name", "taken1")
+    before = world.snapshot()
+    res = world.hotplug(g, "online")
+    assert res.returncode == 1 and "already exists" in res.stderr
+    assert world.snapshot() == before
+
+
+def test_hooks_run_with_command_vif_type_and_address(world, tmp_path):
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    out = tmp_path / "hook.out"
+    hook = hooks / "10-record"
+    hook.write_text(f"#!/bin/sh\necho \"$@\" >> {out}\n")
+    hook.chmod(0o755)
+    (hooks / "20-failing").write_text("#!/bin/sh\nexit 3\n")
+    (hooks / "20-failing").chmod(0o755)
+    (hooks / "30-not-executable").write_text("#!/bin/sh\necho nope >> /dev/null\n")
+    g = world.add_guest(3, ["10.137.0.12", "10.137.0.13"])
+    online(world, g)
+    assert world.hotplug(g, "offline").returncode == 0
+    assert out.read_text().splitlines() == [
+        "online vif3.0 vif 10.137.0.12", "online vif3.0 vif 10.137.0.13",
+        "offline vif3.0 vif 10.137.0.12", "offline vif3.0 vif 10.137.0.13",
+    ]
+
+
+def test_gateway_optional_proxy_arp_answers(world):
+    world.xs.rm("/local/domain/0/qubes_netvm_gateway")
+    g = world.add_guest(3, ["10.137.0.12"])
+    online(world, g)
+    assert "inet " not in world.netvm.ip("addr", "show", "dev", "vif3.0").stdout
+    assert world.netvm.read("/proc/sys/net/ipv4/conf/vif3.0/proxy_arp").strip() == "1"
+    g.configure()
+    ok, _ = reaches_upstream(world, g, "10.137.0.12", "via-proxy-arp")
+    assert ok
+
+
+def test_type_if_pairing_does_nothing(world):
+    g = world.add_guest(3, ["10.137.0.12"])
+    before = world.snapshot()
+    for argv in (["online", "type_if=tap"], ["add", "type_if=vif"], ["remove"]):
+        res = world.netvm.exec([world_script(), *argv], check=False, env=g.env())
+        assert res.returncode == 0, (argv, res.stderr)
+    assert world.snapshot() == before
+    assert status(world, g) is None
+
+
+def world_script():
+    from vif_route_qubes.testing.netns import _script
+
+    return _script("vif-route-qubes")
+
+
+def test_key_value_words_override_xenstore(world):
+    g = world.add_guest(3, ["10.137.0.12"])
+    online(world, g, "ip=10.137.0.40")
+    assert "10.137.0.40 scope link" in world.netvm.ip("route", "show", "dev", "vif3.0").stdout
+    assert "10.137.0.12" not in world.netvm.ip("route", "show", "dev", "vif3.0").stdout
+
+
+def test_seed_netvm_routing_table(world):
+    """The seed document's netvm table: five vifs, the uplink, the default route."""
+    seed = {4: "10.2.0.16", 10: "10.2.0.7", 9: "10.2.0.9", 8: "10.2.0.8", 3: "10.2.0.12"}
+    world.netvm.ip("route", "replace", "192.168.0.0/24", "dev", "eth0", "metric", "1", "proto", "kernel",
+                   "scope", "link", "src", world.UPLINK_NETVM)
+    world.netvm.ip("route", "del", "192.168.0.0/24", "dev", "eth0", "metric", "0", check=False)
+    for domid, addr in seed.items():
+        online(world, world.add_guest(domid, [addr]))
+    table = route_table(world.netvm)
+    print("\n" + format_table(table))
+    rows = {(r[0], r[2], r[7]) for r in table}
+    for domid, addr in seed.items():
+        assert (addr, "255.255.255.255", f"vif{domid}.0") in rows
+    assert ("192.168.0.0", "255.255.255.0", "eth0") in rows
+    assert ("0.0.0.0", "0.0.0.0", "eth0") in rows
+    flags = {r[0]: r[3] for r in table}
+    assert flags["10.2.0.16"] == "UH" and flags["0.0.0.0"] == "UG"
+
+
+def route_table(ns):
+    """/proc/net/route of a namespace as route(8) prints it."""
+    import ipaddress
+    import socket
+    import struct
+
+    def addr(hexval):
+        return str(ipaddress.IPv4Address(socket.ntohl(struct.unpack(">I", bytes.fromhex(hexval))[0])))
+
+    rows = []
+    for line in ns.read("/proc/net/route").splitlines()[1:]:
+        f = line.split()
+        fl = int(f[3], 16)
+        flags = "U" * bool(fl & 1) + "G" * bool(fl & 2) + "H" * bool(fl & 4)
+        rows.append([addr(f[1]), addr(f[2]), addr(f[7]), flags, f[6], f[4], f[5], f[0]])
+    return rows
+
+
+def format_table(rows):
+    head = ["Destination", "Gateway", "Genmask", "Flags", "Metric", "Ref", "Use", "Iface"]
+    return "\n".join("{:<16}{:<16}{:<16}{:<6}{:<7}{:<4}{:<4}{}".format(*r) for r in [head] + rows)
