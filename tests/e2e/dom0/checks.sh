@@ -44,7 +44,7 @@ fi
 
 # ---------------------------------------------------------------- install
 drop=/etc/xen/scripts/vif-route-qubes
-expect drop-in-installed "$drop -> $(grep -o '/[^ ]*bin/vif-route-qubes' $drop | head -1)" -- \
+expect drop-in-installed "$drop, $VENV/bin/vif-route-qubes, $DNAT_TOOL" -- \
     sh -c "test -x $drop && test -x $VENV/bin/vif-route-qubes && test -x $DNAT_TOOL"
 
 # ---------------------------------------------------------------- 1. netvm keys
