@@ -7,6 +7,7 @@ import os
 
 import pytest
 
+from vif_route_qubes.testing import routes
 from vif_route_qubes.testing.netns import UdpSink, udp_send
 
 PORT = 5353
@@ -274,8 +275,8 @@ def test_seed_netvm_routing_table(world):
     world.netvm.ip("route", "del", "192.168.0.0/24", "dev", "eth0", "metric", "0", check=False)
     for domid, addr in seed.items():
         online(world, world.add_guest(domid, [addr]))
-    table = route_table(world.netvm)
-    print("\n" + format_table(table))
+    table = routes.table(world.netvm)
+    print("\n" + routes.format_table(table))
     rows = {(r[0], r[2], r[7]) for r in table}
     for domid, addr in seed.items():
         assert (addr, "255.255.255.255", f"vif{domid}.0") in rows
@@ -283,26 +284,3 @@ def test_seed_netvm_routing_table(world):
     assert ("0.0.0.0", "0.0.0.0", "eth0") in rows
     flags = {r[0]: r[3] for r in table}
     assert flags["10.2.0.16"] == "UH" and flags["0.0.0.0"] == "UG"
-
-
-def route_table(ns):
-    """/proc/net/route of a namespace as route(8) prints it."""
-    import ipaddress
-    import socket
-    import struct
-
-    def addr(hexval):
-        return str(ipaddress.IPv4Address(socket.ntohl(struct.unpack(">I", bytes.fromhex(hexval))[0])))
-
-    rows = []
-    for line in ns.read("/proc/net/route").splitlines()[1:]:
-        f = line.split()
-        fl = int(f[3], 16)
-        flags = "U" * bool(fl & 1) + "G" * bool(fl & 2) + "H" * bool(fl & 4)
-        rows.append([addr(f[1]), addr(f[2]), addr(f[7]), flags, f[6], f[4], f[5], f[0]])
-    return rows
-
-
-def format_table(rows):
-    head = ["Destination", "Gateway", "Genmask", "Flags", "Metric", "Ref", "Use", "Iface"]
-    return "\n".join("{:<16}{:<16}{:<16}{:<6}{:<7}{:<4}{:<4}{}".format(*r) for r in [head] + rows)
