@@ -8,7 +8,6 @@ see benchmarks/README.md). Anything else (``--help``, ``--dry-run``,
 calls the same :func:`run`.
 """
 
-import dataclasses
 import os
 import sys
 
@@ -429,7 +428,7 @@ def offline(ctx) -> int:
         record = state.load(ctx.state_dir, name)
         vif, ipv6 = _offline_vif(ctx, name, record)
         if vif.mac == "unknown":
-            vif = dataclasses.replace(vif, mac=None)
+            vif = vif._replace(mac=None)
         if s.iface_exists(vif.name):
             link = P.link_offline(vif, ipv6)
             # routes and addresses first: nothing is routed to the guest once

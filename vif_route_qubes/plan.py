@@ -19,7 +19,7 @@ gives every vif, rather than ``! -i vif+``: it stays right for interfaces
 renamed through XenStore's ``vifname``.
 """
 
-from dataclasses import dataclass, field
+from collections import namedtuple
 
 VIF_GROUP = 2  # Qubes puts every vif in interface group 2
 CHAIN_MAX = 28  # xtables chain name limit (XT_EXTENSION_MAXNAMELEN - 1 - ...)
@@ -41,19 +41,18 @@ def host(addr) -> str:
     return f"{addr}/{addr.max_prefixlen}"
 
 
-@dataclass(frozen=True)
-class Vif:
+# namedtuples rather than dataclasses: ``dataclasses`` imports ``inspect``,
+# a noticeable share of a hotplug run's start-up (benchmarks/README.md).
+_VifBase = namedtuple(
+    "_VifBase", "name domid devid vif_type mac addresses gateway gateway6 xenbus_path",
+    defaults=(0, "vif", None, (), None, None, None),
+)
+
+
+class Vif(_VifBase):
     """Everything online/offline needs to know about one interface."""
 
-    name: str
-    domid: int
-    devid: int = 0
-    vif_type: str = "vif"
-    mac: str = None
-    addresses: tuple = ()
-    gateway: object = None
-    gateway6: object = None
-    xenbus_path: str = None
+    __slots__ = ()
 
     @property
     def metric(self) -> int:
@@ -63,8 +62,7 @@ class Vif:
         return tuple(a for a in self.addresses if a.version == version)
 
 
-@dataclass(frozen=True)
-class Firewall:
+class Firewall(namedtuple("Firewall", "version create replace teardown jumps chain_names")):
     """The rules of one address family, as iptables-restore payload variants.
 
     ``create`` makes the chains with ``-N`` (fails if they exist, and since
@@ -72,14 +70,10 @@ class Firewall:
     atomic payload, "exists" means "jumps exist too"). ``replace`` refills
     existing chains and re-adds the jumps with ``-D`` + ``-A`` (fails if a
     jump is missing, so it never duplicates one). ``teardown`` removes both.
+    ``jumps`` are the "PREROUTING ..." rule specs, for exact removal.
     """
 
-    version: int
-    create: str
-    replace: str
-    teardown: str
-    jumps: tuple  # "PREROUTING ..." rule specs, for exact removal
-    chain_names: tuple
+    __slots__ = ()
 
 
 def _payload(lines) -> str:
@@ -160,14 +154,8 @@ def addresses_from_save(save_text: str, name: str) -> tuple:
     return tuple(found)
 
 
-@dataclass(frozen=True)
-class LinkPlan:
-    """``ip -batch`` lines and sysctl writes for one interface."""
-
-    batch: tuple
-    sysctls: tuple  # (path, value)
-    undo_batch: tuple
-    undo_sysctls: tuple = field(default=())
+# ``ip -batch`` lines and (path, value) sysctl writes for one interface.
+LinkPlan = namedtuple("LinkPlan", "batch sysctls undo_batch")
 
 
 def sysctl_path(version: int, name: str, key: str) -> str:

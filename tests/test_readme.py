@@ -1,0 +1,35 @@
+"""The README's two commands stay true: CI runs exactly the test command."""
+
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _block_after(marker):
+    text = (ROOT / "README.rst").read_text()
+    tail = text[text.index(marker):]
+    m = re.search(r"::\n\n    (.+)\n", tail)
+    return m.group(1)
+
+
+def _packages(cmd):
+    m = re.search(r"apt-get install -y ([^&]+)", cmd)
+    return set(m.group(1).replace("\\", " ").split())
+
+
+def test_ci_runs_the_readme_test_command():
+    readme = _block_after("**Install and run the whole test suite**")
+    ci = (ROOT / ".ci" / "run").read_text()
+    after_apt = readme.split(" && ", 2)[2]
+    assert after_apt in ci.splitlines(), "the last line of .ci/run must be the README's test command"
+    ci_install = " ".join(line for line in ci.splitlines() if "apt-get install" in line or line.startswith("    "))
+    assert _packages(readme) == _packages(ci_install)
+    assert readme.startswith("apt-get update && apt-get install -y ")
+
+
+def test_demo_command_installs_and_runs_the_demo():
+    demo = _block_after("**Install and run the real job**")
+    assert demo.startswith("apt-get update && apt-get install -y ")
+    assert demo.endswith("/opt/vif-route-qubes/bin/vif-route-qubes-demo")
+    assert "vif-route-qubes-demo = vif_route_qubes.testing.demo:main" in (ROOT / "setup.cfg").read_text()
