@@ -371,24 +371,37 @@ def project_wheels(cache: Path, project: Path, dest: Path) -> None:
     pw.mkdir()
     if not (project / "pyproject.toml").exists() and not (project / "setup.py").exists():
         raise BuildError(f"{project} has no pyproject.toml: the package is not there yet")
+    py = build_env(cache, project)
     with tempfile.TemporaryDirectory() as t:
         # build from a copy so that no build/ or *.egg-info lands in the checkout
         src = Path(t) / "src"
         shutil.copytree(project, src, ignore=shutil.ignore_patterns(
             ".git", "build", "dist", "*.egg-info", "__pycache__", ".venv", ".tox",
             ".pytest_cache"))
-        run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation"
-             if _has_setuptools() else "--isolated", "-w", str(pw), str(src)],
-            capture_output=True)
+        run([str(py), "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+             "--no-index", "-w", str(pw), str(src)], capture_output=True)
 
 
-def _has_setuptools() -> bool:
+def build_env(cache: Path, project: Path) -> Path:
+    """A cached host venv holding the project's build requirements, so that
+    rebuilding the project wheel needs no network."""
     try:
-        import setuptools  # noqa: F401
-        import wheel  # noqa: F401
-        return True
-    except ImportError:
-        return False
+        import tomllib
+    except ImportError:  # Python < 3.11: assume setuptools
+        tomllib = None
+    req = ["setuptools>=61", "wheel"]
+    pp = project / "pyproject.toml"
+    if pp.exists() and tomllib is not None:
+        req = tomllib.loads(pp.read_text()).get("build-system", {}).get("requires", req)
+    d = cache / f"buildenv-{sha('buildenv-v1', sys.version, sorted(req))}"
+    py = d / "bin" / "python"
+    if not (d / "done").exists():
+        log("creating build venv with " + " ".join(req))
+        shutil.rmtree(d, ignore_errors=True)
+        run([sys.executable, "-m", "venv", str(d)], capture_output=True)
+        run([str(py), "-m", "pip", "install", "-q", *req], capture_output=True)
+        (d / "done").write_text("ok\n")
+    return py
 
 
 def build_layer(cache: Path, base: Path, project: Path, vif_script: Path, dest: Path) -> None:
@@ -442,8 +455,17 @@ def build_layer(cache: Path, base: Path, project: Path, vif_script: Path, dest: 
 # boot
 
 
+def prune(cache: Path, keep: set) -> None:
+    """Drop images built from older inputs (a dom0 base tree is ~250 MB)."""
+    for pat in ("kernel-*", "dom0-base-*", "guest-*.cpio.zst"):
+        for p in cache.glob(pat):
+            if p.name not in keep:
+                log(f"pruning stale {p.name}")
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
 def build_all(cache: Path, project: Path, vif_script: Path) -> dict:
-    need_tools("apt-get", "apt-cache", "dpkg-deb", "cpio", "zstd", "zcat", "chroot")
+    need_tools("qemu-system-x86_64", "apt-get", "apt-cache", "dpkg-deb", "cpio", "zstd", "zcat", "chroot")
     if os.geteuid() != 0:
         raise BuildError("must run as root (debootstrap, chroot)")
     if not vif_script.exists():
@@ -467,6 +489,7 @@ def build_all(cache: Path, project: Path, vif_script: Path) -> dict:
         for part in (base / "base.cpio.zst", run_dir / "guest-layer.cpio.zst", layer):
             with open(part, "rb") as p:
                 shutil.copyfileobj(p, f)
+    prune(cache, keep={kx["dir"].name, base.name, guest.name, "debs", "run"})
     log(f"images ready in {time.time() - t0:.1f}s")
     return {"xen": kx["dir"] / "xen", "kernel": kx["dir"] / "vmlinuz", "initrd": initrd}
 
