@@ -82,7 +82,8 @@ def _hotplug_command(name, summary):
             raise click.UsageError(f"unexpected word {cmd!r}: only key=value words follow the command")
         from .log import Log
 
-        log = Log("vif-route-qubes", os.environ, verbose=verbose)
+        # a dry run leaves no trace anywhere, logs included: stderr only
+        log = Log("vif-route-qubes", os.environ, verbose=verbose, stderr_only=dry_run)
         if dry_run:
             click.echo(f"# vif-route-qubes {name} (dry run: nothing is changed)")
         sys.exit(hotplug.run(name, variables, os.environ, dry_run=dry_run, log=log))
@@ -94,3 +95,57 @@ _hotplug_command("online", "Set up the routed interface and report hotplug-statu
 _hotplug_command("offline", "Undo everything online made for the interface (never fails).")
 _hotplug_command("add", "online, for an emulated NIC (type_if=tap).")
 _hotplug_command("remove", "offline, for an emulated NIC (type_if=tap).")
+
+
+STATUS_HELP = """Compare what each vif should have with what the kernel has.
+
+\b
+Without VIF: every vif with a state record, every interface in group 2 and
+every interface that has vrq-in-/vrq-src- chains. VIF is the interface's
+name (the original vifD.N name works for a renamed one).
+
+\b
+Should have: the state record (what online was given) and XenStore
+($XENBUS_PATH/ip, mac, hotplug-status, hotplug-error; qubes_netvm_gateway,
+qubes_netvm_gateway6), side by side. XenStore unreachable is noted, not an
+error: the record alone is used then.
+
+\b
+Has: routes with metric 32752-domid, the gateway /32 (/128) address,
+permanent neighbour entries with the guest's MAC, link up, group 2,
+proxy_arp (proxy_ndp), and the vrq- chains and PREROUTING jumps in the raw
+table of both families (one ip -j -batch, one iptables-save -t raw, one
+ip6tables-save -t raw; nothing is changed).
+
+\b
+Every line is marked ok, missing or unexpected. Exit status: 0 when all
+lines are ok, 1 otherwise. Works inside ip netns exec.
+
+\b
+Environment:
+  VIF_ROUTE_QUBES_STATE_DIR   state records (default /run/vif-route-qubes)
+  XENSTORED_PATH              XenStore socket (default /var/run/xenstored/socket,
+                              else /dev/xen/xenbus)
+  VIF_ROUTE_QUBES_XS_TIMEOUT  seconds to wait for XenStore (default 3 here)
+  VIF_ROUTE_QUBES_IPTABLES    nft or legacy: force an iptables backend
+  VIF_ROUTE_QUBES_DEBUG=1     debug logging on stderr (like -v)
+"""
+
+
+@vif_route_qubes.command("status", help=STATUS_HELP, context_settings={"max_content_width": 100})
+@click.argument("vifs", nargs=-1, metavar="[VIF]...")
+@click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON (same checks, same exit status).")
+@click.option("-v", "--verbose", is_flag=True, help="Log every query to stderr.")
+def status(vifs, as_json, verbose):
+    from . import status as st
+    from .log import Log
+
+    log = Log("vif-route-qubes", os.environ, verbose=verbose, stderr_only=True)
+    try:
+        code = st.main(list(vifs), os.environ, as_json=as_json, log=log)
+    except Failure as exc:
+        log.error(str(exc))
+        code = 1
+    finally:
+        log.close()
+    sys.exit(code)

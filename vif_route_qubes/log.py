@@ -20,9 +20,11 @@ LEVELS = {"error": 3, "warning": 4, "info": 6, "debug": 7}
 
 
 class Log:
-    def __init__(self, tag: str, env=None, verbose=False, stderr=None):
+    def __init__(self, tag: str, env=None, verbose=False, stderr=None, stderr_only=False):
         env = os.environ if env is None else env
         self.tag = tag
+        # dry runs and status leave no trace in syslog or the hotplug log
+        self.stderr_only = stderr_only
         self.debugging = verbose or env.get("VIF_ROUTE_QUBES_DEBUG", "") not in ("", "0")
         self.stderr = stderr or sys.stderr
         self.syslog_path = env.get("VIF_ROUTE_QUBES_SYSLOG") or "/dev/log"
@@ -58,9 +60,10 @@ class Log:
             self._file.flush()
 
     def log(self, level: str, msg: str):
-        self._syslog(level, msg)
-        if level != "debug" or self.debugging:
-            self._hotplug_log(level, msg)
+        if not self.stderr_only:
+            self._syslog(level, msg)
+            if level != "debug" or self.debugging:
+                self._hotplug_log(level, msg)
         if level == "error" or self.debugging:
             print(f"{self.tag}: {msg}" if level == "error" else f"{self.tag}: {level}: {msg}", file=self.stderr)
 

@@ -1,0 +1,558 @@
+"""``vif-route-qubes status``: what each vif should have, next to what the
+kernel has, one line per fact marked ``ok``, ``missing`` or ``unexpected``.
+
+What a vif *should* have comes from its state record (what ``online`` was
+given, key=value overrides included) and from XenStore (what the toolstack
+says now); they are shown side by side, and a disagreement is itself a
+finding (XenStore changed after ``online`` ran). Without a record the
+expectations come from XenStore alone; without XenStore (unreachable, or
+run inside ``ip netns exec`` on a test host) from the record alone, which is
+noted, not an error.
+
+What the kernel *has* is read with one process per kind of query, all
+started at once: a single ``ip -j -batch -`` (links with their addresses,
+routes of both families in every table, permanent neighbour entries), one
+``iptables-save -t raw`` and one ``ip6tables-save -t raw``; ``proxy_arp`` and
+``proxy_ndp`` are /proc reads. Nothing is changed.
+
+Exit status: 0 when every line is ok, 1 otherwise.
+"""
+
+import json
+import os
+from dataclasses import dataclass, field
+from ipaddress import ip_address, ip_interface
+
+from . import plan as P
+from . import state, validate
+from .errors import Failure
+from .lock import state_dir
+from .system import System
+
+OK, MISSING, UNEXPECTED = "ok", "missing", "unexpected"
+VERDICTS = (OK, MISSING, UNEXPECTED)
+
+# one ip process for everything ip knows; "root ::/0" asks for IPv6 routes
+# explicitly, for iproute2 versions whose "table all" lists IPv4 only
+IP_QUERIES = ("addr show", "route show table all", "route show table all root ::/0", "neigh show nud permanent")
+
+DEFAULT_XS_TIMEOUT = 3.0  # status is interactive: do not wait 10 s for a dead daemon
+
+
+@dataclass
+class Check:
+    verdict: str
+    kind: str
+    item: str
+    detail: str = ""
+    xenstore: str = None  # config rows only: the two sources side by side
+    record: str = None
+
+    def as_dict(self) -> dict:
+        d = {"verdict": self.verdict, "kind": self.kind, "item": self.item}
+        if self.detail:
+            d["detail"] = self.detail
+        if self.kind == "config":
+            d["xenstore"], d["record"] = self.xenstore, self.record
+        return d
+
+
+@dataclass
+class Want:
+    """What one vif should have (the inputs online works from)."""
+
+    name: str
+    domid: int
+    mac: str
+    addresses: tuple
+    gateway: object = None
+    gateway6: object = None
+    ipv6: bool = True
+
+    def vif(self) -> P.Vif:
+        return P.Vif(name=self.name, domid=self.domid, mac=self.mac, addresses=self.addresses,
+                     gateway=self.gateway, gateway6=self.gateway6)
+
+    def routed(self) -> tuple:
+        return tuple(a for a in self.addresses if a.version == 4 or self.ipv6)
+
+
+@dataclass
+class VifStatus:
+    name: str
+    xenbus_path: str = None
+    sources: list = field(default_factory=list)
+    xenstore: dict = None
+    record: dict = None
+    checks: list = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.verdict == OK for c in self.checks)
+
+    def add(self, verdict, kind, item, detail="", **kw):
+        self.checks.append(Check(verdict, kind, item, detail, **kw))
+
+    def as_dict(self) -> dict:
+        return {
+            "name": self.name, "ok": self.ok, "xenbus_path": self.xenbus_path, "sources": self.sources,
+            "xenstore": self.xenstore, "record": _public_record(self.record),
+            "checks": [c.as_dict() for c in self.checks],
+        }
+
+
+def _public_record(record):
+    if record is None:
+        return None
+    keep = ("name", "original", "domid", "devid", "type", "mac", "addresses", "gateway", "gateway6",
+            "xenbus_path", "ipv6")
+    return {k: record.get(k) for k in keep}
+
+
+# ----------------------------------------------------------------------------
+# Reading the kernel
+
+
+class Kernel:
+    """One reading of the kernel's networking state."""
+
+    def __init__(self, links, routes, neigh, saves, errors):
+        self.links = links  # {ifname: ip -j addr show entry}
+        self.routes = routes
+        self.neigh = neigh
+        self.saves = saves  # {4: iptables-save -t raw text, 6: ...}
+        self.errors = errors
+
+    @classmethod
+    def read(cls, sys_):
+        started = [
+            sys_.start(["ip", "-j", "-batch", "-"], "".join(q + "\n" for q in IP_QUERIES), readonly=True),
+            sys_.start([sys_.iptables(4, "save"), "-t", "raw"], readonly=True),
+            sys_.start([sys_.iptables(6, "save"), "-t", "raw"], readonly=True),
+        ]
+        results = [s.wait(check=False) for s in started]
+        errors = []
+        ipres, save4, save6 = results
+        if ipres.code != 0:
+            raise Failure(f"{' '.join(ipres.argv)} exited {ipres.code}: {ipres.stderr.strip()}")
+        arrays = _json_arrays(ipres.stdout)
+        if len(arrays) != len(IP_QUERIES):
+            raise Failure(f"ip -j -batch: expected {len(IP_QUERIES)} answers, got {len(arrays)}")
+        links = {e["ifname"]: e for e in arrays[0] if "ifname" in e}
+        routes, seen = [], set()
+        for r in arrays[1] + arrays[2]:
+            key = json.dumps(r, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                routes.append(r)
+        saves = {}
+        for version, res in ((4, save4), (6, save6)):
+            if res.code != 0:
+                errors.append(f"{' '.join(res.argv)} exited {res.code}: {res.stderr.strip()}")
+            saves[version] = res.stdout if res.code == 0 else ""
+        return cls(links, routes, arrays[3], saves, errors)
+
+    def group2(self):
+        return sorted(n for n, e in self.links.items() if str(e.get("group")) == str(P.VIF_GROUP))
+
+    def chain_owners(self):
+        names = set()
+        for text in self.saves.values():
+            for line in text.splitlines():
+                if line.startswith(":vrq-"):
+                    chain = line[1:].split(" ", 1)[0]
+                    for prefix in ("vrq-in-", "vrq-src-"):
+                        if chain.startswith(prefix):
+                            names.add(chain[len(prefix):])
+        return sorted(names)
+
+
+def _json_arrays(text):
+    dec, pos, out = json.JSONDecoder(), 0, []
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos >= len(text):
+            return out
+        value, pos = dec.raw_decode(text, pos)
+        out.append(value)
+
+
+def _rule_key(line: str) -> str:
+    """A rule as iptables-save prints it and as our payload writes it, made
+    comparable: save prints device groups in hex (``--src-group 0x2``)."""
+    words = line.split()
+    for i, w in enumerate(words[:-1]):
+        if w in ("--src-group", "--dst-group"):
+            try:
+                words[i + 1] = str(int(words[i + 1], 0))
+            except ValueError:
+                pass
+    return " ".join(words)
+
+
+def _host(text: str) -> str:
+    """ip's dst/local (``10.137.0.12``, ``fd00::1``, ``10.0.0.0/24``) -> ``addr/len``."""
+    return str(ip_interface(text))
+
+
+# ----------------------------------------------------------------------------
+# Gathering the expectations
+
+
+def _xs_paths(xp):
+    return {k: f"{xp}/{k}" for k in ("ip", "mac", "hotplug-status", "hotplug-error", "vifname", "frontend-id")}
+
+
+def _read_xenstore(env, backends):
+    """{xenbus_path: {key: value}}, the netvm's gateways, and an error text
+    (None when XenStore answered). One round trip for everything."""
+    paths = [p for xp in backends for p in _xs_paths(xp).values()] + list(("qubes_netvm_gateway", "qubes_netvm_gateway6"))
+    try:
+        from .xs import XenStore
+
+        raw = env.get("VIF_ROUTE_QUBES_XS_TIMEOUT")
+        xs = XenStore(env, timeout=float(raw) if raw else DEFAULT_XS_TIMEOUT)
+        try:
+            values = xs.read_many(paths)
+        finally:
+            xs.close()
+    except Exception as exc:  # noqa: BLE001 - any reason XenStore is unusable is only a note here
+        return {}, {}, str(exc) or type(exc).__name__
+    per = {xp: {k: values[p] for k, p in _xs_paths(xp).items()} for xp in backends}
+    netvm = {k: values[k] for k in ("qubes_netvm_gateway", "qubes_netvm_gateway6")}
+    return per, netvm, None
+
+
+def _want_from_record(record) -> Want:
+    return Want(
+        name=record["name"], domid=record["domid"], mac=record.get("mac"),
+        addresses=tuple(ip_address(a) for a in record.get("addresses") or ()),
+        gateway=ip_address(record["gateway"]) if record.get("gateway") else None,
+        gateway6=ip_address(record["gateway6"]) if record.get("gateway6") else None,
+        ipv6=record.get("ipv6", True),
+    )
+
+
+def _want_from_xenstore(name, domid, xsv, netvm):
+    try:
+        addresses = validate.addresses(xsv["ip"], "XenStore ip")
+        mac = validate.mac(xsv["mac"], "XenStore mac") if xsv.get("mac") else None
+        gw = validate.gateway(netvm.get("qubes_netvm_gateway"), "qubes_netvm_gateway", 4)
+        gw6 = validate.gateway(netvm.get("qubes_netvm_gateway6"), "qubes_netvm_gateway6", 6)
+    except Failure:
+        return None
+    ipv6 = (System.read(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6") or "1").strip() == "0"
+    return Want(name=name, domid=domid, mac=mac, addresses=addresses, gateway=gw, gateway6=gw6, ipv6=ipv6)
+
+
+# ----------------------------------------------------------------------------
+# Comparing
+
+
+def _fmt_addresses(value):
+    if value is None:
+        return None
+    items = value.split() if isinstance(value, str) else [str(a) for a in value]
+    return " ".join(sorted(_canonical(a) for a in items)) if items else ""
+
+
+def _canonical(text):
+    try:
+        return str(ip_interface(text).ip)
+    except ValueError:
+        return text
+
+
+def _config_rows(st, xsv, record, xs_error, netvm):
+    """XenStore and the record, side by side."""
+    rec = record or {}
+    rows = [
+        ("addresses", _fmt_addresses(xsv.get("ip")) if xsv else None, _fmt_addresses(rec.get("addresses")) if record else None),
+        ("mac", (xsv.get("mac") or "").lower() or None if xsv else None, rec.get("mac") if record else None),
+        ("gateway", netvm.get("qubes_netvm_gateway") if xsv is not None else None, rec.get("gateway") if record else None),
+    ]
+    if rec.get("gateway6") or (xsv is not None and netvm.get("qubes_netvm_gateway6")):
+        rows.append(("gateway6", netvm.get("qubes_netvm_gateway6") if xsv is not None else None, rec.get("gateway6")))
+    unreachable = xs_error is not None
+    for key, xs_val, rec_val in rows:
+        shown_xs = "?" if unreachable else (xs_val if xs_val not in (None, "") else "-")
+        shown_rec = rec_val if rec_val not in (None, "") else "-"
+        if unreachable or not record or not xsv:
+            verdict, detail = OK, ""  # one source only: nothing to disagree with
+        elif (xs_val or None) == (rec_val or None):
+            verdict, detail = OK, ""
+        else:
+            verdict, detail = UNEXPECTED, "XenStore changed after online ran (run online again)"
+        st.add(verdict, "config", key, detail, xenstore=shown_xs, record=shown_rec)
+    # hotplug-status: XenStore only; online's last word
+    if unreachable:
+        st.add(OK, "config", "hotplug-status", "not checked: XenStore unreachable", xenstore="?", record="-")
+        return
+    hs = (xsv or {}).get("hotplug-status")
+    if record:
+        if xsv is None or xsv.get("ip") is None and hs is None:
+            st.add(MISSING, "config", "hotplug-status", "no backend directory in XenStore (domain gone? offline has not run)",
+                   xenstore="-", record="connected")
+        elif hs != "connected":
+            detail = f"hotplug-error: {xsv.get('hotplug-error')}" if xsv.get("hotplug-error") else ""
+            st.add(MISSING, "config", "hotplug-status", detail, xenstore=hs or "-", record="connected")
+        else:
+            st.add(OK, "config", "hotplug-status", xenstore=hs, record="connected")
+    elif hs == "connected":
+        st.add(MISSING, "record", "state record", "XenStore says connected but there is no state record")
+    elif hs is not None:
+        st.add(OK, "config", "hotplug-status", xenstore=hs, record="-")
+
+
+def _link_checks(st, want, kernel):
+    name = st.name
+    link = kernel.links.get(name)
+    if link is None:
+        if want:
+            st.add(MISSING, "link", name, "no such interface")
+        return
+    if want is None:
+        if str(link.get("group")) == str(P.VIF_GROUP):
+            st.add(UNEXPECTED, "link", f"{name} group {P.VIF_GROUP}", "nothing says this interface should be configured")
+        return
+    up = "UP" in link.get("flags", [])
+    st.add(OK if up else MISSING, "link", f"{name} up", "" if up else "link is down")
+    group = str(link.get("group"))
+    st.add(OK if group == str(P.VIF_GROUP) else MISSING, "link", f"{name} group {P.VIF_GROUP}",
+           "" if group == str(P.VIF_GROUP) else f"group is {group}")
+    sysctls = [(4, "proxy_arp")]
+    if want.gateway6 is not None and want.ipv6:
+        sysctls.append((6, "proxy_ndp"))
+    for version, key in sysctls:
+        value = (System.read(P.sysctl_path(version, name, key)) or "?").strip()
+        st.add(OK if value == "1" else MISSING, "sysctl", f"{key} 1", "" if value == "1" else f"{key} is {value}")
+
+    # routes: ours are unicast routes in the main table through this device
+    have = {}
+    for r in kernel.routes:
+        if r.get("dev") != name or r.get("protocol") == "kernel" or r.get("type", "unicast") != "unicast":
+            continue
+        if r.get("table", "main") != "main" or r.get("dst", "").startswith("fe80:"):
+            continue
+        have.setdefault(_host(r["dst"]) if r.get("dst") != "default" else "default", []).append(r.get("metric", 0))
+    metric = want.vif().metric
+    for a in want.routed():
+        dst = P.host(a)
+        metrics = have.pop(dst, [])
+        if metric in metrics:
+            st.add(OK, "route", f"{dst} metric {metric}")
+            metrics.remove(metric)
+        else:
+            st.add(MISSING, "route", f"{dst} metric {metric}",
+                   f"present with metric {', '.join(map(str, metrics))}" if metrics else "")
+        for other in metrics:
+            st.add(UNEXPECTED, "route", f"{dst} metric {other}")
+    for dst, metrics in sorted(have.items()):
+        for m in metrics:
+            st.add(UNEXPECTED, "route", f"{dst} metric {m}")
+
+    # addresses: the gateway as a host address; nothing else global
+    addrs = {f"{ai['local']}/{ai['prefixlen']}" for ai in link.get("addr_info", []) if ai.get("scope") != "link"}
+    wanted = []
+    if want.gateway is not None:
+        wanted.append(P.host(want.gateway))
+    if want.gateway6 is not None and want.ipv6:
+        wanted.append(P.host(want.gateway6))
+    for w in wanted:
+        st.add(OK if w in addrs else MISSING, "address", f"{w} (gateway)")
+        addrs.discard(w)
+    for other in sorted(addrs):
+        st.add(UNEXPECTED, "address", other)
+
+    # permanent neighbour entries with the guest's MAC
+    neigh = {}
+    for n in kernel.neigh:
+        if n.get("dev") == name and "PERMANENT" in n.get("state", []):
+            neigh[str(ip_address(n["dst"]))] = (n.get("lladdr") or "").lower()
+    for a in want.routed():
+        if not want.mac:
+            break
+        item = f"{a} lladdr {want.mac} permanent"
+        got = neigh.pop(str(a), None)
+        if got == want.mac.lower():
+            st.add(OK, "neigh", item)
+        else:
+            st.add(MISSING, "neigh", item, f"present with lladdr {got}" if got else "")
+    for addr, mac in sorted(neigh.items()):
+        st.add(UNEXPECTED, "neigh", f"{addr} lladdr {mac} permanent")
+
+
+def _firewall_checks(st, want, kernel):
+    cin, csrc = P.chains(st.name)
+    ours = (cin, csrc)
+    for version in (4, 6):
+        kind = "iptables" if version == 4 else "ip6tables"
+        text = kernel.saves.get(version, "")
+        chains, rules = set(), []
+        for line in text.splitlines():
+            if line.startswith(":") and line[1:].split(" ", 1)[0] in ours:
+                chains.add(line[1:].split(" ", 1)[0])
+            elif line.startswith("-A "):
+                parts = line.split()
+                if parts[1] in ours or (len(parts) > 2 and parts[-2] == "-j" and parts[-1] in ours):
+                    rules.append(_rule_key(line))
+        if want is None:
+            for c in sorted(chains):
+                st.add(UNEXPECTED, kind, f"chain {c}", "left behind: no state record or XenStore entry wants it")
+            for r in rules:
+                st.add(UNEXPECTED, kind, r)
+            continue
+        fw = P.firewall(want.vif(), version)
+        for c in fw.chain_names:
+            st.add(OK if c in chains else MISSING, kind, f"chain {c}")
+        expected = [_rule_key(line) for line in fw.create.splitlines() if line.startswith("-A ")]
+        # jumps first: without them the chains do nothing
+        expected.sort(key=lambda r: 0 if r.split()[1] == "PREROUTING" else 1)
+        for r in expected:
+            if r in rules:
+                rules.remove(r)
+                st.add(OK, kind, r)
+            else:
+                st.add(MISSING, kind, r)
+        for r in rules:
+            st.add(UNEXPECTED, kind, r)
+
+
+# ----------------------------------------------------------------------------
+# The command
+
+
+@dataclass
+class Report:
+    vifs: list
+    notes: list
+    xenstore_error: str = None
+
+    @property
+    def ok(self) -> bool:
+        return all(v.ok for v in self.vifs)
+
+    def as_dict(self) -> dict:
+        return {
+            "ok": self.ok,
+            "xenstore": {"reachable": self.xenstore_error is None, "error": self.xenstore_error},
+            "notes": self.notes,
+            "vifs": [v.as_dict() for v in self.vifs],
+        }
+
+
+def _records(directory):
+    """{interface name now: (record file key, record)}"""
+    found = {}
+    try:
+        entries = sorted(os.listdir(directory))
+    except OSError:
+        return found
+    for entry in entries:
+        if not entry.endswith(".json"):
+            continue
+        key = entry[: -len(".json")]
+        record = state.load(directory, key)
+        if record and record.get("name"):
+            found[record["name"]] = (key, record)
+    return found
+
+
+def collect(names, env, log=None) -> Report:
+    sys_ = System(env=env, log=log)
+    kernel = Kernel.read(sys_)
+    notes = list(kernel.errors)
+    records = _records(state_dir(env))
+    by_original = {key: name for name, (key, _) in records.items()}
+    if names:
+        targets = []
+        for n in names:
+            validate.ifname(n, "VIF")
+            targets.append(by_original.get(n, n))
+    else:
+        targets = sorted(set(records) | set(kernel.group2()) | set(kernel.chain_owners()))
+    # where each vif's backend lives in XenStore
+    backends = {}
+    for name in targets:
+        key, record = records.get(name, (name, None))
+        xp = record.get("xenbus_path") if record else None
+        if not xp:
+            try:
+                domid, devid = validate.vif_name(key)
+                xp = f"backend/vif/{domid}/{devid}"
+            except Failure:
+                xp = None
+        backends[name] = xp
+    per_xs, netvm, xs_error = _read_xenstore(env, sorted({xp for xp in backends.values() if xp}))
+    if xs_error is not None:
+        notes.append(f"XenStore unreachable ({xs_error}): expectations come from the state records alone")
+    vifs = []
+    for name in targets:
+        key, record = records.get(name, (name, None))
+        xp = backends[name]
+        xsv = per_xs.get(xp) if xp and xs_error is None else None
+        if xsv is not None and all(v is None for v in xsv.values()):
+            xsv = {}  # reachable, but the backend directory is gone
+        st = VifStatus(name=name, xenbus_path=xp, record=record,
+                       xenstore=({k: v for k, v in xsv.items() if v is not None} if xsv is not None else None))
+        want = None
+        if record:
+            want = _want_from_record(record)
+            st.sources.append("state record")
+        if xsv:
+            st.sources.append("XenStore")
+            if want is None and xsv.get("ip"):
+                try:
+                    domid = validate.vif_name(key)[0]
+                except Failure:
+                    domid = None
+                if domid is not None:
+                    want = _want_from_xenstore(name, domid, xsv, netvm)
+        if record or xsv:
+            _config_rows(st, xsv, record, xs_error, netvm)
+        if want is None and not record and not xsv and name in (names or ()) and name not in kernel.links:
+            st.add(MISSING, "vif", name, "no state record, no XenStore entry, no interface")
+        _link_checks(st, want, kernel)
+        _firewall_checks(st, want, kernel)
+        vifs.append(st)
+    return Report(vifs=vifs, notes=notes, xenstore_error=xs_error)
+
+
+def render_text(report) -> str:
+    out = []
+    for note in report.notes:
+        out.append(f"# {note}")
+    if not report.vifs:
+        out.append("no vifs: no state records, no interfaces in group 2, no vrq- chains")
+    for st in report.vifs:
+        bad = [c for c in st.checks if c.verdict != OK]
+        counts = ", ".join(f"{sum(c.verdict == v for c in bad)} {v}" for v in (MISSING, UNEXPECTED)
+                           if any(c.verdict == v for c in bad))
+        where = ", ".join(st.sources) or "no state record, not in XenStore"
+        out.append(f"{st.name}: {counts or 'ok'} ({where}{'; ' + st.xenbus_path if st.xenbus_path else ''})")
+        config = [c for c in st.checks if c.kind == "config"]
+        width = max([len(c.xenstore) for c in config] + [len("XenStore")]) + 2
+        if config:
+            out.append(f"  {'':<10} {'':<9} {'':<15} {'XenStore':<{width}} state record")
+        for c in st.checks:
+            if c.kind == "config":
+                line = f"  {c.verdict:<10} {c.kind:<9} {c.item:<15} {c.xenstore:<{width}} {c.record}"
+            else:
+                line = f"  {c.verdict:<10} {c.kind:<9} {c.item}"
+            if c.detail:
+                line += f"  # {c.detail}"
+            out.append(line.rstrip())
+    return "\n".join(out) + "\n"
+
+
+def main(names, env, as_json=False, log=None, out=None) -> int:
+    import sys
+
+    out = out or sys.stdout
+    report = collect(names, env, log=log)
+    if as_json:
+        out.write(json.dumps(report.as_dict(), indent=2, sort_keys=True) + "\n")
+    else:
+        out.write(render_text(report))
+    return 0 if report.ok else 1
