@@ -335,6 +335,8 @@ def _report(ctx, xp, items, clear_error=False):
             print(f"xenstore-write {path} {value}", file=ctx.sys.out)
         return
     ctx.sys.fault_point(["xenstore-write", xp])
+    for path, value in items:
+        ctx.log.debug(f"xenstore-write {path} {value}")
     ctx.xs.write_many(items)
     if clear_error:
         ctx.xs.rm(f"{xp}/hotplug-error")
