@@ -28,7 +28,11 @@ Environment (as libxl and udev set it):
   VIF_ROUTE_QUBES_LOCK_TIMEOUT  seconds to wait for the lock (default 20)
   VIF_ROUTE_QUBES_HOOKS_DIR   hooks (default /rw/config/network-hooks.d)
   VIF_ROUTE_QUBES_IPTABLES    nft or legacy: force an iptables backend
+  VIF_ROUTE_QUBES_XS_TIMEOUT  seconds to wait for XenStore (default 10)
   VIF_ROUTE_QUBES_DEBUG=1     debug logging on stderr (like -v)
+  VIF_ROUTE_QUBES_SYSLOG      syslog socket (default /dev/log)
+  VIF_ROUTE_QUBES_HOTPLUG_LOG hotplug log (default /var/log/xen/xen-hotplug.log)
+  VIF_ROUTE_QUBES_FAIL_AT=N   testing: make the N-th change fail
 
 \b
 XenStore keys read:
@@ -55,7 +59,14 @@ def _common(f):
 @click.group(
     help="Routed, spoof-proof networking for a Xen guest interface, run by "
     "Xen as a vif hotplug script (script=vif-route-qubes).\n\n"
-    "Xen runs it as: vif-route-qubes online|offline [type_if=vif] [key=value ...]"
+    "Xen runs it as: vif-route-qubes online|offline [type_if=vif] [key=value ...]\n\n"
+    "Logging: each run logs one debug line per action (with each payload line) and "
+    "one info summary line to syslog (facility daemon, tag vif-route-qubes), appends "
+    "info and error lines to the hotplug log when its directory exists, and prints "
+    "errors, naming the failing command and its stderr, on stderr; -v or "
+    "VIF_ROUTE_QUBES_DEBUG=1 put everything on stderr. A dry run (-n) prints the "
+    "ip batch, firewall payloads, conntrack calls and XenStore writes in the order a "
+    "real run applies them, and logs nothing but to stderr."
     + ENV_HELP,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
@@ -99,25 +110,21 @@ _hotplug_command("remove", "offline, for an emulated NIC (type_if=tap).")
 
 STATUS_HELP = """Compare what each vif should have with what the kernel has.
 
-\b
 Without VIF: every vif with a state record, every interface in group 2 and
 every interface that has vrq-in-/vrq-src- chains. VIF is the interface's
 name (the original vifD.N name works for a renamed one).
 
-\b
 Should have: the state record (what online was given) and XenStore
 ($XENBUS_PATH/ip, mac, hotplug-status, hotplug-error; qubes_netvm_gateway,
 qubes_netvm_gateway6), side by side. XenStore unreachable is noted, not an
 error: the record alone is used then.
 
-\b
 Has: routes with metric 32752-domid, the gateway /32 (/128) address,
 permanent neighbour entries with the guest's MAC, link up, group 2,
 proxy_arp (proxy_ndp), and the vrq- chains and PREROUTING jumps in the raw
 table of both families (one ip -j -batch, one iptables-save -t raw, one
 ip6tables-save -t raw; nothing is changed).
 
-\b
 Every line is marked ok, missing or unexpected. Exit status: 0 when all
 lines are ok, 1 otherwise. Works inside ip netns exec.
 
