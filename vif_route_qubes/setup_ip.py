@@ -28,7 +28,7 @@ interface is already as planned no batch runs at all.
 
 import os
 import sys
-from dataclasses import dataclass
+from collections import namedtuple
 
 from . import validate
 from .errors import Failure
@@ -75,16 +75,10 @@ the input was bad).
 """
 
 
-@dataclass(frozen=True)
-class GuestNet:
-    """The guest's network configuration, validated."""
-
-    ip: object
-    prefix: int
-    gateway: object = None
-    dns: tuple = ()
-    ip6: object = None
-    gateway6: object = None
+# The guest's network configuration, validated. (namedtuple, not a
+# dataclass: ``dataclasses`` pulls in ``inspect`` and ``ast``, a few ms of a
+# run whose whole budget is start-up time.)
+GuestNet = namedtuple("GuestNet", "ip prefix gateway dns ip6 gateway6", defaults=(None, (), None, None))
 
 
 # ----------------------------------------------------------------------------
@@ -197,12 +191,10 @@ def render_resolv(net: GuestNet) -> str:
 # What is there now (read-only)
 
 
-@dataclass
-class Current:
-    up: bool
-    addresses: tuple  # ("10.137.0.12/32", ...) of scope global, not dynamic
-    routes4: frozenset  # (dest, mask, gateway, metric) of this interface, main table
-    routes6: frozenset  # (dest, plen, nexthop, metric)
+# What the interface has now: ``up``; ``addresses`` ("10.137.0.12/32", ...,
+# scope global, not dynamic); ``routes4`` {(dest, mask, gateway, metric)} and
+# ``routes6`` {(dest, plen, nexthop, metric)} of this interface.
+Current = namedtuple("Current", "up addresses routes4 routes6")
 
 
 def _hex4(text):
