@@ -286,3 +286,66 @@ def test_plain_call_does_not_import_click(tmp_path):
     assert res.stdout == "False 1\n"
     assert res.stderr.startswith("qubes-setup-dnat-to-ns: no DNS1/DNS2 address: XenStore")
     assert res.stderr.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------- NetworkManager hook
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HOOK = os.path.join(ROOT, "etc", "NetworkManager", "dispatcher.d", "qubes-nmhook")
+# the strictest POSIX shell at hand (the hook must not rely on bash)
+SH = shutil.which("dash") or "/bin/sh"
+FAKE = """#!/bin/sh
+echo "ran $#" >> "$FAKE_LOG"
+[ -n "$FAKE_SLEEP" ] && sleep "$FAKE_SLEEP"
+exit "${FAKE_RC:-0}"
+"""
+
+
+@pytest.mark.parametrize("action,rc,hook_rc,ran", [
+    ("up", 0, 0, True), ("up", 100, 0, True), ("vpn-up", 100, 0, True), ("vpn-down", 0, 0, True),
+    ("dhcp4-change", 0, 0, True), ("up", 1, 1, True),
+    ("down", 0, 0, False), ("dhcp6-change", 0, 0, False), ("connectivity-change", 0, 0, False),
+    ("pre-up", 0, 0, False),
+])
+def test_hook(tmp_path, action, rc, hook_rc, ran):
+    assert os.access(HOOK, os.X_OK)
+    assert not os.path.exists("/opt/vif-route-qubes/bin/qubes-setup-dnat-to-ns")  # else the fake is not used
+    (tmp_path / "bin").mkdir()
+    fake = tmp_path / "bin" / "qubes-setup-dnat-to-ns"
+    fake.write_text(FAKE)
+    fake.chmod(0o755)
+    log = tmp_path / "log"
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "FAKE_LOG": str(log), "FAKE_RC": str(rc)}
+    res = subprocess.run([SH, HOOK, "eth0", action], env=env, capture_output=True, text=True)
+    assert res.returncode == hook_rc, res.stderr
+    assert (log.read_text() if log.exists() else "") == ("ran 0\n" if ran else "")
+    assert (f"exited {rc} (eth0 {action})" in res.stderr) == (hook_rc != 0)
+
+
+def test_hook_never_waits_long(tmp_path):
+    (tmp_path / "bin").mkdir()
+    fake = tmp_path / "bin" / "qubes-setup-dnat-to-ns"
+    fake.write_text(FAKE)
+    fake.chmod(0o755)
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "FAKE_LOG": str(tmp_path / "log"),
+           "FAKE_SLEEP": "30", "QUBES_NMHOOK_TIMEOUT": "1"}
+    import time
+
+    start = time.monotonic()
+    res = subprocess.run([SH, HOOK, "wlan0", "up"], env=env, capture_output=True, text=True, timeout=20)
+    assert time.monotonic() - start < 5
+    assert res.returncode == 1 and "did not finish within 1 s (wlan0 up)" in res.stderr
+
+
+def test_hook_without_the_command(tmp_path):
+    res = subprocess.run([SH, HOOK, "eth0", "up"], env={"PATH": str(tmp_path)}, capture_output=True, text=True)
+    assert res.returncode == 1 and "qubes-setup-dnat-to-ns not found" in res.stderr
+
+
+def test_boot_unit():
+    text = open(os.path.join(ROOT, "etc", "systemd", "system", "qubes-setup-dnat-to-ns.service")).read()
+    lines = text.splitlines()
+    for line in ("Type=oneshot", "After=network-online.target NetworkManager.service systemd-resolved.service",
+                 "Wants=network-online.target", "SuccessExitStatus=100",
+                 "ExecStart=/opt/vif-route-qubes/bin/qubes-setup-dnat-to-ns", "WantedBy=multi-user.target"):
+        assert line in lines

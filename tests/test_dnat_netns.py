@@ -435,3 +435,21 @@ def test_status(rig):
     assert "-A PREROUTING -j vrq-dnat-dns" in lines and "-A FORWARD -j vrq-dns-guard" in lines
     assert all(l in lines for l in expected_nat([(DNS1, UP1), (DNS2, UP2)]))
     assert lines[-1] == "state: up to date"
+
+
+def test_networkmanager_hook_runs_the_real_command(rig):
+    hook = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "etc", "NetworkManager", "dispatcher.d", "qubes-nmhook")
+    env = dict(rig.env, PATH=f"{os.path.dirname(CMD)}:{rig.env['PATH']}")
+
+    def nm(action):  # as NetworkManager calls it: INTERFACE ACTION
+        paths = [rig.file(f"hook-resolv.{action}", TWO), ""]
+        return rig.netvm.exec(["unshare", "-m", "sh", "-c", MOUNT_AND_RUN, "sh", *paths, hook, "eth0", action],
+                              check=False, env=env)
+
+    res = nm("down")  # ignored action
+    assert res.returncode == 0 and rig.ours() == []
+    for action in ("up", "dhcp4-change"):  # changes, then already right (100 -> 0)
+        res = nm(action)
+        assert res.returncode == 0 and res.stderr == "", res.stderr
+    assert set(rig.answers(*ALL).values()) == {"192.0.2.1", "192.0.2.2"}
