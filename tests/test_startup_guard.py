@@ -1,0 +1,196 @@
+"""Start-up regression guard for the hotplug fast path. Not a timing test:
+it checks the two things that decide start-up cost and that a harmless
+looking change can silently undo.
+
+1. Which modules a hotplug run loads. ``click`` (only for ``--help`` and
+   friends) and ``urllib.request`` (pulled in by ``plumbum.path.local``, and
+   with it ``http.client``, ``email`` and ``ssl``) cost tens of milliseconds;
+   none of them may be loaded by ``import vif_route_qubes.hotplug`` or by a
+   real ``online``/``offline`` run. (``vif_route_qubes._plumbum`` puts a
+   stand-in object under the name ``urllib.request`` while plumbum imports;
+   the checks look for the real modules behind it: ``http.client``,
+   ``email``, ``ssl`` and a ``urllib.request`` that is a file-backed module.)
+
+2. How many processes a run starts, counted from outside with
+   ``strace -f -e trace=execve`` (strace must be installed: it is in the CI
+   package list for this reason). Successful ``execve`` calls of
+   ``ip netns exec NETVM vif-route-qubes online type_if=vif``, one vif with
+   one IPv4 address, empty conntrack table:
+
+   ==========================  =====  =======
+   program                     online offline
+   ==========================  =====  =======
+   ip (the netns exec wrapper)   1      1
+   vif-route-qubes (python)      1      1
+   iptables-restore              1      1
+   ip6tables-restore             1      1
+   ip (-batch / -force -batch)   1      1
+   ==========================  =====  =======
+
+   i.e. at most 3 helper programs per run. ``uname -p`` is spawned today on
+   top of those, by plumbum's ``LocalMachine.uname = platform.uname()[0]``
+   (indexing ``uname_result`` evaluates its lazy ``processor`` field, which
+   runs ``uname -p``); it is tolerated by the bound below and tracked by a
+   strict xfail that turns red once it is gone, so the allowance gets
+   removed with it.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+PY = sys.executable
+HEAVY = ("urllib.request", "http.client", "email", "ssl", "click")
+HELPERS_ONLINE = {"iptables-restore", "ip6tables-restore", "ip"}
+HELPERS_OFFLINE = {"iptables-restore", "ip6tables-restore", "ip"}
+MAX_HELPERS = 3
+# Spawned by plumbum at import (platform.uname()[0]), not by our code; see
+# test_no_uname_spawn. Remove from here when that test starts passing.
+KNOWN_EXTRA = {"uname"}
+
+# Records the modules loaded when the process exits (after main()'s sys.exit)
+# and whether "urllib.request" is the real, file-backed module.
+WRAPPER = r"""
+import atexit, json, sys
+out = sys.argv[1]
+def dump():
+    real = getattr(sys.modules.get("urllib.request"), "__file__", None)
+    with open(out, "w") as f:
+        json.dump({"modules": sorted(sys.modules), "real_urllib_request": bool(real)}, f)
+atexit.register(dump)
+sys.argv = ["vif-route-qubes"] + sys.argv[2:]
+from vif_route_qubes.hotplug import main
+main()
+"""
+
+
+def heavy(report):
+    found = sorted(m for m in report["modules"]
+                   if any(m == h or m.startswith(h + ".") for h in HEAVY if h != "urllib.request"))
+    if report["real_urllib_request"]:
+        found.append("urllib.request")
+    return found
+
+
+def status(world, guest):
+    value = world.xs.read(f"/local/domain/0/{guest.xenbus_path}/hotplug-status")
+    return value.decode() if value is not None else None
+
+
+def script():
+    path = os.path.join(os.path.dirname(PY), "vif-route-qubes")
+    assert os.path.exists(path), f"{path}: the console script is not installed next to {PY}"
+    return path
+
+
+# ----------------------------------------------------------------------------
+# 1. modules
+
+
+def test_importing_the_entry_point_loads_no_heavy_module(tmp_path):
+    out = tmp_path / "modules.json"
+    code = WRAPPER.replace("from vif_route_qubes.hotplug import main\nmain()\n",
+                           "import vif_route_qubes.hotplug\n")
+    res = subprocess.run([PY, "-c", code, str(out)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(out.read_text())
+    assert "vif_route_qubes.hotplug" in report["modules"]
+    assert heavy(report) == []
+    # plumbum and pyxs are imported when first needed, not by the import
+    assert not [m for m in report["modules"] if m.split(".")[0] in ("plumbum", "pyxs")]
+
+
+def test_machine_form_noop_does_not_import_click(tmp_path):
+    """``add type_if=vif`` does nothing (Xen's pairing) but goes through the
+    same main() -> run() path as libxl's calls."""
+    out = tmp_path / "modules.json"
+    env = dict(os.environ, VIF_ROUTE_QUBES_SYSLOG=str(tmp_path / "no-syslog"),
+               VIF_ROUTE_QUBES_HOTPLUG_LOG=str(tmp_path / "xen" / "log"))
+    res = subprocess.run([PY, "-c", WRAPPER, str(out), "add", "type_if=vif"], capture_output=True, text=True, env=env)
+    assert res.returncode == 0, res.stderr
+    report = json.loads(out.read_text())
+    assert heavy(report) == []
+
+
+@pytest.mark.parametrize("command", ["online", "offline"])
+def test_a_real_run_loads_no_heavy_module(world, tmp_path, command):
+    g = world.add_guest(7, ["10.137.0.17"])
+    if command == "offline":
+        res = world.hotplug(g, "online")
+        assert res.returncode == 0, res.stderr
+    out = tmp_path / "modules.json"
+    res = world.netvm.exec([PY, "-c", WRAPPER, str(out), command, "type_if=vif"], env=g.env(), check=False)
+    assert res.returncode == 0, res.stderr
+    if command == "online":
+        assert status(world, g) == "connected"
+    report = json.loads(out.read_text())
+    # the path that matters was taken: commands ran through plumbum, XenStore through pyxs
+    assert "plumbum.machines.local" in report["modules"]
+    assert "pyxs.client" in report["modules"] or command == "offline"
+    assert heavy(report) == []
+
+
+# ----------------------------------------------------------------------------
+# 2. processes
+
+
+def execs(world, guest, command, tmp_path):
+    """Programs successfully exec'ed by ``ip netns exec NETVM vif-route-qubes
+    COMMAND type_if=vif``, in order, as basenames."""
+    if not shutil.which("strace"):
+        pytest.fail("strace is needed to count spawned processes (apt-get install strace)")
+    prefix = tmp_path / f"trace-{command}"
+    argv = ["strace", "-f", "-ff", "-qq", "-e", "trace=execve", "-o", str(prefix),
+            "ip", "netns", "exec", world.netvm.name, script(), command, "type_if=vif"]
+    res = subprocess.run(argv, env=guest.env(), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    found = []
+    for name in sorted(os.listdir(tmp_path), key=lambda n: int(n.rsplit(".", 1)[1]) if n.startswith(prefix.name + ".") else 0):
+        if not name.startswith(prefix.name + "."):
+            continue
+        with open(tmp_path / name) as f:
+            for line in f:  # one file per process (-ff): no interleaved lines
+                if line.startswith("execve(") and line.rstrip().endswith("= 0"):
+                    found.append(os.path.basename(line.split('"', 2)[1]))
+    return found
+
+
+def helpers_of(programs):
+    """Drop the wrapper (ip netns exec) and the hotplug process itself."""
+    assert programs[:2] == ["ip", "vif-route-qubes"], programs
+    return programs[2:]
+
+
+def test_online_spawns_at_most_three_helpers(world, tmp_path):
+    g = world.add_guest(8, ["10.137.0.18"])
+    programs = execs(world, g, "online", tmp_path)
+    assert status(world, g) == "connected"
+    helpers = helpers_of(programs)
+    ours = [p for p in helpers if p not in KNOWN_EXTRA]
+    assert set(ours) <= HELPERS_ONLINE, helpers
+    assert len(ours) <= MAX_HELPERS, helpers
+    assert len(helpers) <= MAX_HELPERS + len(KNOWN_EXTRA), helpers
+
+
+def test_offline_spawns_at_most_three_helpers(world, tmp_path):
+    g = world.add_guest(9, ["10.137.0.19"])
+    res = world.hotplug(g, "online")
+    assert res.returncode == 0, res.stderr
+    helpers = helpers_of(execs(world, g, "offline", tmp_path))
+    ours = [p for p in helpers if p not in KNOWN_EXTRA]
+    assert set(ours) <= HELPERS_OFFLINE, helpers
+    assert len(ours) <= MAX_HELPERS, helpers
+    assert len(helpers) <= MAX_HELPERS + len(KNOWN_EXTRA), helpers
+
+
+@pytest.mark.xfail(strict=True, reason="plumbum's LocalMachine runs `uname -p` at import "
+                   "(platform.uname()[0]); fix in vif_route_qubes/_plumbum.py, then drop this marker "
+                   "and KNOWN_EXTRA")
+def test_no_uname_spawn(world, tmp_path):
+    g = world.add_guest(11, ["10.137.0.21"])
+    helpers = helpers_of(execs(world, g, "online", tmp_path))
+    assert "uname" not in helpers, helpers
