@@ -32,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -56,7 +57,9 @@ DOM0_MODULE_DIRS = [
     "drivers/net/dummy.ko",
     "drivers/net/veth.ko",
 ]
-DEPS = ["click", "plumbum", "pyxs"]
+# Python of the dom0 chroot (bookworm): dependency wheels are fetched for it.
+PY_CHROOT = "3.11"
+USED: set = set()  # cache entries used by this run (others get pruned)
 
 RESULT_RE = re.compile(r"^E2E RESULT (PASS|FAIL)", re.M)
 CHECK_RE = re.compile(r"^E2E CHECK (\S+) (PASS|FAIL)\b ?(.*)$", re.M)
@@ -357,29 +360,41 @@ def build_guest(cache: Path, kx: dict) -> Path:
 
 
 def project_wheels(cache: Path, project: Path, dest: Path) -> None:
-    deps = cache / "wheels-deps"
-    if not (deps / "done").exists():
-        log("downloading dependency wheels: " + " ".join(DEPS))
-        shutil.rmtree(deps, ignore_errors=True)
-        deps.mkdir(parents=True)
-        run([sys.executable, "-m", "pip", "download", "-q", "--only-binary=:all:",
-             "-d", str(deps), *DEPS], capture_output=True)
-        (deps / "done").write_text("ok\n")
-    for w in deps.glob("*.whl"):
-        shutil.copy(w, dest)
-    pw = dest / "project"
-    pw.mkdir()
+    """Project wheel (built from the checkout every run) in DEST/project, its
+    dependency wheels (downloaded once per Requires-Dist set) in DEST."""
     if not (project / "pyproject.toml").exists() and not (project / "setup.py").exists():
         raise BuildError(f"{project} has no pyproject.toml: the package is not there yet")
+    pw = dest / "project"
+    pw.mkdir()
     py = build_env(cache, project)
     with tempfile.TemporaryDirectory() as t:
         # build from a copy so that no build/ or *.egg-info lands in the checkout
         src = Path(t) / "src"
         shutil.copytree(project, src, ignore=shutil.ignore_patterns(
             ".git", "build", "dist", "*.egg-info", "__pycache__", ".venv", ".tox",
-            ".pytest_cache"))
+            ".pytest_cache", ".hypothesis"))
         run([str(py), "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
              "--no-index", "-w", str(pw), str(src)], capture_output=True)
+    wheels = list(pw.glob("*.whl"))
+    if len(wheels) != 1:
+        raise BuildError(f"expected one project wheel, got {wheels}")
+    with zipfile.ZipFile(wheels[0]) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        reqs = [ln.split(":", 1)[1].strip() for ln in z.read(meta).decode().splitlines()
+                if ln.startswith("Requires-Dist:") and "extra ==" not in ln]
+    deps = cache / f"wheels-deps-{sha('deps-v1', PY_CHROOT, sorted(reqs))}"
+    USED.add(deps.name)
+    if not (deps / "done").exists():
+        log("downloading dependency wheels: " + " ".join(reqs))
+        shutil.rmtree(deps, ignore_errors=True)
+        deps.mkdir(parents=True)
+        if reqs:
+            run([str(py), "-m", "pip", "download", "-q", "--only-binary=:all:",
+                 "--python-version", PY_CHROOT, "--implementation", "py", "--abi", "none",
+                 "--platform", "any", "-d", str(deps), *reqs], capture_output=True)
+        (deps / "done").write_text("ok\n")
+    for w in deps.glob("*.whl"):
+        shutil.copy(w, dest)
 
 
 def build_env(cache: Path, project: Path) -> Path:
@@ -395,6 +410,7 @@ def build_env(cache: Path, project: Path) -> Path:
         req = tomllib.loads(pp.read_text()).get("build-system", {}).get("requires", req)
     d = cache / f"buildenv-{sha('buildenv-v1', sys.version, sorted(req))}"
     py = d / "bin" / "python"
+    USED.add(d.name)
     if not (d / "done").exists():
         log("creating build venv with " + " ".join(req))
         shutil.rmtree(d, ignore_errors=True)
@@ -414,8 +430,6 @@ def build_layer(cache: Path, base: Path, project: Path, vif_script: Path, dest: 
     shutil.rmtree(root / "e2e-layer", ignore_errors=True)
     project_wheels(cache, project, wheels)
     proj = [w.name for w in (wheels / "project").glob("*.whl")]
-    if len(proj) != 1:
-        raise BuildError(f"expected one project wheel, got {proj}")
     chroot(root, "python3 -m venv /opt/vif-route-qubes && "
            "/opt/vif-route-qubes/bin/pip install -q --no-index --no-cache-dir "
            f"--find-links /tmp/e2e-wheels /tmp/e2e-wheels/project/{proj[0]} && "
@@ -457,9 +471,9 @@ def build_layer(cache: Path, base: Path, project: Path, vif_script: Path, dest: 
 
 def prune(cache: Path, keep: set) -> None:
     """Drop images built from older inputs (a dom0 base tree is ~250 MB)."""
-    for pat in ("kernel-*", "dom0-base-*", "guest-*.cpio.zst"):
+    for pat in ("kernel-*", "dom0-base-*", "guest-*.cpio.zst", "wheels-deps*", "buildenv-*"):
         for p in cache.glob(pat):
-            if p.name not in keep:
+            if p.name not in keep | USED:
                 log(f"pruning stale {p.name}")
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
 
@@ -502,7 +516,7 @@ def boot(images: dict, logfile: Path, timeout: int) -> tuple[int, str]:
                "guest_loglvl=all noreboot")
     dom0_cmd = "console=hvc0 earlyprintk=xen quiet"
     cmd = [qemu, "-accel", "tcg,thread=multi", "-cpu", "qemu64,+svm", "-m", "3G", "-smp", "2",
-           "-nographic", "-no-reboot", "-monitor", "none", "-serial", "stdio",
+           "-nographic", "-no-reboot", "-monitor", "none", "-serial", "stdio", "-nic", "none",
            "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
            "-kernel", str(images["xen"]), "-append", xen_cmd,
            "-initrd", f"{images['kernel']} {dom0_cmd},{images['initrd']}"]
