@@ -1,0 +1,398 @@
+"""Reliability of vif-route-qubes with the real commands in network
+namespaces: hotplug storms, XenStore vanishing under a guest, a failure
+injected at every step of ``online``, a real failure half-way, and a lock
+held by someone else. The promise under test, every time: nothing lost,
+nothing left behind."""
+
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from vif_route_qubes.testing.netns import _script, add_vif_guests, comparable
+
+SCRIPT = _script("vif-route-qubes")
+DNAT = _script("qubes-setup-dnat-to-ns")
+HAVE_DNAT = importlib.util.find_spec("vif_route_qubes.dnat") is not None
+
+
+def xs_value(world, guest, key):
+    value = world.xs.read(f"/local/domain/0/{guest.xenbus_path}/{key}")
+    return value.decode() if value is not None else None
+
+
+def records(world):
+    d = world.env["VIF_ROUTE_QUBES_STATE_DIR"]
+    return sorted(f for f in os.listdir(d) if f.endswith(".json")) if os.path.isdir(d) else []
+
+
+def start(world, guest, command, env=None):
+    return world.netvm.popen([SCRIPT, command, "type_if=vif"], env=env or guest.env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(procs, timeout=120):
+    """Wait for every process; -> [(returncode, stderr)]."""
+    out = []
+    for p in procs:
+        _, err = p.communicate(timeout=timeout)
+        out.append((p.returncode, err))
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Storm
+
+
+STORM = 64
+CYCLES = 3
+
+
+def storm_addresses(domid):
+    v4 = f"10.137.{domid // 200}.{domid % 200 + 2}"
+    return [v4, f"fd09:24ef:4179::{domid:x}"] if domid % 2 else [v4]
+
+
+class DnatLoop:
+    """qubes-setup-dnat-to-ns run over and over in the netvm while the
+    storm goes on: it changes the nat table under the same lock."""
+
+    def __init__(self, world):
+        self.world, self.stop, self.results = world, threading.Event(), []
+        self.thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self):
+        while not self.stop.is_set():
+            res = self.world.netvm.exec([DNAT], check=False, env=dict(self.world.env))
+            self.results.append((res.returncode, res.stderr))
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(60)
+
+
+def check_all_rules(world, guests):
+    """Every vif: both chains and both jumps exactly once in both families,
+    its address rules exactly once, its routes and neighbour entries."""
+    for version, tool in ((4, "iptables-save"), (6, "ip6tables-save")):
+        lines = world.netvm.exec([tool, "-t", "raw"]).stdout.splitlines()
+        counts = {}
+        for line in lines:
+            key = line.split(" [")[0] if line.startswith(":") else line
+            counts[key] = counts.get(key, 0) + 1
+        jumps = [line for line in lines if line.startswith("-A PREROUTING ")]
+        assert len(jumps) == 2 * len(guests), (tool, len(jumps))
+        for g in guests:
+            cin, csrc = f"vrq-in-{g.vif}", f"vrq-src-{g.vif}"
+            expect = [
+                f":{cin} -", f":{csrc} -",
+                f"-A PREROUTING -i {g.vif} -m comment --comment vrq-in -j {cin}",
+                f"-A PREROUTING -m devgroup ! --src-group 0x2 -m comment --comment vrq-src -j {csrc}",
+                f"-A {cin} -j DROP",
+            ]
+            own = [a for a in g.addresses if (":" in a) == (version == 6)]
+            plen = 128 if version == 6 else 32
+            expect += [f"-A {cin} -s {a}/{plen} -j RETURN" for a in own]
+            expect += [f"-A {csrc} -s {a}/{plen} -j DROP" for a in own]
+            for rule in expect:
+                assert counts.get(rule) == 1, (tool, rule, counts.get(rule))
+            mine = [line for line in lines if line.startswith((f"-A {cin} ", f"-A {csrc} "))]
+            assert len(mine) == len(own) * 2 + 1 + (2 if own and version == 6 else 0), (tool, mine)
+    # the peers are down: "linkdown" routes are still the routes we made
+    routes = {r.replace(" linkdown", "").strip() for r in world.netvm.ip("route", "show").stdout.splitlines()}
+    routes6 = {r.replace(" linkdown", "").strip() for r in world.netvm.ip("-6", "route", "show").stdout.splitlines()}
+    neigh = world.netvm.ip("neigh", "show", "nud", "permanent").stdout + \
+        world.netvm.ip("-6", "neigh", "show", "nud", "permanent").stdout
+    for g in guests:
+        metric = 32752 - g.domid
+        for a in g.addresses:
+            if ":" in a:
+                assert f"{a} dev {g.vif} metric {metric} pref medium" in routes6, (g.vif, a)
+            else:
+                assert f"{a} dev {g.vif} scope link metric {metric}" in routes, (g.vif, a)
+            assert f"{a} dev {g.vif} lladdr {g.mac} PERMANENT" in neigh, (g.vif, a)
+
+
+def test_storm_of_concurrent_hotplugs_with_dnat_running(world):
+    guests = add_vif_guests(world, [(d, storm_addresses(d)) for d in range(1, STORM + 1)])
+    if HAVE_DNAT:
+        # the DNAT tool's own chains belong to the netvm, not to any vif:
+        # they are there before the storm and must be intact after it
+        first = world.netvm.exec([DNAT], check=False, env=dict(world.env))
+        assert first.returncode in (0, 100), first.stderr
+    before = comparable(world.snapshot())
+    dnat_runs = []
+    for cycle in range(CYCLES):
+        t0 = time.monotonic()
+        with DnatLoop(world) if HAVE_DNAT else _Nothing() as dnat:
+            results = finish([start(world, g, "online") for g in guests])
+            online_s = time.monotonic() - t0
+            for g, (rc, err) in zip(guests, results):
+                assert rc == 0, (cycle, g.vif, err)
+                assert err == "", (g.vif, err)
+                assert xs_value(world, g, "hotplug-status") == "connected", g.vif
+                assert xs_value(world, g, "hotplug-error") is None
+            check_all_rules(world, guests)
+            assert records(world) == sorted(f"{g.vif}.json" for g in guests)
+            results = finish([start(world, g, "offline") for g in guests])
+        for g, (rc, err) in zip(guests, results):
+            assert rc == 0, (cycle, g.vif, err)
+        after = comparable(world.snapshot())
+        for key in before:
+            assert after[key] == before[key], (cycle, key)
+        if HAVE_DNAT:
+            dnat_runs += dnat.results
+        print(f"cycle {cycle}: {STORM} concurrent onlines took {online_s:.1f} s")
+    if HAVE_DNAT:
+        assert dnat_runs, "the DNAT tool never ran during the storm"
+        bad = [(rc, err) for rc, err in dnat_runs if rc not in (0, 100)]
+        assert not bad, bad[:3]
+
+
+class _Nothing:
+    results = ()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        pass
+
+
+# ----------------------------------------------------------------------------
+# XenStore vanishing under a guest
+
+
+def full_snapshot(world, guest=None):
+    """world.snapshot() plus what it leaves out that online changes too:
+    proxy_ndp of every interface, and the comparable-link normalisation."""
+    snap = comparable(world.snapshot())
+    snap["proxy_ndp"] = world.netvm.exec(
+        ["sh", "-c", "grep -H . /proc/sys/net/ipv6/conf/*/proxy_ndp"]).stdout
+    return snap
+
+
+def assert_same(after, before, what=""):
+    for key in before:
+        assert after[key] == before[key], (what, key)
+
+
+def conntrack_insert(world, src, dst, sport):
+    world.netvm.exec(["conntrack", "-I", "-p", "udp", "-s", src, "-d", dst, "--sport", str(sport),
+                      "--dport", "53", "--timeout", "300"])
+
+
+def conntrack_list(world):
+    res = world.netvm.exec(["conntrack", "-L"], check=False)
+    return res.stdout
+
+
+def test_offline_after_the_backend_directory_vanished(world):
+    before = full_snapshot(world)
+    g = world.add_guest(3, ["10.137.0.12", "fd09:24ef:4179::a89:c"])
+    vif_only = full_snapshot(world)
+    assert world.hotplug(g, "online").returncode == 0
+    assert world.xs.rm(f"/local/domain/0/{g.xenbus_path}")
+    res = world.hotplug(g, "offline")
+    assert res.returncode == 0, res.stderr
+    assert_same(full_snapshot(world), vif_only)
+    world.netvm.ip("link", "del", g.vif)
+    assert_same(full_snapshot(world), before)
+
+
+def test_offline_without_record_or_xenstore_uses_our_own_chains(world):
+    g = world.add_guest(3, ["10.137.0.12", "10.137.0.13"])
+    other = world.add_guest(4, ["10.137.0.14"])
+    vif_only = full_snapshot(world)
+    for guest in (g, other):
+        assert world.hotplug(guest, "online").returncode == 0
+    with_other = None
+    # flows of the guest's addresses (which must go) and of another (kept)
+    conntrack_insert(world, "10.137.0.12", "192.168.0.1", 1001)
+    conntrack_insert(world, "192.168.0.1", "10.137.0.13", 1002)
+    conntrack_insert(world, "10.137.0.14", "192.168.0.1", 1003)
+    assert "10.137.0.12" in conntrack_list(world)
+    os.unlink(os.path.join(world.env["VIF_ROUTE_QUBES_STATE_DIR"], "vif3.0.json"))
+    assert world.xs.rm(f"/local/domain/0/{g.xenbus_path}")
+    res = world.hotplug(g, "offline")
+    assert res.returncode == 0, res.stderr
+    flows = conntrack_list(world)
+    assert "10.137.0.12" not in flows and "10.137.0.13" not in flows, flows
+    assert "10.137.0.14" in flows, "another guest's flow was purged"
+    snap = full_snapshot(world)
+    for tool in ("iptables-save", "ip6tables-save"):
+        assert "vif3.0" not in snap[tool]
+        assert "vrq-in-vif4.0" in snap[tool]
+    for key in ("routes", "routes6", "neigh", "addrs"):
+        assert "vif3.0" not in snap[key].replace(vif_only[key], ""), key
+    assert "vif3.0" in snap["links"] and "group 2" not in [
+        line for line in snap["links"].splitlines() if "vif3.0" in line][0]
+    assert snap["records"] == ["vif4.0.json"]
+    del with_other
+    res = world.hotplug(other, "offline")
+    assert res.returncode == 0
+    assert_same(full_snapshot(world), vif_only)
+
+
+@pytest.mark.parametrize("stale", ["boot_id", "netns"])
+def test_stale_record_cannot_mislead(world, stale):
+    g = world.add_guest(3, ["10.137.0.12"])
+    vif_only = full_snapshot(world)
+    assert world.hotplug(g, "online").returncode == 0
+    path = os.path.join(world.env["VIF_ROUTE_QUBES_STATE_DIR"], "vif3.0.json")
+    record = json.load(open(path))
+    # a record from another boot or namespace, naming other addresses and
+    # another interface name: trusting it would remove the wrong things
+    record.update({stale: "other" if stale == "boot_id" else record["netns"] + 1,
+                   "addresses": ["10.137.0.99"], "name": "guest-x", "gateway": None})
+    json.dump(record, open(path, "w"))
+    res = world.hotplug(g, "offline")
+    assert res.returncode == 0, res.stderr
+    assert_same(full_snapshot(world), vif_only)
+
+
+# ----------------------------------------------------------------------------
+# A failure at every step of online
+
+
+SCENARIOS = {
+    # IPv4 + IPv6 with an IPv6 gateway (proxy_ndp), flows to purge
+    "plain": dict(addresses=["10.137.0.12", "fd09:24ef:4179::a89:c"], vifname=None, flows=True),
+    # renamed through XenStore's vifname first
+    "renamed": dict(addresses=["10.137.0.12"], vifname="guest-web", flows=False),
+}
+
+
+def fresh_status(world, guest):
+    base = f"/local/domain/0/{guest.xenbus_path}"
+    world.xs.rm(f"{base}/hotplug-status")
+    world.xs.rm(f"{base}/hotplug-error")
+
+
+@pytest.mark.parametrize("backend", ["nft", "legacy"])
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_a_failure_at_every_step_of_online_is_rolled_back(world, scenario, backend):
+    sc = SCENARIOS[scenario]
+    world.xs.write("/local/domain/0/qubes_netvm_gateway6", "fd09:24ef:4179::1")
+    g = world.add_guest(3, sc["addresses"], vifname=sc["vifname"])
+    if sc["flows"]:
+        # a flow in the table makes online purge the guest's addresses
+        conntrack_insert(world, "192.168.0.1", "192.168.0.2", 999)
+    before = full_snapshot(world)
+    steps = 0
+    for n in range(1, 40):
+        fresh_status(world, g)
+        t0 = time.monotonic()
+        res = world.hotplug(g, "online", env=g.env(VIF_ROUTE_QUBES_FAIL_AT=str(n),
+                                                  VIF_ROUTE_QUBES_IPTABLES=backend))
+        took = time.monotonic() - t0
+        if res.returncode == 0:
+            break  # fewer than n mutating actions: every step has been failed once
+        steps = n
+        assert res.returncode == 1, res.stderr
+        assert took < 10, f"step {n}: rollback took {took:.1f} s"
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+        assert f"injected fault (VIF_ROUTE_QUBES_FAIL_AT={n})" in lines[0]
+        assert xs_value(world, g, "hotplug-status") == "error", n
+        assert f"VIF_ROUTE_QUBES_FAIL_AT={n}" in xs_value(world, g, "hotplug-error")
+        assert_same(full_snapshot(world), before, f"after a failure at step {n}")
+    else:
+        pytest.fail("online never succeeded")
+    # firewall x2, proxy_arp, proxy_ndp, ip batch, XenStore report; rename;
+    # a conntrack purge per address and direction
+    expected = 6 + (1 if sc["vifname"] else 0) + (2 * len(sc["addresses"]) if sc["flows"] else 0)
+    assert steps == expected, res.stderr
+    assert xs_value(world, g, "hotplug-status") == "connected"
+    assert xs_value(world, g, "hotplug-error") is None
+
+
+def test_interface_deleted_during_online_is_a_real_failure_rolled_back(world, tmp_path):
+    """An honest failure, not an injected one: an ``ip`` earlier in PATH
+    deletes the vif, then runs the real ip for the link step."""
+    g = world.add_guest(3, ["10.137.0.12", "fd09:24ef:4179::a89:c"])
+    before = full_snapshot(world)
+    real_ip = shutil.which("ip")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    wrapper = bindir / "ip"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        f'if [ "$1" = -batch ]; then {real_ip} link del {g.vif}; fi\n'
+        f'exec {real_ip} "$@"\n')
+    wrapper.chmod(0o755)
+    env = g.env(PATH=f"{bindir}:{os.environ['PATH']}")
+    res = world.hotplug(g, "online", env=env)
+    assert res.returncode == 1
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert xs_value(world, g, "hotplug-status") == "error"
+    assert "ip -batch - exited" in xs_value(world, g, "hotplug-error")
+    after = full_snapshot(world)
+    for key in ("iptables-save", "ip6tables-save", "routes", "routes6", "neigh", "records"):
+        assert after[key] == before[key], key
+    # the interface itself is gone (that was the failure), and with it its
+    # lines in the per-interface listings; nothing else changed
+    for key in ("links", "addrs", "proxy_arp", "proxy_ndp"):
+        kept = "\n".join(line for line in before[key].splitlines() if f"{g.vif}" not in line)
+        assert "\n".join(after[key].splitlines()) == kept, key
+    assert g.vif not in after["links"]
+
+
+# ----------------------------------------------------------------------------
+# The host lock
+
+HOLD = r"""
+import fcntl, os, sys
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(fd, fcntl.LOCK_EX)
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_lock_held_too_long_fails_online_and_offline_goes_ahead(world, tmp_path):
+    g = world.add_guest(3, ["10.137.0.12"])
+    other = world.add_guest(4, ["10.137.0.14"])
+    vif_only = full_snapshot(world)
+    assert world.hotplug(other, "online").returncode == 0
+    before = full_snapshot(world)
+    os.makedirs(tmp_path / "xen")  # so the hotplug log is written
+    lock = os.path.join(world.env["VIF_ROUTE_QUBES_STATE_DIR"], "lock")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, lock], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        t0 = time.monotonic()
+        res = world.hotplug(g, "online", env=g.env(VIF_ROUTE_QUBES_LOCK_TIMEOUT="1"))
+        took = time.monotonic() - t0
+        assert res.returncode == 1
+        assert 1.0 <= took < 3.0, took
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
+        assert lock in lines[0] and "1 s" in lines[0], lines
+        assert xs_value(world, g, "hotplug-status") == "error"
+        assert lock in xs_value(world, g, "hotplug-error")
+        assert_same(full_snapshot(world), before)
+        # offline of a guest that is online does not wait forever either:
+        # a dead guest's rules must not outlive it because of a hung holder
+        t0 = time.monotonic()
+        res = world.hotplug(other, "offline", env=other.env(VIF_ROUTE_QUBES_LOCK_TIMEOUT="1"))
+        took = time.monotonic() - t0
+        assert res.returncode == 0, res.stderr
+        assert 1.0 <= took < 3.0, took
+        assert_same(full_snapshot(world), vif_only)
+        log = (tmp_path / "xen" / "xen-hotplug.log").read_text()
+        assert "cleaning up without the lock" in log
+    finally:
+        holder.stdin.close()
+        holder.wait(10)
