@@ -119,7 +119,11 @@ def _options(cmd, ctx) -> list:
         if record is None:
             continue
         names, help_text = record
-        lines += [".TP", ", ".join(_opt(n.strip()) for n in names.split(","))]
+        shown = []
+        for n in names.split(","):
+            flag, _, metavar = n.strip().partition(" ")
+            shown.append(_opt(flag) + (" \\fI" + _esc(metavar) + "\\fR" if metavar else ""))
+        lines += [".TP", ", ".join(shown)]
         lines.append(_esc(" ".join(help_text.split())) if help_text else "")
     return lines
 
@@ -139,7 +143,8 @@ def _short(cmd) -> str:
 
 def render(prog: str, cmd, section: int = 1) -> str:
     """A complete man page for ``cmd`` run as ``prog``."""
-    ctx = click.Context(cmd, info_name=prog)
+    # as click.Command.make_context would: context_settings decide, e.g., -h
+    ctx = click.Context(cmd, info_name=prog, **cmd.context_settings)
     out = [
         f'.TH "{prog.upper()}" "{section}" "" "{SUITE}" "User Commands"',
         ".SH NAME",
@@ -154,7 +159,7 @@ def render(prog: str, cmd, section: int = 1) -> str:
             if sub is not None and not sub.hidden:
                 subs.append((name, sub))
         for name, sub in subs:
-            sctx = click.Context(sub, info_name=name, parent=ctx)
+            sctx = click.Context(sub, info_name=name, parent=ctx, **sub.context_settings)
             out += [".br", *_synopsis(sub, sctx)]
     seen = set()
     out += [".SH DESCRIPTION", *_body(cmd.help, seen)]
@@ -164,7 +169,7 @@ def render(prog: str, cmd, section: int = 1) -> str:
     if subs:
         out += [".SH COMMANDS"]
         for name, sub in subs:
-            sctx = click.Context(sub, info_name=name, parent=ctx)
+            sctx = click.Context(sub, info_name=name, parent=ctx, **sub.context_settings)
             out += [f'.SS "{_esc(prog)} {_esc(name)}"', *_synopsis(sub, sctx), *_body(sub.help, seen)]
             sopts = _options(sub, sctx)
             if sopts:
