@@ -225,9 +225,18 @@ def _routes6(proc_text: str, ifname: str) -> frozenset:
 
 
 def probe(s: System, ifname: str) -> Current:
+    return probe_result(probe_start(s, ifname), ifname)
+
+
+def probe_start(s: System, ifname: str):
+    """Start the read-only ``ip`` probe; it runs while XenStore is read."""
+    return s.start(["ip", "-j", "addr", "show", "dev", ifname], readonly=True)
+
+
+def probe_result(started, ifname: str) -> Current:
     import json
 
-    res = s.run(["ip", "-j", "addr", "show", "dev", ifname], readonly=True)
+    res = started.wait()
     try:
         link = json.loads(res.stdout)[0]
     except (ValueError, IndexError):
@@ -362,22 +371,29 @@ def _run(s, log, interface, env, resolv_conf, hook) -> int:
     resolv_conf = resolv_conf or env.get("QUBES_SETUP_IP_RESOLV_CONF") or DEFAULT_RESOLV_CONF
     hook = hook if hook is not None else (env.get("QUBES_SETUP_IP_HOOK") or DEFAULT_HOOK)
 
-    from .xs import XenStore
+    exists = s.iface_exists(name)
+    started = probe_start(s, name) if exists else None
+    try:
+        from .xs import XenStore
 
-    with XenStore(env) as xs:
-        values = xs.read_many(KEYS)
+        with XenStore(env) as xs:
+            values = xs.read_many(KEYS)
+    except BaseException:
+        if started:
+            started.wait(check=False)  # leave nothing running behind us
+        raise
+    current = probe_result(started, name) if started else None
     log.debug("xenstore: " + " ".join(f"{k}={values[k]}" for k in KEYS if values[k] is not None))
     net = guest_net(values)
     if net is None:
         log.info(f"{name}: no qubes_ip in XenStore, nothing to configure")
         return 0
-    if not s.iface_exists(name):
+    if not exists:
         raise Failure(f"interface {name} does not exist")
     ipv6 = _ipv6_enabled(name)
     if net.ip6 is not None and not ipv6:
         log.info(f"IPv6 is disabled on {name}: qubes_ip6 {net.ip6} is not configured")
 
-    current = probe(s, name)
     batch = render_batch(net, name, ipv6, stale_addresses(net, current, ipv6))
     link_changes = not in_place(net, current, ipv6)
     text = render_resolv(net) if net.dns else None
