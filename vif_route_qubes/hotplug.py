@@ -363,9 +363,11 @@ def _offline_vif(ctx, name, record):
     domid, devid = validate.vif_name(name, "vif")
     found = {}
     xp = ctx.xenbus_path
+    xs_known = False
     if xp:
         try:
             found = _backend_values(ctx, xp)
+            xs_known = True
         except Failure as exc:
             ctx.log.warning(f"offline {name}: {exc}; cleaning up from the kernel's state")
     target = name
@@ -392,6 +394,13 @@ def _offline_vif(ctx, name, record):
         gw, gw6 = _netvm_gateways(found)
     except Failure:
         gw = gw6 = None
+    if not xs_known:
+        # Without XenStore the netvm's gateways are unknown, but the kernel
+        # still shows them: online puts nothing else as a host address on a
+        # vif. Left there, they would outlive the guest (and keep a local
+        # route) on an interface that may be reused.
+        kgw, kgw6 = _host_addresses(ctx, target)
+        gw, gw6 = gw or kgw, gw6 or kgw6
     mac = found.get("mac")
     try:
         mac = validate.mac(mac) if mac else "unknown"
@@ -400,6 +409,26 @@ def _offline_vif(ctx, name, record):
     vif = P.Vif(name=target, domid=domid, devid=devid, vif_type=found.get("type") or "vif",
                 mac=mac, addresses=addresses, gateway=gw, gateway6=gw6, xenbus_path=xp)
     return vif, _ipv6_enabled(target)
+
+
+def _host_addresses(ctx, name):
+    """The first global /32 and /128 address on ``name`` (or None each)."""
+    from ipaddress import ip_interface
+
+    res = ctx.sys.run(["ip", "-o", "addr", "show", "dev", name, "scope", "global"],
+                      readonly=True, check=False)
+    found = {4: None, 6: None}
+    for line in res.stdout.splitlines() if res.code == 0 else ():
+        parts = line.split()
+        for fam in ("inet", "inet6"):
+            if fam in parts[:-1]:
+                try:
+                    addr = ip_interface(parts[parts.index(fam) + 1])
+                except ValueError:
+                    continue
+                if addr.network.prefixlen == addr.max_prefixlen and found[addr.version] is None:
+                    found[addr.version] = addr.ip
+    return found[4], found[6]
 
 
 def offline(ctx) -> int:
@@ -482,7 +511,10 @@ def _report_failure(ctx, exc):
     try:
         ctx.xs.write_many([(f"{xp}/hotplug-error", msg[:1000]), (f"{xp}/hotplug-status", "error")])
     except Failure as exc2:
-        ctx.log.error(f"could not report the failure through XenStore: {exc2}")
+        # A warning, not a second error line: when XenStore itself is what
+        # failed, this only repeats it, and stderr (which libxl and Xen's
+        # hotplug log show) keeps its one line of reason. Syslog has it.
+        ctx.log.warning(f"could not report the failure through XenStore: {exc2}")
 
 
 def run(command, variables, env, dry_run=False, log=None, out=None) -> int:

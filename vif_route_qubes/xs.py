@@ -174,4 +174,9 @@ def _enc(text: str) -> bytes:
 def _reason(exc) -> str:
     if isinstance(exc, PyXSError) and len(exc.args) == 2 and isinstance(exc.args[0], int):
         return f"{errno.errorcode.get(exc.args[0], exc.args[0])} ({exc.args[1]})"
+    cause = exc.__cause__ or exc.__context__
+    if isinstance(cause, OSError) and cause.strerror:
+        # pyxs wraps socket errors as "error connecting to '/path': (2, '...')",
+        # repeating the path we already name; the OS's reason is what matters
+        return cause.strerror
     return " ".join(str(a) for a in exc.args) or type(exc).__name__

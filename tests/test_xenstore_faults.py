@@ -1,0 +1,134 @@
+"""vif-route-qubes against a XenStore that misbehaves: gone, hanging up in
+the middle of a read, refusing access, missing the device's directory,
+too slow. ``online`` must fail closed in bounded time with one line of
+reason and no change to the host; ``offline`` must still clean up."""
+
+import os
+import time
+
+import pytest
+
+from vif_route_qubes.testing.netns import comparable
+
+XS_TIMEOUT = 0.5
+BACKEND = "/local/domain/0/backend"
+
+
+def snap(world):
+    return comparable(world.snapshot())
+
+
+def fault(name, world):
+    """Break XenStore the named way -> extra environment for the runs."""
+    xs = world.xs
+    if name == "socket missing":
+        return {"XENSTORED_PATH": os.path.join(world.tmpdir, "no-such-dir", "socket")}
+    if name == "socket is not a socket":
+        path = os.path.join(world.tmpdir, "plain-file")
+        open(path, "w").close()
+        return {"XENSTORED_PATH": path}
+    if name == "closes mid-read":
+        xs.close_on = [BACKEND]
+    elif name == "closes after one reply":
+        xs.drop_after = 1
+    elif name == "EACCES":
+        xs.deny = [BACKEND]
+    elif name == "ENOENT":
+        xs.rm(BACKEND)
+    elif name == "slow":
+        xs.delay = 2.0
+    return {}
+
+
+def heal(world):
+    world.xs.close_on, world.xs.deny, world.xs.drop_after, world.xs.delay = [], [], None, 0.0
+
+
+FAULTS = ["socket missing", "socket is not a socket", "closes mid-read", "closes after one reply",
+          "EACCES", "ENOENT", "slow"]
+
+
+def run(world, guest, command, extra, **more):
+    env = guest.env(VIF_ROUTE_QUBES_XS_TIMEOUT=str(XS_TIMEOUT), **extra, **more)
+    t0 = time.monotonic()
+    res = world.hotplug(guest, command, env=env)
+    return res, time.monotonic() - t0
+
+
+def one_line(res):
+    lines = res.stderr.strip().splitlines()
+    assert "Traceback" not in res.stderr, res.stderr
+    assert len(lines) == 1, res.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def healed(world):
+    yield world
+    heal(world)  # a sleeping server thread must not slow the teardown
+
+
+@pytest.mark.parametrize("name", FAULTS)
+def test_online_fails_closed_and_offline_cleans_up_from_the_record(healed, name):
+    world = healed
+    up = world.add_guest(3, ["10.137.0.12", "fd09:24ef:4179::a89:c"])
+    new = world.add_guest(4, ["10.137.0.14"])
+    vifs_only = snap(world)
+    res = world.hotplug(up, "online")
+    assert res.returncode == 0, res.stderr
+    before = snap(world)
+
+    extra = fault(name, world)
+    res, took = run(world, new, "online", extra)
+    assert res.returncode == 1, res.stderr
+    # two bounded XenStore waits at most (the read, then the failure report)
+    assert took < 2 * XS_TIMEOUT + 2.0, took
+    line = one_line(res)
+    assert "XenStore" in line, line
+    assert snap(world) == before
+
+    res, took = run(world, up, "offline", extra)
+    assert res.returncode == 0, res.stderr
+    assert took < 2.0, took  # the record is enough: XenStore is not asked
+    assert snap(world) == vifs_only
+
+
+@pytest.mark.parametrize("name", FAULTS)
+def test_offline_without_record_cleans_up_from_the_kernel_state(healed, name):
+    world = healed
+    up = world.add_guest(3, ["10.137.0.12", "fd09:24ef:4179::a89:c"])
+    vifs_only = snap(world)
+    res = world.hotplug(up, "online")
+    assert res.returncode == 0, res.stderr
+    os.unlink(os.path.join(world.env["VIF_ROUTE_QUBES_STATE_DIR"], f"{up.vif}.json"))
+    extra = fault(name, world)
+    res, took = run(world, up, "offline", extra)
+    assert res.returncode == 0, res.stderr
+    assert "Traceback" not in res.stderr
+    assert took < XS_TIMEOUT + 2.0, took
+    assert snap(world) == vifs_only
+
+
+def test_messages_name_the_fault(healed):
+    """What an operator reads in xl's output or the hotplug log."""
+    world = healed
+    g = world.add_guest(4, ["10.137.0.14"])
+    expect = {
+        "socket missing": "cannot connect",
+        "closes mid-read": "closed the connection",
+        "EACCES": "EACCES",
+        "ENOENT": "ip: missing",
+        "slow": f"no answer to read {g.xenbus_path}/ip within {XS_TIMEOUT:g} s",
+    }
+    for name, text in expect.items():
+        heal(world)
+        if name != "ENOENT":
+            world.xs.write(f"/local/domain/0/{g.xenbus_path}/ip", "10.137.0.14")
+        res, _ = run(world, g, "online", fault(name, world))
+        assert res.returncode == 1
+        assert text in one_line(res), (name, res.stderr)
+    heal(world)
+    # where the daemon answers again, the reason is also in XenStore
+    value = world.xs.read(f"/local/domain/0/{g.xenbus_path}/hotplug-error")
+    assert value is not None and b"ip: missing" in value
+    assert world.xs.read(f"/local/domain/0/{g.xenbus_path}/hotplug-status") == b"error"
