@@ -14,6 +14,7 @@ import sys
 from . import plan as P
 from . import state, validate
 from .errors import CommandFailed, Failure
+from .lock import DEFAULT_TIMEOUT as DEFAULT_LOCK_TIMEOUT
 from .lock import HostLock, state_dir
 from .log import Log
 from .system import System
@@ -445,7 +446,11 @@ def offline(ctx) -> int:
         except Failure as exc:
             ctx.log.warning(str(exc))
     s = ctx.sys
-    lock = HostLock(ctx.env)
+    try:
+        lock = HostLock(ctx.env)
+    except Failure as exc:  # a bad VIF_ROUTE_QUBES_LOCK_TIMEOUT must not stop the cleanup
+        ctx.log.warning(f"{exc}; waiting the default {DEFAULT_LOCK_TIMEOUT:g} s")
+        lock = HostLock(ctx.env, timeout=DEFAULT_LOCK_TIMEOUT)
     locked = False
     if not ctx.dry_run:
         try:
@@ -517,12 +522,26 @@ def _report_failure(ctx, exc):
         ctx.log.warning(f"could not report the failure through XenStore: {exc2}")
 
 
+def _loggable(value: str) -> str:
+    """Raw argv/environment text as one printable log line. Bytes that are
+    not UTF-8 arrive as lone surrogates, which the UTF-8 hotplug log cannot
+    encode (a traceback instead of the reason), and a newline would forge a
+    log line; repr() escapes both."""
+    return value if value.isprintable() and value.isascii() else repr(value)[1:-1]
+
+
 def run(command, variables, env, dry_run=False, log=None, out=None) -> int:
     """One hotplug invocation -> exit status (0 ok / nothing to do, 1 failed)."""
-    ctx = Context(command, variables, env, dry_run=dry_run, log=log, out=out)
     try:
-        ctx.log.debug(f"argv: {' '.join([command or ''] + [f'{k}={v}' for k, v in variables.items()])}")
-        ctx.log.debug("env: " + " ".join(f"{k}={ctx.env.get(k, '')}" for k in (
+        ctx = Context(command, variables, env, dry_run=dry_run, log=log, out=out)
+    except Failure as exc:
+        # a broken setting (VIF_ROUTE_QUBES_IPTABLES=...) found before there
+        # is anything to report through: one line, not a traceback
+        (log or Log("vif-route-qubes", env)).error(str(exc))
+        return 1
+    try:
+        ctx.log.debug(f"argv: {' '.join([_loggable(command or '')] + [f'{k}={_loggable(v)}' for k, v in variables.items()])}")
+        ctx.log.debug("env: " + " ".join(f"{k}={_loggable(ctx.env.get(k, ''))}" for k in (
             "vif", "XENBUS_PATH", "XENBUS_TYPE", "XENBUS_BASE_PATH", "script", "netdev", "type_if", "INTERFACE")))
         type_if = ctx.env.get("type_if") or "vif"
         if command not in COMMANDS:

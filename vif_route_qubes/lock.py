@@ -29,16 +29,38 @@ def state_dir(env) -> str:
     return env.get("VIF_ROUTE_QUBES_STATE_DIR") or "/run/vif-route-qubes"
 
 
+def seconds(env, key, default) -> float:
+    """A positive, finite number of seconds from the environment (empty or
+    unset: ``default``). Anything else is a Failure naming the variable,
+    never a ValueError traceback (and never inf/nan, which setitimer and
+    condition waits would turn into "forever" or an error of their own)."""
+    raw = env.get(key, "")
+    if not raw.strip():
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 1e6:
+        raise Failure(f"{key}={raw[:40]!r}: expected a number of seconds")
+    return value
+
+
 class HostLock:
     def __init__(self, env, timeout=None):
         self.path = lock_path(env)
-        raw = env.get("VIF_ROUTE_QUBES_LOCK_TIMEOUT", "")
-        self.timeout = timeout if timeout is not None else (float(raw) if raw else DEFAULT_TIMEOUT)
+        self.timeout = timeout if timeout is not None else seconds(
+            env, "VIF_ROUTE_QUBES_LOCK_TIMEOUT", DEFAULT_TIMEOUT)
         self.fd = None
 
     def acquire(self):
-        os.makedirs(os.path.dirname(self.path), mode=0o755, exist_ok=True)
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.makedirs(os.path.dirname(self.path) or ".", mode=0o755, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            # an unwritable state dir or a lock path that is a directory:
+            # one line naming the file, not a traceback
+            raise Failure(f"cannot open the lock file {self.path}: {exc.strerror}") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return self

@@ -62,7 +62,9 @@ def _connection(env):
 class XenStore:
     def __init__(self, env=None, timeout=None):
         env = os.environ if env is None else env
-        self.timeout = timeout or float(env.get("VIF_ROUTE_QUBES_XS_TIMEOUT") or 10.0)
+        from .lock import seconds
+
+        self.timeout = timeout or seconds(env, "VIF_ROUTE_QUBES_XS_TIMEOUT", 10.0)
         self._conn = _connection(env)
         self._router = None
 
