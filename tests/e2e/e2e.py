@@ -21,7 +21,7 @@ Environment:
 from __future__ import annotations
 
 import argparse
-import glob
+import gzip
 import hashlib
 import lzma
 import os
@@ -197,8 +197,8 @@ def prepare_kernel_and_xen(cache: Path) -> dict:
         (d / "root").mkdir(parents=True)
         run(["dpkg-deb", "-x", str(kdeb), str(d / "root")])
         run(["dpkg-deb", "-x", str(xdeb), str(d / "root")])
-        with open(d / "xen", "wb") as f:
-            run(["zcat", str(d / "root" / "boot" / f"xen-{XEN_MAJOR}-amd64.gz")], stdout=f)
+        with gzip.open(d / "root" / "boot" / f"xen-{XEN_MAJOR}-amd64.gz") as z:
+            (d / "xen").write_bytes(z.read())
         vmlinuz = next((d / "root" / "boot").glob("vmlinuz-*"))
         shutil.copy(vmlinuz, d / "vmlinuz")
         extract_vmlinux(vmlinuz, d / "vmlinux")
@@ -479,7 +479,7 @@ def prune(cache: Path, keep: set) -> None:
 
 
 def build_all(cache: Path, project: Path, vif_script: Path) -> dict:
-    need_tools("qemu-system-x86_64", "apt-get", "apt-cache", "dpkg-deb", "cpio", "zstd", "zcat", "chroot")
+    need_tools("qemu-system-x86_64", "apt-get", "apt-cache", "dpkg-deb", "cpio", "zstd", "chroot", "mount")
     if os.geteuid() != 0:
         raise BuildError("must run as root (debootstrap, chroot)")
     if not vif_script.exists():
