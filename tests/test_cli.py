@@ -124,3 +124,21 @@ def test_bash_completion_script():
                             capture_output=True, text=True).stdout
     out = subprocess.run(["bash", "-c", script + "\ncomplete -p vif-route-qubes"], capture_output=True, text=True)
     assert "_vif_route_qubes_completion" in out.stdout
+
+
+@pytest.mark.parametrize("prog,var", [
+    ("qubes-setup-ip", "_QUBES_SETUP_IP_COMPLETE"),
+    ("qubes-setup-dnat-to-ns", "_QUBES_SETUP_DNAT_TO_NS_COMPLETE"),
+])
+def test_completion_of_the_no_argument_commands_reaches_click(prog, var, tmp_path):
+    """Their plain call is a real run; completion (also argument-less) must
+    print a script instead of configuring anything."""
+    import subprocess
+    import sys
+
+    exe = os.path.join(os.path.dirname(sys.executable), prog)
+    env = dict(os.environ, **{var: "bash_source"}, XENSTORED_PATH=str(tmp_path / "none"))
+    res = subprocess.run([exe], env=env, capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert "complete -o nosort -F" in res.stdout or "complete " in res.stdout
+    assert f"_{prog.replace('-', '_')}_completion()" in res.stdout

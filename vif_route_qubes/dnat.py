@@ -457,6 +457,8 @@ def command():
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if not argv:  # the hook's and the unit's call
+    # click's shell completion calls the program with no arguments and this
+    # variable set: it must reach click, not rewrite the rules.
+    if not argv and "_QUBES_SETUP_DNAT_TO_NS_COMPLETE" not in os.environ:  # the hook's and the unit's call
         sys.exit(run(Options(), os.environ))
     command().main(args=argv, prog_name=PROG)

@@ -478,6 +478,8 @@ def _plain_form(argv) -> bool:
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if _plain_form(argv):
+    # click's shell completion calls the program with no arguments and this
+    # variable set: it must reach click, not configure the interface.
+    if _plain_form(argv) and "_QUBES_SETUP_IP_COMPLETE" not in os.environ:
         sys.exit(run(argv[0] if argv else None, os.environ))
     command().main(args=argv, prog_name=TAG)
