@@ -40,6 +40,13 @@ def local():
         _local = machine
         return _local
     import importlib.machinery
+    import platform
+
+    # plumbum's LocalMachine evaluates platform.uname()[0] at import, and
+    # indexing a uname_result computes its ``processor`` field, which on
+    # Linux runs ``uname -p`` in a subprocess: a whole extra process per
+    # hotplug run, for a value nobody here reads. Fill that lazy field first.
+    platform.uname().__dict__.setdefault("processor", "")
 
     spec = importlib.machinery.PathFinder.find_spec("plumbum")
     if spec is None or not spec.submodule_search_locations:
