@@ -21,6 +21,7 @@ Environment:
 from __future__ import annotations
 
 import argparse
+import fcntl
 import gzip
 import hashlib
 import lzma
@@ -476,9 +477,12 @@ def prune(cache: Path, keep: set) -> None:
             if p.name not in keep | USED:
                 log(f"pruning stale {p.name}")
                 shutil.rmtree(p) if p.is_dir() else p.unlink()
+    for p in cache.glob("run-*"):  # left by killed runs
+        if time.time() - p.stat().st_mtime > 3600:
+            shutil.rmtree(p, ignore_errors=True)
 
 
-def build_all(cache: Path, project: Path, vif_script: Path) -> dict:
+def build_all(cache: Path, project: Path, vif_script: Path, run_dir: Path) -> dict:
     need_tools("qemu-system-x86_64", "apt-get", "apt-cache", "dpkg-deb", "cpio", "zstd", "chroot", "mount")
     if os.geteuid() != 0:
         raise BuildError("must run as root (debootstrap, chroot)")
@@ -489,8 +493,6 @@ def build_all(cache: Path, project: Path, vif_script: Path) -> dict:
     kx = prepare_kernel_and_xen(cache)
     base = build_dom0_base(cache, kx)
     guest = build_guest(cache, kx)
-    run_dir = cache / "run"
-    run_dir.mkdir(exist_ok=True)
     layer = run_dir / "layer.cpio.zst"
     build_layer(cache, base, project, vif_script, layer)
     # guest image goes to /e2e/guest.cpio.zst inside dom0: wrap it in a tiny cpio
@@ -503,7 +505,7 @@ def build_all(cache: Path, project: Path, vif_script: Path) -> dict:
         for part in (base / "base.cpio.zst", run_dir / "guest-layer.cpio.zst", layer):
             with open(part, "rb") as p:
                 shutil.copyfileobj(p, f)
-    prune(cache, keep={kx["dir"].name, base.name, guest.name, "debs", "run"})
+    prune(cache, keep={kx["dir"].name, base.name, guest.name})
     log(f"images ready in {time.time() - t0:.1f}s")
     return {"xen": kx["dir"] / "xen", "kernel": kx["dir"] / "vmlinuz", "initrd": initrd}
 
@@ -554,13 +556,25 @@ def main(argv=None) -> int:
                                      project / "hotplug" / "vif-route-qubes"))
     if os.environ.get("VRQ_E2E_STANDIN") == "1":
         vif_script = HERE / "standin" / "vif-route-qubes"
-    logfile = args.log or cache / "run" / "serial.log"
+    logfile = args.log or cache / "serial.log"
     try:
-        images = build_all(cache, project, vif_script)
-        if args.build_only:
-            return 0
-        logfile.parent.mkdir(parents=True, exist_ok=True)
-        rc, text = boot(images, logfile, args.timeout)
+        cache.mkdir(parents=True, exist_ok=True)
+        # one build at a time per cache (the dom0 base tree is shared); the
+        # finished initramfs is private to this run, so boots may overlap
+        run_dir = Path(tempfile.mkdtemp(prefix="run-", dir=cache))
+        try:
+            with open(cache / ".lock", "w") as lock:
+                t0 = time.time()
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if time.time() - t0 > 1:
+                    log(f"waited {time.time() - t0:.0f}s for another run's build")
+                images = build_all(cache, project, vif_script, run_dir)
+            if args.build_only:
+                return 0
+            logfile.parent.mkdir(parents=True, exist_ok=True)
+            rc, text = boot(images, logfile, args.timeout)
+        finally:
+            shutil.rmtree(run_dir, ignore_errors=True)
     except BuildError as e:
         print(f"E2E RESULT FAIL build/boot error: {e}", flush=True)
         if args.log:
