@@ -517,8 +517,9 @@ def bench_curve(venv, xs, tmp, backend, size, checkpoints, reps, results):
         first, last = points[min(points)], points[max(points)]
         ratio = lambda what, key: round(last[what][key] / first[what][key], 3)  # noqa: E731
         ratio_on, ratio_off = ratio("online_ms", "median"), ratio("offline_ms", "median")
-        ratios = {f"{what}_{key}": ratio(f"{what}{unit}", key) for what in ("online", "offline")
-                  for unit, key in (("_ms", "median"), ("_ms", "min"), ("_cpu_ms", "median"))}
+        ratios = {f"{what}_{name}": ratio(f"{what}{unit}", key) for what in ("online", "offline")
+                  for name, unit, key in (("wall_median", "_ms", "median"), ("wall_min", "_ms", "min"),
+                                          ("cpu_median", "_cpu_ms", "median"))}
         rules = world.netvm.exec(["sh", "-c", f"iptables{'-' + backend if backend else ''}-save -t raw | wc -l"]).stdout.strip()
         results.setdefault("curve", {})[label] = {
             "size": size, "reps": reps, "points": {str(k): v for k, v in points.items()},
@@ -528,8 +529,8 @@ def bench_curve(venv, xs, tmp, backend, size, checkpoints, reps, results):
         say(f"    {label}: ramp (online ms of every 100th): "
             + " ".join(f"{k}:{v:.0f}" for k, v in ramp.items()))
         say(f"    {label}: vif #{max(points)} / vif #1: online x{ratio_on:.2f}, offline x{ratio_off:.2f} "
-            f"(min: x{ratios['online_min']:.2f} / x{ratios['offline_min']:.2f}; CPU: x{ratios['online_median']:.2f}"
-            f" / x{ratios['offline_median']:.2f}) "
+            f"(min: x{ratios['online_wall_min']:.2f} / x{ratios['offline_wall_min']:.2f}; "
+            f"CPU: x{ratios['online_cpu_median']:.2f} / x{ratios['offline_cpu_median']:.2f}) "
             f"(iptables-save -t raw: {rules} lines at the end; set-up {setup_s:.1f} s, ramp {ramp_s:.0f} s)")
     finally:
         if drv:
@@ -549,8 +550,13 @@ def verdicts(results):
     v.append(("online <= 55 ms (median)", med(results.get("online_ms")), 55))
     v.append(("offline <= 60 ms (median)", med(results.get("offline_ms")), 60))
     for label, c in (results.get("curve") or {}).items():
-        v.append((f"{label}: online vif #{c['size']} / vif #1 <= 1.2", c["ratio_online"], 1.2))
-        v.append((f"{label}: offline vif #{c['size']} / vif #1 <= 1.2", c["ratio_offline"], 1.2))
+        # wall-time medians are what the target names; CPU time (process +
+        # children) is the same cost without the other load on the machine:
+        # the verdict wants both within the limit
+        for what in ("online", "offline"):
+            r = c["ratios"]
+            v.append((f"{label}: {what} vif #{c['size']} / vif #1 <= 1.2 (wall, CPU)",
+                      (r[f"{what}_wall_median"], r[f"{what}_cpu_median"]), 1.2))
     if results.get("concurrent"):
         v.append(("64 concurrent online < 3000 ms (median total)", med(results["concurrent"]["online_total_ms"]), 3000))
     if results.get("dnat"):
@@ -561,7 +567,8 @@ def verdicts(results):
         rss.append(results["concurrent"]["maxrss_mb"]["max"])
     if rss:
         v.append(("peak RSS of one hotplug run <= 30 MB (max)", round(max(rss), 1), 30))
-    return {name: {"value": value, "limit": limit, "met": value is not None and value <= limit}
+    return {name: {"value": value, "limit": limit,
+                   "met": value is not None and all(x <= limit for x in (value if isinstance(value, tuple) else (value,)))}
             for name, value, limit in v}
 
 
