@@ -27,12 +27,10 @@ looking change can silently undo.
    ip (-batch / -force -batch)   1      1
    ==========================  =====  =======
 
-   i.e. at most 3 helper programs per run. ``uname -p`` is spawned today on
-   top of those, by plumbum's ``LocalMachine.uname = platform.uname()[0]``
-   (indexing ``uname_result`` evaluates its lazy ``processor`` field, which
-   runs ``uname -p``); it is tolerated by the bound below and tracked by a
-   strict xfail that turns red once it is gone, so the allowance gets
-   removed with it.
+   i.e. at most 3 helper programs per run, and nothing else: in particular
+   not ``uname -p``, which plumbum's ``LocalMachine.uname =
+   platform.uname()[0]`` runs at import unless ``_plumbum`` fills platform's
+   lazy ``processor`` field first (indexing ``uname_result`` evaluates it).
 """
 
 import json
@@ -48,9 +46,6 @@ HEAVY = ("urllib.request", "http.client", "email", "ssl", "click")
 HELPERS_ONLINE = {"iptables-restore", "ip6tables-restore", "ip"}
 HELPERS_OFFLINE = {"iptables-restore", "ip6tables-restore", "ip"}
 MAX_HELPERS = 3
-# Spawned by plumbum at import (platform.uname()[0]), not by our code; see
-# test_no_uname_spawn. Remove from here when that test starts passing.
-KNOWN_EXTRA = {"uname"}
 
 # Records the modules loaded when the process exits (after main()'s sys.exit)
 # and whether "urllib.request" is the real, file-backed module.
@@ -170,10 +165,9 @@ def test_online_spawns_at_most_three_helpers(world, tmp_path):
     programs = execs(world, g, "online", tmp_path)
     assert status(world, g) == "connected"
     helpers = helpers_of(programs)
-    ours = [p for p in helpers if p not in KNOWN_EXTRA]
-    assert set(ours) <= HELPERS_ONLINE, helpers
-    assert len(ours) <= MAX_HELPERS, helpers
-    assert len(helpers) <= MAX_HELPERS + len(KNOWN_EXTRA), helpers
+    assert set(helpers) <= HELPERS_ONLINE, helpers
+    assert len(helpers) <= MAX_HELPERS, helpers
+    assert "uname" not in helpers
 
 
 def test_offline_spawns_at_most_three_helpers(world, tmp_path):
@@ -181,16 +175,6 @@ def test_offline_spawns_at_most_three_helpers(world, tmp_path):
     res = world.hotplug(g, "online")
     assert res.returncode == 0, res.stderr
     helpers = helpers_of(execs(world, g, "offline", tmp_path))
-    ours = [p for p in helpers if p not in KNOWN_EXTRA]
-    assert set(ours) <= HELPERS_OFFLINE, helpers
-    assert len(ours) <= MAX_HELPERS, helpers
-    assert len(helpers) <= MAX_HELPERS + len(KNOWN_EXTRA), helpers
+    assert set(helpers) <= HELPERS_OFFLINE, helpers
+    assert len(helpers) <= MAX_HELPERS, helpers
 
-
-@pytest.mark.xfail(strict=True, reason="plumbum's LocalMachine runs `uname -p` at import "
-                   "(platform.uname()[0]); fix in vif_route_qubes/_plumbum.py, then drop this marker "
-                   "and KNOWN_EXTRA")
-def test_no_uname_spawn(world, tmp_path):
-    g = world.add_guest(11, ["10.137.0.21"])
-    helpers = helpers_of(execs(world, g, "online", tmp_path))
-    assert "uname" not in helpers, helpers
