@@ -376,7 +376,7 @@ def test_a_lock_held_too_long_fails_online_and_offline_goes_ahead(world, tmp_pat
         res = world.hotplug(g, "online", env=g.env(VIF_ROUTE_QUBES_LOCK_TIMEOUT="1"))
         took = time.monotonic() - t0
         assert res.returncode == 1
-        assert 1.0 <= took < 3.0, took
+        assert 1.0 <= took < 3.5, took
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and "Traceback" not in res.stderr, res.stderr
         assert lock in lines[0] and "1 s" in lines[0], lines
@@ -389,7 +389,7 @@ def test_a_lock_held_too_long_fails_online_and_offline_goes_ahead(world, tmp_pat
         res = world.hotplug(other, "offline", env=other.env(VIF_ROUTE_QUBES_LOCK_TIMEOUT="1"))
         took = time.monotonic() - t0
         assert res.returncode == 0, res.stderr
-        assert 1.0 <= took < 3.0, took
+        assert 1.0 <= took < 3.5, took
         assert_same(full_snapshot(world), vif_only)
         log = (tmp_path / "xen" / "xen-hotplug.log").read_text()
         assert "cleaning up without the lock" in log
