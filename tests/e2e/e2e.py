@@ -24,6 +24,7 @@ import argparse
 import fcntl
 import gzip
 import hashlib
+import inspect
 import lzma
 import os
 import re
@@ -259,16 +260,19 @@ def copy_host_apt_sources(root: Path) -> None:
     src = Path("/etc/apt")
     dst = root / "etc" / "apt"
     (dst / "sources.list.d").mkdir(parents=True, exist_ok=True)
+    copied = [f for f in (src / "sources.list.d").glob("*") if f.suffix in (".list", ".sources")]
+    for f in copied:
+        shutil.copy(f, dst / "sources.list.d" / f.name)
     if (src / "sources.list").exists():
         shutil.copy(src / "sources.list", dst / "sources.list")
-    for f in (src / "sources.list.d").glob("*"):
-        if f.suffix in (".list", ".sources"):
-            shutil.copy(f, dst / "sources.list.d" / f.name)
+    elif copied:  # debootstrap's own line would duplicate the host's
+        (dst / "sources.list").unlink(missing_ok=True)
 
 
 def build_dom0_base(cache: Path, kx: dict) -> Path:
     xver = kx["xen_version"]
-    key = sha(BASE_RECIPE, SUITE, DEBOOTSTRAP_INCLUDE, DOM0_PACKAGES, DOM0_MODULE_DIRS,
+    recipe = inspect.getsource(build_dom0_base) + inspect.getsource(copy_host_apt_sources)
+    key = sha(BASE_RECIPE, recipe, SUITE, DEBOOTSTRAP_INCLUDE, DOM0_PACKAGES, DOM0_MODULE_DIRS,
               xver, kx["key"], HERE / "dom0" / "etc-default-xen")
     d = cache / f"dom0-base-{key}"
     img = d / "base.cpio.zst"
@@ -288,7 +292,9 @@ def build_dom0_base(cache: Path, kx: dict) -> Path:
     os.chmod(root / "usr/sbin/policy-rc.d", 0o755)
     pkgs = " ".join([f"xen-utils-{XEN_MAJOR}={xver}"] + DOM0_PACKAGES)
     with Mounts(root):
-        chroot(root, f"apt-get update -q && apt-get install -y -q --no-install-recommends {pkgs}"
+        # a host source unreachable from here must not stop the build: a
+        # missing package still fails the install below, loudly
+        chroot(root, f"{{ apt-get update -q || true; }} && apt-get install -y -q --no-install-recommends {pkgs}"
                " && apt-get clean", capture_output=True)
     log(f"packages installed at {time.time() - t0:.0f}s")
     (root / "usr/sbin/policy-rc.d").unlink()
