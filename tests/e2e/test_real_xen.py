@@ -28,6 +28,7 @@ CHECKS = (
     + [f"{g}-{c}" for g in ("g1", "g2") for c in GUEST_CHECKS]
     + ["guest-g1-ping-gateway", "guest-g2-ping-gateway", "guest-g1-dns", "guest-g2-dns",
        "guest-g1-forged-source", "dns-reached-upstream", "forged-source-dropped",
+       "ipv6-dropped",
        "bad-ip-create-fails", "bad-ip-hotplug-error", "bad-ip-nothing-left",
        "no-vrq-rules-left", "debug-log"]
 )

@@ -73,6 +73,8 @@ $DNAT_TOOL --resolv-conf /tmp/resolv.conf >/tmp/dnat.out 2>&1; rc=$?
 # counters seen by dom0's INPUT for the forged source and for a genuine one
 iptables -w -A INPUT -s $FORGED -p icmp -j ACCEPT
 iptables -w -A INPUT -s 10.137.0.10 -p icmp -j ACCEPT
+# IPv6 from a vif without an IPv6 address must not get in either
+ip6tables -w -A INPUT -i vif+ -p ipv6-icmp --icmpv6-type echo-request -j ACCEPT
 
 # ---------------------------------------------------------------- 1/2. guests
 guest_cfg() {  # name ip [extra]
@@ -90,10 +92,10 @@ EOF
 }
 raw_chains() { { iptables -w -t raw -S; ip6tables -w -t raw -S; } 2>/dev/null | grep -- 'vrq-' ; }
 
-guest_cfg g1 10.137.0.10 "e2e_dns=$DNS1 e2e_forged=$FORGED"
+guest_cfg g1 10.137.0.10 "e2e_dns=$DNS1 e2e_forged=$FORGED e2e_ipv6=1"
 guest_cfg g2 10.137.0.11 "e2e_dns=$DNS2"
 for g in g1 g2; do
-    if xl create /tmp/$g.cfg >/tmp/xl-$g.log 2>&1; then
+    if timeout 150 xl create /tmp/$g.cfg >/tmp/xl-$g.log 2>&1; then
         check $g-create PASS "xl create ok at +$(elapsed)s, domid $(xl domid $g)"
     else
         check $g-create FAIL "$(tail -c 800 /tmp/xl-$g.log | tr '\n' ' ')"
@@ -165,10 +167,18 @@ else
     check forged-source-dropped FAIL "dom0 INPUT saw '$forged' packets from $FORGED, '$genuine' from 10.137.0.10; DROP counted $drops"
 fi
 
+v6in=$(ip6tables-save -c -t filter | grep -- "-A INPUT -i vif+ -p ipv6-icmp" | sed -n 's/^\[\([0-9]*\):.*/\1/p' | head -1)
+v6drop=$(ip6tables-save -c -t raw | grep -- "-A vrq-in-$g1_vif .*-j DROP" | sed -n 's/^\[\([0-9]*\):.*/\1/p' | awk '{s += $1} END {print s + 0}')
+if grep -q "GUEST CHECK g1-ipv6-sent" /var/log/xen/console/guest-g1.log && [ "${v6in:-x}" = 0 ]; then
+    check ipv6-dropped PASS "dom0 INPUT saw 0 IPv6 echo requests from the vifs; ip6tables vrq-in-$g1_vif DROP counted $v6drop"
+else
+    check ipv6-dropped FAIL "dom0 INPUT saw '$v6in' IPv6 echo requests from the vifs (guest sent: $(grep -c 'g1-ipv6-sent' /var/log/xen/console/guest-g1.log)); DROP counted $v6drop"
+fi
+
 # ---------------------------------------------------------------- 5. malformed ip
 before_chains=$(raw_chains | sort); before_rec=$(ls /run/vif-route-qubes 2>/dev/null | sort)
 guest_cfg g3 10.137.0.300
-if xl create /tmp/g3.cfg >/tmp/xl-g3.log 2>&1; then
+if timeout 150 xl create /tmp/g3.cfg >/tmp/xl-g3.log 2>&1; then
     check bad-ip-create-fails FAIL "xl create of ip=10.137.0.300 succeeded"
     xl destroy g3 >/dev/null 2>&1
 else
@@ -191,7 +201,7 @@ ip route show | grep -q '10\.137\.0\.30' && left="$left route: $(ip route show |
 for g in g1 g2; do
     eval "vif=\$${g}_vif ip=\$${g}_ip"
     [ -n "$vif" ] || continue
-    if xl destroy $g >/tmp/xl-destroy-$g.log 2>&1; then :; else
+    if timeout 120 xl destroy $g >/tmp/xl-destroy-$g.log 2>&1; then :; else
         check $g-destroy FAIL "$(tr '\n' ' ' </tmp/xl-destroy-$g.log)"
     fi
     i=0  # offline runs as the backend goes away; give it a moment
