@@ -156,8 +156,10 @@ class Driver:
     """_nsdriver.py running inside a namespace."""
 
     def __init__(self, ns):
+        # cwd "/": ``python -c`` puts the working directory first on sys.path,
+        # which must not be the checkout (it would shadow the installed package)
         self.proc = subprocess.Popen(["ip", "netns", "exec", ns.name, sys.executable, DRIVER],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
 
     def call(self, **req):
         self.proc.stdin.write(json.dumps(req) + "\n")
@@ -204,7 +206,7 @@ def venv_python(venv):
 
 def site_packages(py):
     return subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+                          capture_output=True, text=True, check=True, cwd="/").stdout.strip()
 
 
 def prepare_venv(venv, default):
@@ -225,7 +227,7 @@ def prepare_venv(venv, default):
         raise SystemExit(f"{py} does not exist")
     targets = [site_packages(py)]
     pkg = subprocess.run([py, "-c", "import vif_route_qubes, os; print(os.path.dirname(vif_route_qubes.__file__))"],
-                         capture_output=True, text=True, check=True).stdout.strip()
+                         capture_output=True, text=True, check=True, cwd="/").stdout.strip()
     if not pkg.startswith(targets[0]):
         targets.append(pkg)  # editable install
     subprocess.run([py, "-m", "compileall", "-q", *targets], check=True, env=env, stdout=subprocess.DEVNULL)
