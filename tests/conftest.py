@@ -2,6 +2,8 @@
 the network-namespace world (vif_route_qubes.testing.netns) around it."""
 
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -10,8 +12,19 @@ from vif_route_qubes.testing.xenstored import XenStored
 
 
 @pytest.fixture
-def xenstored(tmp_path):
-    server = XenStored(str(tmp_path / "xenstored.sock"))
+def sockdir():
+    """A short directory for Unix sockets: pytest's tmp_path can exceed the
+    107-byte AF_UNIX path limit under a long base directory."""
+    d = tempfile.mkdtemp(prefix="vrq", dir="/tmp")
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def xenstored(sockdir):
+    server = XenStored(os.path.join(sockdir, "xenstored.sock"))
     server.start()
     try:
         yield server

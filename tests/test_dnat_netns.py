@@ -25,7 +25,7 @@ import time
 
 import pytest
 
-from vif_route_qubes.testing.netns import PY, World, run
+from vif_route_qubes.testing.netns import PY, World
 from vif_route_qubes.testing.xenstored import XenStored
 
 CMD = os.path.join(os.path.dirname(sys.executable), "qubes-setup-dnat-to-ns")

@@ -4,11 +4,9 @@ console script inside throwaway network namespaces."""
 
 import ipaddress
 import os
-import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 import uuid
 
 import pytest
@@ -191,16 +189,6 @@ def test_proc_route_parsing_and_in_place():
 # ----------------------------------------------------------------------------
 # Fixtures: a XenStore per test (relative keys resolve to the guest's home)
 # and a namespace with a veth "eth0" whose peer is up.
-
-
-@pytest.fixture
-def sockdir():
-    # pytest's tmp_path can exceed the 107-byte AF_UNIX limit; keep it short.
-    d = tempfile.mkdtemp(prefix="sip", dir="/tmp")
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ real wire protocol."""
 import json
 import os
 
-import pytest
 
 from vif_route_qubes.testing import routes
 from vif_route_qubes.testing.netns import UdpSink, udp_send

@@ -4,13 +4,11 @@ Debian's xenstore-utils command-line clients."""
 import copy
 import errno
 import os
-import shutil
 import signal
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 
@@ -22,16 +20,6 @@ from vif_route_qubes.testing.xenstored import OPS, XenStored
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADER = struct.Struct("<IIII")
-
-
-@pytest.fixture
-def sockdir():
-    # pytest's tmp_path can exceed the 107-byte AF_UNIX limit; keep it short.
-    d = tempfile.mkdtemp(prefix="xs", dir="/tmp")
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @pytest.fixture
