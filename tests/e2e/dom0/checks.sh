@@ -231,5 +231,11 @@ note "xen-hotplug.log tail:"
 tail -n 15 /var/log/xen/xen-hotplug.log 2>/dev/null | sed 's/^/E2E HOTPLUG-LOG-TAIL /'
 
 note "checks done at +$(elapsed)s"
+if [ $FAILED != 0 ]; then
+    dmesg | tail -n 40 | sed 's/^/E2E DMESG /'
+    for g in g1 g2 g3; do
+        tail -n 20 /var/log/xen/console/guest-$g.log 2>/dev/null | sed "s/^/E2E CONSOLE-$g /"
+    done
+fi
 if [ $FAILED = 0 ]; then echo "E2E RESULT PASS"; exit 0; fi
 echo "E2E RESULT FAIL"; exit 1
