@@ -309,13 +309,13 @@ exit "${FAKE_RC:-0}"
 ])
 def test_hook(tmp_path, action, rc, hook_rc, ran):
     assert os.access(HOOK, os.X_OK)
-    assert not os.path.exists("/opt/vif-route-qubes/bin/qubes-setup-dnat-to-ns")  # else the fake is not used
     (tmp_path / "bin").mkdir()
     fake = tmp_path / "bin" / "qubes-setup-dnat-to-ns"
     fake.write_text(FAKE)
     fake.chmod(0o755)
     log = tmp_path / "log"
-    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "FAKE_LOG": str(log), "FAKE_RC": str(rc)}
+    env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "FAKE_LOG": str(log), "FAKE_RC": str(rc),
+           "VIF_ROUTE_QUBES_PREFIX": str(tmp_path / "no-prefix")}
     res = subprocess.run([SH, HOOK, "eth0", action], env=env, capture_output=True, text=True)
     assert res.returncode == hook_rc, res.stderr
     assert (log.read_text() if log.exists() else "") == ("ran 0\n" if ran else "")
@@ -328,7 +328,7 @@ def test_hook_never_waits_long(tmp_path):
     fake.write_text(FAKE)
     fake.chmod(0o755)
     env = {"PATH": f"{tmp_path / 'bin'}:/usr/bin:/bin", "FAKE_LOG": str(tmp_path / "log"),
-           "FAKE_SLEEP": "30", "QUBES_NMHOOK_TIMEOUT": "1"}
+           "FAKE_SLEEP": "30", "QUBES_NMHOOK_TIMEOUT": "1", "VIF_ROUTE_QUBES_PREFIX": str(tmp_path / "no-prefix")}
     import time
 
     start = time.monotonic()
@@ -338,7 +338,8 @@ def test_hook_never_waits_long(tmp_path):
 
 
 def test_hook_without_the_command(tmp_path):
-    res = subprocess.run([SH, HOOK, "eth0", "up"], env={"PATH": str(tmp_path)}, capture_output=True, text=True)
+    env = {"PATH": str(tmp_path), "VIF_ROUTE_QUBES_PREFIX": str(tmp_path / "no-prefix")}
+    res = subprocess.run([SH, HOOK, "eth0", "up"], env=env, capture_output=True, text=True)
     assert res.returncode == 1 and "qubes-setup-dnat-to-ns not found" in res.stderr
 
 

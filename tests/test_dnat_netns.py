@@ -440,7 +440,9 @@ def test_status(rig):
 def test_networkmanager_hook_runs_the_real_command(rig):
     hook = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "etc", "NetworkManager", "dispatcher.d", "qubes-nmhook")
-    env = dict(rig.env, PATH=f"{os.path.dirname(CMD)}:{rig.env['PATH']}")
+    # the command under test, not whatever a machine has in /opt
+    env = dict(rig.env, PATH=f"{os.path.dirname(CMD)}:{rig.env['PATH']}",
+               VIF_ROUTE_QUBES_PREFIX=os.path.dirname(os.path.dirname(CMD)))
 
     def nm(action):  # as NetworkManager calls it: INTERFACE ACTION
         paths = [rig.file(f"hook-resolv.{action}", TWO), ""]
