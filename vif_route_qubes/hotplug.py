@@ -259,16 +259,6 @@ def _run_hooks(ctx, command, vif):
                 ctx.log.warning(f"hook {hook} failed (ignored): {exc}")
 
 
-def _record_of(vif, ipv6, original):
-    return {
-        "name": vif.name, "original": original, "domid": vif.domid, "devid": vif.devid,
-        "type": vif.vif_type, "mac": vif.mac, "addresses": [str(a) for a in vif.addresses],
-        "gateway": str(vif.gateway) if vif.gateway else None,
-        "gateway6": str(vif.gateway6) if vif.gateway6 else None,
-        "xenbus_path": vif.xenbus_path, "ipv6": ipv6,
-    }
-
-
 def online(ctx) -> int:
     name, xp, front, devid = _identify(ctx)
     found = _backend_values(ctx, xp)
@@ -314,7 +304,7 @@ def online(ctx) -> int:
         undo.push("ip batch", lambda: s.run(["ip", "-force", "-batch", "-"], P.render_batch(link.undo_batch), check=False))
         s.run(["ip", "-batch", "-"], P.render_batch(link.batch))
         if not ctx.dry_run:
-            state.save(ctx.state_dir, name, _record_of(vif, ipv6, name))
+            state.save(ctx.state_dir, name, state.record_of(vif, ipv6, name))
             undo.push("state record", lambda: state.remove(ctx.state_dir, name))
         _run_hooks(ctx, "online", vif)
         _report(ctx, xp, [(f"{xp}/hotplug-status", "connected")], clear_error=True)
@@ -351,16 +341,7 @@ def _offline_vif(ctx, name, record):
     """What to undo: from the state record if we have one; else from
     XenStore (if the directory is still there), else from our own chains."""
     if record:
-        from ipaddress import ip_address
-
-        addr = [ip_address(a) for a in record["addresses"]]
-        gw = ip_address(record["gateway"]) if record.get("gateway") else None
-        gw6 = ip_address(record["gateway6"]) if record.get("gateway6") else None
-        return P.Vif(
-            name=record["name"], domid=record["domid"], devid=record["devid"], vif_type=record["type"],
-            mac=record["mac"], addresses=tuple(addr), gateway=gw, gateway6=gw6,
-            xenbus_path=record.get("xenbus_path"),
-        ), record.get("ipv6", True)
+        return state.vif_of(record)
     domid, devid = validate.vif_name(name, "vif")
     found = {}
     xp = ctx.xenbus_path
@@ -404,9 +385,9 @@ def _offline_vif(ctx, name, record):
         gw, gw6 = gw or kgw, gw6 or kgw6
     mac = found.get("mac")
     try:
-        mac = validate.mac(mac) if mac else "unknown"
+        mac = validate.mac(mac) if mac else None
     except Failure:
-        mac = "unknown"
+        mac = None
     vif = P.Vif(name=target, domid=domid, devid=devid, vif_type=found.get("type") or "vif",
                 mac=mac, addresses=addresses, gateway=gw, gateway6=gw6, xenbus_path=xp)
     return vif, _ipv6_enabled(target)
@@ -463,8 +444,6 @@ def offline(ctx) -> int:
     try:
         record = state.load(ctx.state_dir, name)
         vif, ipv6 = _offline_vif(ctx, name, record)
-        if vif.mac == "unknown":
-            vif = vif._replace(mac=None)
         if s.iface_exists(vif.name):
             link = P.link_offline(vif, ipv6)
             # routes and addresses first: nothing is routed to the guest once

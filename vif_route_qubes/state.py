@@ -28,6 +28,35 @@ def _identity() -> dict:
     return {"boot_id": boot, "netns": netns}
 
 
+def record_of(vif, ipv6: bool, original: str) -> dict:
+    """What ``online`` made for ``vif`` (a plan.Vif), as a record."""
+    return {
+        "name": vif.name, "original": original, "domid": vif.domid, "devid": vif.devid,
+        "type": vif.vif_type, "mac": vif.mac, "addresses": [str(a) for a in vif.addresses],
+        "gateway": str(vif.gateway) if vif.gateway else None,
+        "gateway6": str(vif.gateway6) if vif.gateway6 else None,
+        "xenbus_path": vif.xenbus_path, "ipv6": ipv6,
+    }
+
+
+def vif_of(record):
+    """The inverse of :func:`record_of` -> (plan.Vif, ipv6 enabled)."""
+    from ipaddress import ip_address
+
+    from .plan import Vif
+
+    def addr(key):
+        return ip_address(record[key]) if record.get(key) else None
+
+    vif = Vif(
+        name=record["name"], domid=record["domid"], devid=record.get("devid", 0),
+        vif_type=record.get("type") or "vif", mac=record.get("mac"),
+        addresses=tuple(ip_address(a) for a in record.get("addresses") or ()),
+        gateway=addr("gateway"), gateway6=addr("gateway6"), xenbus_path=record.get("xenbus_path"),
+    )
+    return vif, record.get("ipv6", True)
+
+
 def path(directory: str, name: str) -> str:
     return os.path.join(directory, f"{name}.json")
 

@@ -225,13 +225,9 @@ def _read_xenstore(env, backends):
 
 
 def _want_from_record(record) -> Want:
-    return Want(
-        name=record["name"], domid=record["domid"], mac=record.get("mac"),
-        addresses=tuple(ip_address(a) for a in record.get("addresses") or ()),
-        gateway=ip_address(record["gateway"]) if record.get("gateway") else None,
-        gateway6=ip_address(record["gateway6"]) if record.get("gateway6") else None,
-        ipv6=record.get("ipv6", True),
-    )
+    vif, ipv6 = state.vif_of(record)
+    return Want(name=vif.name, domid=vif.domid, mac=vif.mac, addresses=vif.addresses,
+                gateway=vif.gateway, gateway6=vif.gateway6, ipv6=ipv6)
 
 
 def _want_from_xenstore(name, domid, xsv, netvm):
