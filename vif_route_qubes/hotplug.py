@@ -101,11 +101,6 @@ def _netvm_gateways(found):
     return gw, gw6
 
 
-def _ipv6_enabled(name):
-    value = System.read(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6")
-    return value is not None and value.strip() == "0"
-
-
 def _vif_from(found, name, xp, front, devid):
     """Validate XenStore/argv values into a Vif (raises Failure)."""
     where = f"XenStore {xp}"
@@ -279,7 +274,7 @@ def online(ctx) -> int:
         raise Failure(f"interface {target} does not exist")
     if rename and not s.iface_exists(name):
         raise Failure(f"interface {name} does not exist")
-    ipv6 = _ipv6_enabled(name if rename else target)
+    ipv6 = System.ipv6_enabled(name if rename else target)
     if vif.family(6) and not ipv6:
         ctx.log.info(f"IPv6 is disabled on {target}: IPv6 addresses {' '.join(map(str, vif.family(6)))} are not routed")
     link = P.link_online(vif, ipv6)
@@ -390,7 +385,7 @@ def _offline_vif(ctx, name, record):
         mac = None
     vif = P.Vif(name=target, domid=domid, devid=devid, vif_type=found.get("type") or "vif",
                 mac=mac, addresses=addresses, gateway=gw, gateway6=gw6, xenbus_path=xp)
-    return vif, _ipv6_enabled(target)
+    return vif, System.ipv6_enabled(target)
 
 
 def _host_addresses(ctx, name):

@@ -335,11 +335,6 @@ def _discard(tmp):
         pass
 
 
-def _ipv6_enabled(ifname: str) -> bool:
-    value = System.read(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6")
-    return value is not None and value.strip() == "0"
-
-
 def _run_hook(s: System, log: Log, hook: str):
     if not (hook and os.path.isfile(hook) and os.access(hook, os.X_OK)):
         log.debug(f"no executable hook at {hook}")
@@ -390,7 +385,7 @@ def _run(s, log, interface, env, resolv_conf, hook) -> int:
         return 0
     if not exists:
         raise Failure(f"interface {name} does not exist")
-    ipv6 = _ipv6_enabled(name)
+    ipv6 = System.ipv6_enabled(name)
     if net.ip6 is not None and not ipv6:
         log.info(f"IPv6 is disabled on {name}: qubes_ip6 {net.ip6} is not configured")
 

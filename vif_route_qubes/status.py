@@ -211,8 +211,7 @@ def _read_xenstore(env, backends):
     try:
         from .xs import XenStore
 
-        raw = env.get("VIF_ROUTE_QUBES_XS_TIMEOUT")
-        xs = XenStore(env, timeout=float(raw) if raw else DEFAULT_XS_TIMEOUT)
+        xs = XenStore(env, default_timeout=DEFAULT_XS_TIMEOUT)
         try:
             values = xs.read_many(paths)
         finally:
@@ -238,7 +237,7 @@ def _want_from_xenstore(name, domid, xsv, netvm):
         gw6 = validate.gateway(netvm.get("qubes_netvm_gateway6"), "qubes_netvm_gateway6", 6)
     except Failure:
         return None
-    ipv6 = (System.read(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6") or "1").strip() == "0"
+    ipv6 = System.ipv6_enabled(name)
     return Want(name=name, domid=domid, mac=mac, addresses=addresses, gateway=gw, gateway6=gw6, ipv6=ipv6)
 
 

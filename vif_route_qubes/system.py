@@ -157,6 +157,13 @@ class System:
             return default
 
     @staticmethod
+    def ipv6_enabled(name: str) -> bool:
+        """IPv6 is on for the interface (the file is absent when the
+        kernel has IPv6 off altogether)."""
+        value = System.read(f"/proc/sys/net/ipv6/conf/{name}/disable_ipv6")
+        return value is not None and value.strip() == "0"
+
+    @staticmethod
     def iface_exists(name: str) -> bool:
         return os.path.exists(f"/sys/class/net/{name}")
 

@@ -60,11 +60,13 @@ def _connection(env):
 
 
 class XenStore:
-    def __init__(self, env=None, timeout=None):
+    def __init__(self, env=None, timeout=None, default_timeout=10.0):
+        """``timeout`` wins; else VIF_ROUTE_QUBES_XS_TIMEOUT; else
+        ``default_timeout`` (interactive callers wait less than hotplug)."""
         env = os.environ if env is None else env
         from .lock import seconds
 
-        self.timeout = timeout or seconds(env, "VIF_ROUTE_QUBES_XS_TIMEOUT", 10.0)
+        self.timeout = timeout or seconds(env, "VIF_ROUTE_QUBES_XS_TIMEOUT", default_timeout)
         self._conn = _connection(env)
         self._router = None
 
