@@ -5,7 +5,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from ipaddress import IPv4Address as A
 
 import pytest
@@ -13,19 +12,6 @@ from click.testing import CliRunner
 
 from vif_route_qubes import dnat
 from vif_route_qubes.errors import Failure
-from vif_route_qubes.testing.xenstored import XenStored
-
-
-@pytest.fixture
-def xs_server():
-    d = tempfile.mkdtemp(prefix="vrqdu", dir="/tmp")  # AF_UNIX path limit
-    server = XenStored(os.path.join(d, "xs.sock"))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-        shutil.rmtree(d, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------- resolv.conf
@@ -215,10 +201,10 @@ def opts(tmp, **kw):
     return dnat.Options(**kw)
 
 
-def test_dns_from_xenstore(xs_server, tmp_path):
-    xs_server.write("/local/domain/0/qubes_netvm_primary_dns", "10.139.1.1")
-    xs_server.write("/local/domain/0/qubes_netvm_secondary_dns", "10.139.1.2")
-    env = {"XENSTORED_PATH": xs_server.socket_path}
+def test_dns_from_xenstore(xenstored, tmp_path):
+    xenstored.write("/local/domain/0/qubes_netvm_primary_dns", "10.139.1.1")
+    xenstored.write("/local/domain/0/qubes_netvm_secondary_dns", "10.139.1.2")
+    env = {"XENSTORED_PATH": xenstored.socket_path}
     assert dnat.find_dns(opts(str(tmp_path)), env) == [
         (A("10.139.1.1"), "XenStore qubes_netvm_primary_dns"),
         (A("10.139.1.2"), "XenStore qubes_netvm_secondary_dns")]
@@ -226,13 +212,13 @@ def test_dns_from_xenstore(xs_server, tmp_path):
         (A("10.139.1.1"), "XenStore qubes_netvm_primary_dns"), (A("10.139.2.2"), "--dns2")]
 
 
-def test_dns_file_only_when_xenstore_has_neither(xs_server, tmp_path):
+def test_dns_file_only_when_xenstore_has_neither(xenstored, tmp_path):
     ns = tmp_path / "qubes-ns"
     ns.write_text("NS1=10.1.1.1\nNS2=10.1.1.2\n")
-    env = {"XENSTORED_PATH": xs_server.socket_path}
+    env = {"XENSTORED_PATH": xenstored.socket_path}
     o = opts(str(tmp_path), qubes_ns=str(ns))
     assert dnat.find_dns(o, env) == [(A("10.1.1.1"), f"{ns} NS1"), (A("10.1.1.2"), f"{ns} NS2")]
-    xs_server.write("/local/domain/0/qubes_netvm_secondary_dns", "10.139.1.2")
+    xenstored.write("/local/domain/0/qubes_netvm_secondary_dns", "10.139.1.2")
     assert dnat.find_dns(o, env) == [(A("10.139.1.2"), "XenStore qubes_netvm_secondary_dns")]
 
 
@@ -244,16 +230,16 @@ def test_dns_without_xenstore(tmp_path):
         dnat.find_dns(opts(str(tmp_path)), env)
 
 
-def test_dns_invalid_or_duplicate(xs_server, tmp_path):
-    env = {"XENSTORED_PATH": xs_server.socket_path}
-    xs_server.write("/local/domain/0/qubes_netvm_primary_dns", "10.139.1.1; rm -rf /")
+def test_dns_invalid_or_duplicate(xenstored, tmp_path):
+    env = {"XENSTORED_PATH": xenstored.socket_path}
+    xenstored.write("/local/domain/0/qubes_netvm_primary_dns", "10.139.1.1; rm -rf /")
     with pytest.raises(Failure, match="XenStore qubes_netvm_primary_dns: .* is not an IPv4 address"):
         dnat.find_dns(opts(str(tmp_path)), env)
-    xs_server.write("/local/domain/0/qubes_netvm_primary_dns", "127.0.0.1")
+    xenstored.write("/local/domain/0/qubes_netvm_primary_dns", "127.0.0.1")
     with pytest.raises(Failure, match="cannot be a virtual nameserver"):
         dnat.find_dns(opts(str(tmp_path)), env)
-    xs_server.write("/local/domain/0/qubes_netvm_primary_dns", "10.139.1.1")
-    xs_server.write("/local/domain/0/qubes_netvm_secondary_dns", "10.139.1.1")
+    xenstored.write("/local/domain/0/qubes_netvm_primary_dns", "10.139.1.1")
+    xenstored.write("/local/domain/0/qubes_netvm_secondary_dns", "10.139.1.1")
     assert [a for a, _ in dnat.find_dns(opts(str(tmp_path)), env)] == D[:1]
 
 
