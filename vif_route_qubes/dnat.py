@@ -57,7 +57,6 @@ QUBES_NS = "/var/run/qubes/qubes-ns"
 # systemd-resolved's stub listeners (the second one bypasses DNSSEC/LLMNR)
 RESOLVED_STUBS = ("127.0.0.53", "127.0.0.54")
 UNCHANGED = 100
-RESTORE_WAIT = "20"  # seconds to wait for the xtables lock, as hotplug does
 
 
 class Options:
@@ -324,7 +323,7 @@ def apply(opts, env, s, log):
             s.note("the rules are already right: nothing to do")
             log.debug("rules already right, unchanged")
             return UNCHANGED
-        s.run([s.iptables(4, "restore"), "--noflush", "--wait", RESTORE_WAIT], payload)
+        s.run(s.restore(4), payload)
     if not opts.dry_run:
         log.info(_describe(dns, upstreams, where))
     return 0

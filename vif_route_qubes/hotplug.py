@@ -184,7 +184,7 @@ def _apply_firewall(ctx, vif, record):
                 data = _merge_payloads(P.teardown_from_save(saved, vif.name), fw.create)
             else:
                 data = getattr(fw, mode)
-            started.append((fw, s.start(_restore(s, fw.version), data)))
+            started.append((fw, s.start(s.restore(fw.version), data)))
         failed = []
         for fw, st in started:
             res = st.wait(check=False)
@@ -198,10 +198,6 @@ def _apply_firewall(ctx, vif, record):
     raise CommandFailed(last.argv, last.code, last.stderr)
 
 
-def _restore(s, version):
-    return [s.iptables(version, "restore"), "--noflush", "--wait", "20"]
-
-
 def _merge_payloads(first: str, second: str) -> str:
     """Two ``*raw ... COMMIT`` payloads as one transaction."""
     body = lambda p: p.split("\n", 1)[1].rsplit("COMMIT\n", 1)[0] if p else ""  # noqa: E731
@@ -213,7 +209,7 @@ def _teardown_firewall(ctx, name):
     already gone is fine, and a partial leftover is removed exactly."""
     s = ctx.sys
     fws = [P.firewall(P.Vif(name=name, domid=0), v) for v in (4, 6)]
-    started = [(fw, s.start(_restore(s, fw.version), fw.teardown)) for fw in fws]
+    started = [(fw, s.start(s.restore(fw.version), fw.teardown)) for fw in fws]
     for fw, st in started:
         res = st.wait(check=False)
         if res.code == 0:
@@ -221,7 +217,7 @@ def _teardown_firewall(ctx, name):
         saved = s.run([s.iptables(fw.version, "save"), "-t", "raw"], readonly=True, check=False)
         payload = P.teardown_from_save(saved.stdout, name)
         if payload:
-            again = s.run(_restore(s, fw.version), payload, check=False)
+            again = s.run(s.restore(fw.version), payload, check=False)
             if again.code != 0:
                 ctx.log.warning(f"could not remove firewall rules of {name}: {again.stderr.strip()}")
 

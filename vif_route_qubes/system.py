@@ -22,6 +22,7 @@ from .errors import CommandFailed, Failure
 Result = namedtuple("Result", "argv code stdout stderr")
 
 COMMAND_TIMEOUT = 30.0  # inside libxl's 40 s hotplug timeout
+XTABLES_WAIT = "20"  # seconds iptables-restore waits for the xtables lock
 
 _PACKAGES = {
     "ip": "iproute2",
@@ -78,6 +79,12 @@ class System:
         """``iptables-restore`` / ``ip6tables-legacy-save`` ..."""
         base = "iptables" if version == 4 else "ip6tables"
         return f"{base}{self._backend}-{tool}" if tool else f"{base}{self._backend}"
+
+    def restore(self, version: int) -> list:
+        """The argv every firewall change goes through: ``--noflush`` (only
+        what the payload names changes) and ``--wait`` (another process
+        holding the xtables lock delays us instead of failing us)."""
+        return [self.iptables(version, "restore"), "--noflush", "--wait", XTABLES_WAIT]
 
     # -- commands ------------------------------------------------------------
     def fault_point(self, what):
