@@ -1,0 +1,45 @@
+"""The firewall seam: which backend renders and applies the anti-spoofing
+(vif-route-qubes) and DNS DNAT (qubes-setup-dnat-to-ns) rules.
+
+Two backends render the same plan data: ``iptables`` (iptables-restore /
+ip6tables-restore payloads, one chain pair per vif) and ``nft`` (one
+``nft -f -`` transaction for both families, Qubes' nftables-era layout with
+sets, so a packet's cost does not grow with the number of guests). The
+choice is made once per run, here, and nowhere else; the tools never branch
+on the backend's name.
+
+``VIF_ROUTE_QUBES_FIREWALL`` (or each tool's ``--firewall``) selects:
+``iptables``, ``nft`` or ``auto`` (the default): nft wherever the ``nft``
+command is installed, iptables otherwise. ``VIF_ROUTE_QUBES_IPTABLES``
+(nft or legacy) is a different, older knob: which *flavour* of the iptables
+commands the iptables backend runs.
+"""
+
+import os
+
+from ..errors import Failure
+
+CHOICES = ("iptables", "nft", "auto")
+ENV = "VIF_ROUTE_QUBES_FIREWALL"
+# libxl runs hotplug scripts with a short PATH; nft lives in /usr/sbin
+_SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
+
+
+def _have_nft(env) -> bool:
+    dirs = [d for d in (env.get("PATH") or "").split(os.pathsep) if d] + list(_SBIN)
+    return any(os.access(os.path.join(d, "nft"), os.X_OK) for d in dirs)
+
+
+def choose(env, requested=None):
+    """-> (backend name, reason): the one decision, for the log, the dry
+    run and ``status`` to show. ``requested`` is a command-line option and
+    wins over the environment."""
+    setting = requested or env.get(ENV) or "auto"
+    where = "option --firewall" if requested else (ENV if env.get(ENV) else "default")
+    if setting not in CHOICES:
+        raise Failure(f"{where}={setting[:40]!r}: expected one of {', '.join(CHOICES)}")
+    if setting != "auto":
+        return setting, f"{where}={setting}"
+    if _have_nft(env):
+        return "nft", f"{where} auto: the nft command is installed (sets keep per-packet cost flat)"
+    return "iptables", f"{where} auto: no nft command found"
