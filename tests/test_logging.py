@@ -101,16 +101,25 @@ def test_each_run_logs_actions_at_debug_and_one_info_summary(world, syslog):
     res = world.hotplug(g, "offline")
     assert res.returncode == 0
     lines = settle(syslog, res)
+    offline_lines = lines
     info = [msg for _, sev, _, msg in lines if sev == 6]
-    assert info == ["offline vif3.0: removed 10.137.0.12"]
-    assert any(m.startswith("run: ip -force -batch -") for _, sev, _, m in lines if sev == 7)
+    assert info == ["offline vif3.0: removed route 10.137.0.12/32, neighbour entry 10.137.0.12, "
+                    "address 10.137.0.1/32, link up, group 2, proxy_arp 1, "
+                    "iptables chains vrq-in-vif3.0 vrq-src-vif3.0, ip6tables chains vrq-in-vif3.0 vrq-src-vif3.0"]
+    # a second offline finds nothing, and says so
+    res = world.hotplug(g, "offline")
+    assert res.returncode == 0
+    info = [msg for _, sev, _, msg in settle(syslog, res) if sev == 6]
+    assert info == ["offline vif3.0: nothing of ours was there"]
+    assert any(m.startswith("run: ip -force -batch -") for _, sev, _, m in offline_lines if sev == 7)
 
-    # the hotplug log got both summaries (and no debug lines)
+    # the hotplug log got the summaries (and no debug lines)
     text = open(world.env["VIF_ROUTE_QUBES_HOTPLUG_LOG"]).read().splitlines()
-    assert len(text) == 2
+    assert len(text) == 3
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d vif-route-qubes\[\d+\] info: online vif3\.0: 10\.137\.0\.12 .*",
                         text[0])
-    assert text[1].endswith("info: offline vif3.0: removed 10.137.0.12")
+    assert "info: offline vif3.0: removed route 10.137.0.12/32" in text[1]
+    assert text[2].endswith("info: offline vif3.0: nothing of ours was there")
 
 
 def test_no_hotplug_log_without_its_directory(world):
@@ -166,12 +175,24 @@ def test_real_failing_command_is_named_with_its_stderr(world, syslog, tmp_path):
 
 
 def test_missing_program_is_named_with_its_package(world, syslog, tmp_path):
+    """A short PATH (libxl's) does not hide a tool installed in sbin; a tool
+    that is really not installed (sbin hidden under an empty tmpfs, in a
+    mount namespace of its own) is named with the PATH searched and its
+    package, and nothing is left behind."""
     g = world.add_guest(3, ["10.137.0.12"])
-    empty = tmp_path / "empty-bin"
-    empty.mkdir()
-    res = world.netvm.exec(["env", f"PATH={empty}", _script(), "online", "type_if=vif"], check=False, env=g.env())
+    before = world.snapshot()
+    short = "/usr/bin:/bin"
+    hide = "mount -t tmpfs none /usr/sbin && { [ -L /sbin ] || mount -t tmpfs none /sbin; }"
+    res = world.netvm.exec(["unshare", "-m", "sh", "-c", f'{hide} && exec env PATH={short} "$0" online type_if=vif',
+                            _script()], check=False, env=g.env())
     assert res.returncode == 1
-    assert "iptables-restore: command not found (install iptables)" in res.stderr
+    assert res.stderr.strip().endswith(
+        f"iptables-restore: command not found in PATH={short} or /usr/sbin:/sbin:/usr/local/sbin (install iptables)"), \
+        res.stderr
+    assert world.snapshot() == before
+    res = world.netvm.exec(["env", f"PATH={short}", _script(), "online", "type_if=vif"], check=False, env=g.env())
+    assert res.returncode == 0, res.stderr
+    assert "vrq-in-vif3.0" in world.netvm.exec(["iptables-save", "-t", "raw"]).stdout
 
 
 def _script():

@@ -75,36 +75,77 @@ def test_ipv6_with_address_allows_it_and_neighbour_discovery():
     assert "10.137.0.12" not in fw.create
 
 
-def test_link_online_batch_golden_and_order():
-    lp = P.link_online(vif(), ipv6=True)
+def test_converge_fresh_vif_batch_golden_and_order():
+    lp = P.converge("vif3.0", vif(), True, P.NOTHING)
+    assert lp.pre == ()
     assert lp.batch == (
         "link set dev vif3.0 group 2",
         "link set dev vif3.0 up",
+        "addr replace 10.137.0.1/32 dev vif3.0",
         "neigh replace 10.137.0.12 lladdr 00:16:3e:5e:6c:00 dev vif3.0 nud permanent",
         "route replace 10.137.0.12/32 dev vif3.0 metric 32749",
-        "addr replace 10.137.0.1/32 dev vif3.0",
     )
-    assert lp.sysctls == (("/proc/sys/net/ipv4/conf/vif3.0/proxy_arp", "1"),)
+    assert lp.sysctls == (("/proc/sys/net/ipv4/conf/vif3.0/proxy_arp", "1"),
+                          ("/proc/sys/net/ipv6/conf/vif3.0/proxy_ndp", "0"))
 
 
-def test_link_offline_removes_routes_before_the_last_address():
-    lp = P.link_offline(vif(gateway6=ip_address("fd09:24ef:4179::a89:1"),
-                            addresses=(ip_address("10.137.0.12"), ip_address("fd09:24ef:4179::a89:c"))), ipv6=True)
+def test_converge_removes_what_old_inputs_left():
+    """A changed ip and gateway: the old route and neighbour entry go before
+    the firewall changes (pre), the old gateway after the new one is there."""
+    have = P.VifState(up=True, group="2", routes=(("10.137.0.99/32", 32749), ("10.137.0.12/32", 1)),
+                      neigh=(("10.137.0.99", "00:16:3e:5e:6c:00"),), addrs=("10.137.0.254/32",))
+    lp = P.converge("vif3.0", vif(), False, have)
+    assert lp.pre == ("route del 10.137.0.99/32 dev vif3.0 metric 32749",
+                      "route del 10.137.0.12/32 dev vif3.0 metric 1",
+                      "neigh del 10.137.0.99 dev vif3.0")
     b = list(lp.batch)
+    assert b.index("addr replace 10.137.0.1/32 dev vif3.0") < b.index("addr del 10.137.0.254/32 dev vif3.0") \
+        < b.index("route replace 10.137.0.12/32 dev vif3.0 metric 32749")
+
+
+def test_converge_to_nothing_removes_routes_before_the_last_address():
+    have = P.wanted(vif(gateway6=ip_address("fd09:24ef:4179::a89:1"),
+                        addresses=(ip_address("10.137.0.12"), ip_address("fd09:24ef:4179::a89:c"))), True)
+    lp = P.converge("vif3.0", None, True, have)
+    b = list(lp.pre)
+    assert lp.batch == ()
     assert b.index("route del 10.137.0.12/32 dev vif3.0 metric 32749") < b.index("addr del 10.137.0.1/32 dev vif3.0")
     assert "route del fd09:24ef:4179::a89:c/128 dev vif3.0 metric 32749" in b
     assert b[-2:] == ["link set dev vif3.0 down", "link set dev vif3.0 group 0"]
     assert ("/proc/sys/net/ipv6/conf/vif3.0/proxy_ndp", "0") in lp.sysctls
+    assert P.describe_removal(lp.pre)[-2:] == ["link up", "group 2"]
+    assert P.converge("vif3.0", None, True, P.NOTHING).pre == ()
+
+
+def test_converge_is_idempotent_on_its_own_result():
+    v = vif(gateway6=ip_address("fd09:24ef:4179::a89:1"), addresses=(ip_address("fd09:24ef:4179::a89:c"),))
+    assert P.converge("vif3.0", v, True, P.wanted(v, True)).pre == ()
 
 
 def test_ipv6_gateway_only_where_ipv6_is_enabled():
     v = vif(gateway6=ip_address("fd09:24ef:4179::a89:1"), addresses=(ip_address("fd09:24ef:4179::a89:c"),))
-    on = P.link_online(v, ipv6=True)
+    on = P.converge("vif3.0", v, True, P.NOTHING)
     assert "addr replace fd09:24ef:4179::a89:1/128 dev vif3.0 nodad" in on.batch
     assert ("/proc/sys/net/ipv6/conf/vif3.0/proxy_ndp", "1") in on.sysctls
-    off = P.link_online(v, ipv6=False)
+    off = P.converge("vif3.0", v, False, P.NOTHING)
     assert not any("fd09" in line for line in off.batch)
     assert all("ipv6" not in path for path, _ in off.sysctls)
+
+
+def test_vif_state_parses_ip_json():
+    arrays = [
+        [{"ifname": "vif3.0", "flags": ["UP"], "group": "2", "addr_info": [
+            {"family": "inet", "local": "10.137.0.1", "prefixlen": 32, "scope": "global"},
+            {"family": "inet6", "local": "fe80::1", "prefixlen": 64, "scope": "link"}]}],
+        [{"dst": "10.137.0.12", "scope": "link", "metric": 32749},
+         {"type": "local", "dst": "10.137.0.1", "table": "local", "protocol": "kernel"},
+         {"dst": "10.0.0.0/24", "scope": "link"}, {"dst": "default", "gateway": "10.0.0.1"}],
+        [{"dst": "fd00::12", "metric": 32749}, {"dst": "fd00::1", "protocol": "kernel", "metric": 256}],
+        [{"dst": "10.137.0.12", "lladdr": "00:16:3E:00:00:01", "state": ["PERMANENT"]}],
+    ]
+    st = P.vif_state(arrays)
+    assert st == P.VifState(up=True, group="2", routes=(("10.137.0.12/32", 32749), ("fd00::12/128", 32749)),
+                            neigh=(("10.137.0.12", "00:16:3e:00:00:01"),), addrs=("10.137.0.1/32",))
 
 
 def test_metric_is_32752_minus_domid():

@@ -56,9 +56,9 @@ def render_all(vif):
         fw = P.firewall(vif, version)
         out += [fw.create, fw.replace, fw.teardown]
     for ipv6 in (True, False):
-        on = P.link_online(vif, ipv6)
-        out += [P.render_batch(on.batch), P.render_batch(on.undo_batch)]
-        out.append(P.render_batch(P.link_offline(vif, ipv6).batch))
+        on = P.converge(vif.name, vif, ipv6, P.NOTHING)
+        out += [P.render_batch(on.batch)]
+        out.append(P.render_batch(P.converge(vif.name, None, ipv6, P.wanted(vif, ipv6)).pre))
         for path, value in on.sysctls:
             assert TOKEN.fullmatch(path) and value in ("0", "1")
     return out
@@ -156,7 +156,7 @@ def test_accepted_values_render_into_safe_lines_with_every_address(
         assert P.teardown_from_save(fw.create.replace("-N ", ":").replace(
             f":{fw.chain_names[0]}", f":{fw.chain_names[0]} -").replace(
             f":{fw.chain_names[1]}", f":{fw.chain_names[1]} -"), name).count("-X ") == 2
-    batch = P.render_batch(P.link_online(vif, True).batch).split()
+    batch = P.render_batch(P.converge(vif.name, vif, True, P.NOTHING).batch).split()
     for a in addresses:
         assert batch.count(P.host(a)) == 1 and batch.count(str(a)) == 1
 

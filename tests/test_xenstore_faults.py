@@ -117,7 +117,7 @@ def test_messages_name_the_fault(healed):
         "socket missing": "cannot connect",
         "closes mid-read": "closed the connection",
         "EACCES": "EACCES",
-        "ENOENT": "ip: missing",
+        "ENOENT": "mac: missing",
         "slow": f"no answer to read {g.xenbus_path}/ip within {XS_TIMEOUT:g} s",
     }
     for name, text in expect.items():
@@ -127,8 +127,15 @@ def test_messages_name_the_fault(healed):
         res, _ = run(world, g, "online", fault(name, world))
         assert res.returncode == 1
         assert text in one_line(res), (name, res.stderr)
+        if name == "ENOENT":
+            # the device's directory is gone: reporting must not create it
+            assert world.xs.read(f"/local/domain/0/{g.xenbus_path}") is None
     heal(world)
-    # where the daemon answers again, the reason is also in XenStore
+    # where the daemon answers and the directory exists, the reason is also in XenStore
+    world.xs.write(f"/local/domain/0/{g.xenbus_path}/ip", "10.137.0.14")
+    world.xs.write(f"/local/domain/0/{g.xenbus_path}/mac", "bogus")
+    res, _ = run(world, g, "online", {})
+    assert res.returncode == 1
     value = world.xs.read(f"/local/domain/0/{g.xenbus_path}/hotplug-error")
-    assert value is not None and b"ip: missing" in value
+    assert value is not None and b"is not a MAC address" in value
     assert world.xs.read(f"/local/domain/0/{g.xenbus_path}/hotplug-status") == b"error"

@@ -10,6 +10,8 @@ calls the same :func:`run`.
 
 import os
 import sys
+import time
+from ipaddress import ip_interface
 
 from . import plan as P
 from . import state, validate
@@ -25,6 +27,8 @@ BACKEND_KEYS = ("ip", "mac", "vifname", "type", "frontend-id")
 NETVM_KEYS = ("qubes_netvm_gateway", "qubes_netvm_gateway6")
 ENV_WORDS = ("vif", "XENBUS_PATH", "type_if")
 DEFAULT_HOOKS = "/rw/config/network-hooks.d"
+# seconds online waits for the backend interface to appear (udev races)
+DEFAULT_IFACE_WAIT = 5.0
 
 
 def parse_words(words):
@@ -63,6 +67,9 @@ class Context:
         self.hooks_dir = self.env.get("VIF_ROUTE_QUBES_HOOKS_DIR") or DEFAULT_HOOKS
         self._xs = None
         self.xenbus_path = None  # set once validated: where errors are reported
+        self.xp_exists = None  # whether that directory exists (None: not read yet)
+        self.iface_waited = 0
+        self.fw = _IptablesFirewall(self)
 
     @property
     def xs(self):
@@ -84,11 +91,15 @@ class Context:
 
 def _backend_values(ctx, xp):
     """Backend keys and the netvm's own keys, in one XenStore round trip;
-    key=value words override XenStore values of the same name."""
-    paths = [f"{xp}/{k}" for k in BACKEND_KEYS] + list(NETVM_KEYS)
+    key=value words override XenStore values of the same name. The
+    directory itself is read too: whether it exists decides whether we may
+    report into it (``found["."]`` is None when it does not)."""
+    paths = [f"{xp}/{k}" for k in BACKEND_KEYS] + list(NETVM_KEYS) + [xp]
     values = ctx.xs.read_many(paths)
     found = {k: values[f"{xp}/{k}"] for k in BACKEND_KEYS}
     found.update({k: values[k] for k in NETVM_KEYS})
+    found["."] = values[xp]
+    ctx.xp_exists = values[xp] is not None
     for key in BACKEND_KEYS:
         if key in ctx.vars:
             found[key] = ctx.vars[key]
@@ -101,23 +112,35 @@ def _netvm_gateways(found):
     return gw, gw6
 
 
-def _vif_from(found, name, xp, front, devid):
+def _where(ctx, xp, key):
+    """Where a value came from, for the error that quotes it."""
+    return f"argument {key}=" if key in ctx.vars else f"XenStore {xp}/{key}"
+
+
+def _vif_from(ctx, found, name, xp, front, devid):
     """Validate XenStore/argv values into a Vif (raises Failure)."""
-    where = f"XenStore {xp}"
+    w = lambda key: _where(ctx, xp, key)  # noqa: E731
+    addresses = ()
     if found.get("ip") is None:
-        raise Failure(f"{where}/ip: missing (the guest has no address to route)")
-    addresses = validate.addresses(found["ip"], f"{where}/ip")
+        # Qubes brings such a vif up too: the guest starts, and the
+        # anti-spoofing rules (which RETURN for no address) drop all of it.
+        ctx.log.info(f"{w('ip')}: missing: {name} comes up with every packet from it dropped")
+    else:
+        addresses = validate.addresses(found["ip"], w("ip"))
     if found.get("mac") is None:
-        raise Failure(f"{where}/mac: missing")
-    mac = validate.mac(found["mac"], f"{where}/mac")
+        raise Failure(f"{w('mac')}: missing")
+    mac = validate.mac(found["mac"], w("mac"))
     if found.get("frontend-id") not in (None, ""):
-        fid = validate.domid(found["frontend-id"], f"{where}/frontend-id")
+        fid = validate.domid(found["frontend-id"], w("frontend-id"))
         if fid != front:
-            raise Failure(f"{where}/frontend-id is {fid}, but the path names domain {front}")
+            raise Failure(f"{w('frontend-id')} is {fid}, but the path names domain {front}")
     vif_type = found.get("type") or "vif"
     if vif_type not in ("vif", "vif_ioemu"):
-        raise Failure(f"{where}/type: {vif_type[:40]!r} is not vif or vif_ioemu")
+        raise Failure(f"{w('type')}: {vif_type[:40]!r} is not vif or vif_ioemu")
     gw, gw6 = _netvm_gateways(found)
+    for g, key in ((gw, "qubes_netvm_gateway"), (gw6, "qubes_netvm_gateway6")):
+        if g is not None and g in addresses:
+            raise Failure(f"XenStore {key} {g} is also an address of the guest ({w('ip')})")
     return P.Vif(
         name=name, domid=front, devid=devid, vif_type=vif_type, mac=mac,
         addresses=addresses, gateway=gw, gateway6=gw6, xenbus_path=xp,
@@ -125,7 +148,10 @@ def _vif_from(found, name, xp, front, devid):
 
 
 def _identify(ctx):
-    """The interface named by ``vif`` and the backend path, validated."""
+    """The interface named by ``vif`` and the backend path, validated.
+    ``ctx.xenbus_path`` (where a failure is reported) is set only once the
+    two agree: a mistyped manual run must not write into another device's
+    directory."""
     name = ctx.env.get("vif", "")
     if not name:
         raise Failure("environment variable vif is not set (the interface to configure)")
@@ -134,46 +160,72 @@ def _identify(ctx):
     if not xp:
         raise Failure("environment variable XENBUS_PATH is not set (the device's XenStore directory)")
     xp, front, xdev = validate.xenbus_path(xp)
-    ctx.xenbus_path = xp
     if (front, xdev) != (domid, devid):
         raise Failure(f"vif={name} does not match XENBUS_PATH={xp}")
+    ctx.xenbus_path = xp
     return name, xp, front, devid
 
 
 # ----------------------------------------------------------------------------
-# Online
+# The firewall, through one object (FIREWALL_CONTRACT.md): apply / remove /
+# addresses. This is the iptables implementation until the firewall package
+# provides backend_for().
 
 
-class Undo:
-    """What this run changed, undone in reverse order if a later step fails."""
+class _IptablesFirewall:
+    name = "iptables"
+    reason = "built in"
 
     def __init__(self, ctx):
-        self.ctx, self.steps = ctx, []
+        self.ctx = ctx
 
-    def push(self, label, fn):
-        self.steps.append((label, fn))
-
-    def run(self):
-        for label, fn in reversed(self.steps):
+    def apply(self, vif, previous):
+        try:
+            _apply_firewall(self.ctx, vif, previous is not None)
+        except Failure:
+            # restore the previous guard (or nothing of ours) before failing
             try:
-                fn()
-                self.ctx.log.debug(f"rolled back: {label}")
+                if previous is not None:
+                    _apply_firewall(self.ctx, previous, True)
+                else:
+                    _teardown_firewall(self.ctx, vif.name)
             except Failure as exc:
-                self.ctx.log.warning(f"rollback of {label} failed: {exc}")
-        self.steps.clear()
+                self.ctx.log.warning(f"could not restore the previous firewall rules of {vif.name}: {exc}")
+            raise
+
+    def remove(self, name):
+        try:
+            return _teardown_firewall(self.ctx, name)
+        except Failure as exc:
+            self.ctx.log.warning(f"could not remove the firewall rules of {name}: {exc}")
+            return []
+
+    def addresses(self, name):
+        from ipaddress import ip_interface
+
+        found = []
+        for v in (4, 6):
+            try:
+                saved = self.ctx.sys.run([self.ctx.sys.iptables(v, "save"), "-t", "raw"], readonly=True, check=False).stdout
+            except Failure as exc:
+                self.ctx.log.warning(str(exc))
+                continue
+            found += P.addresses_from_save(saved, name)
+        return tuple(ip_interface(a).ip for a in found)
 
 
-def _apply_firewall(ctx, vif, record):
+def _apply_firewall(ctx, vif, exists):
     """Install both families' rules, in parallel, choosing the payload
-    variant by what the record says exists; fall back through the others
-    so neither a missing nor a leftover piece can make us duplicate a rule."""
+    variant by whether ours are expected to exist; fall back through the
+    others so neither a missing nor a leftover piece can make us duplicate
+    a rule."""
     s = ctx.sys
     fws = [P.firewall(vif, 4), P.firewall(vif, 6)]
-    first = "replace" if record else "create"
+    first = "replace" if exists else "create"
     order = [first, "create" if first == "replace" else "replace", "rebuild"]
     if s.dry_run:
         s.note(f"firewall: '{first}' variant; if the chains turn out to be "
-               + ("missing" if record else "present already") + ", the other one is applied")
+               + ("missing" if exists else "present already") + ", the other one is applied")
         order = order[:1]
     pending, last = fws, None
     for mode in order:
@@ -205,14 +257,17 @@ def _merge_payloads(first: str, second: str) -> str:
 
 
 def _teardown_firewall(ctx, name):
-    """Remove our chains and jumps in both families; never fails: what is
-    already gone is fine, and a partial leftover is removed exactly."""
+    """Remove our chains and jumps in both families -> what was removed.
+    What is already gone is fine, and a partial leftover is removed exactly."""
     s = ctx.sys
     fws = [P.firewall(P.Vif(name=name, domid=0), v) for v in (4, 6)]
     started = [(fw, s.start(s.restore(fw.version), fw.teardown)) for fw in fws]
+    removed = []
     for fw, st in started:
+        kind = "iptables" if fw.version == 4 else "ip6tables"
         res = st.wait(check=False)
         if res.code == 0:
+            removed.append(f"{kind} chains {' '.join(fw.chain_names)}")
             continue
         saved = s.run([s.iptables(fw.version, "save"), "-t", "raw"], readonly=True, check=False)
         payload = P.teardown_from_save(saved.stdout, name)
@@ -220,12 +275,91 @@ def _teardown_firewall(ctx, name):
             again = s.run(s.restore(fw.version), payload, check=False)
             if again.code != 0:
                 ctx.log.warning(f"could not remove firewall rules of {name}: {again.stderr.strip()}")
+            else:
+                removed.append(f"{kind} rules of {name}")
+    return removed
+
+
+# ----------------------------------------------------------------------------
+# The link: read what the kernel has, converge it
+
+
+def _wait_for(ctx, names):
+    """The first of ``names`` that exists, waiting (bounded) for udev-driven
+    setups that run us before the backend interface appears. -> name or None."""
+    from .lock import seconds
+
+    limit = seconds(ctx.env, "VIF_ROUTE_QUBES_IFACE_WAIT", DEFAULT_IFACE_WAIT)
+    deadline = time.monotonic() + limit
+    while True:
+        for n in names:
+            if System.iface_exists(n):
+                return n
+        if time.monotonic() >= deadline or ctx.dry_run:
+            ctx.iface_waited = limit if not ctx.dry_run else 0
+            return None
+        time.sleep(0.02)
+
+
+def _read_vif(ctx, name) -> "P.VifState":
+    """What of ours the kernel shows on ``name``: one ``ip -j -batch``."""
+    import json
+
+    res = ctx.sys.run(["ip", "-j", "-batch", "-"], P.read_queries(name), readonly=True, check=False)
+    if res.code != 0:
+        raise CommandFailed(res.argv, res.code, res.stderr)
+    dec, pos, arrays, text = json.JSONDecoder(), 0, [], res.stdout
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos >= len(text):
+            break
+        value, pos = dec.raw_decode(text, pos)
+        arrays.append(value)
+    if len(arrays) != 4:
+        raise Failure(f"ip -j -batch: expected 4 answers about {name}, got {len(arrays)}")
+    return P.vif_state(arrays)
+
+
+def _write_sysctls(ctx, sysctls, check=True):
+    """Write the wanted values where the kernel differs (none to write on a
+    re-run that changes nothing). A value the kernel does not have (IPv6
+    off altogether) is skipped."""
+    for path, value in sysctls:
+        now = System.read(path)
+        if now is None or now.strip() == value:
+            continue
+        try:
+            ctx.sys.write(path, value)
+        except Failure:
+            if check:
+                raise
+
+
+def _converge(ctx, name, vif, ipv6, guard, check=True):
+    """Take ``name`` to exactly ``vif``'s configuration (None: nothing of
+    ours): stale routes and neighbour entries out first, then ``guard()``
+    (the firewall change), then the sysctls and the rest of the link.
+    -> the plan (for the caller's log)."""
+    s = ctx.sys
+    have = _read_vif(ctx, name)
+    plan = P.converge(name, vif, ipv6, have)
+    force = [] if check else ["-force"]
+    if plan.pre:
+        s.run(["ip", *force, "-batch", "-"], P.render_batch(plan.pre), check=check)
+    guard()
+    _write_sysctls(ctx, plan.sysctls, check)
+    if plan.batch:
+        s.run(["ip", *force, "-batch", "-"], P.render_batch(plan.batch), check=check)
+    return plan
 
 
 def _conntrack_calls(ctx, addresses):
     """conntrack purges worth running: none when the kernel tracks no
     connection at all in this namespace (module not loaded, or an empty
     table), which a /proc read tells for free."""
+    if not addresses:
+        return []
     count = System.read("/proc/sys/net/netfilter/nf_conntrack_count")
     if count is None or count.strip() == "0":
         ctx.sys.note("conntrack: the connection table is empty, nothing to purge")
@@ -243,11 +377,16 @@ def _run_hooks(ctx, command, vif):
         hook = os.path.join(ctx.hooks_dir, entry)
         if not (os.path.isfile(hook) and os.access(hook, os.X_OK)):
             continue
-        for addr in vif.addresses:
+        # a vif without addresses still runs its hooks, once, with no address
+        for addr in vif.addresses or (None,):
             try:
-                ctx.sys.run([hook, command, vif.name, vif.vif_type, str(addr)])
+                ctx.sys.run([hook, command, vif.name, vif.vif_type] + ([str(addr)] if addr else []))
             except Failure as exc:
                 ctx.log.warning(f"hook {hook} failed (ignored): {exc}")
+
+
+# ----------------------------------------------------------------------------
+# Online
 
 
 def online(ctx) -> int:
@@ -255,66 +394,101 @@ def online(ctx) -> int:
     found = _backend_values(ctx, xp)
     target = name
     if found.get("vifname"):
-        target = validate.ifname(found["vifname"], f"XenStore {xp}/vifname")
-    vif = _vif_from(found, target, xp, front, devid)
+        target = validate.ifname(found["vifname"], _where(ctx, xp, "vifname"))
+    vif = _vif_from(ctx, found, target, xp, front, devid)
     s = ctx.sys
-    rename = False
-    if target != name:
-        if s.iface_exists(target) and not s.iface_exists(name):
-            pass  # renamed by an earlier run of ours
-        elif s.iface_exists(target):
-            raise Failure(f"cannot rename {name} to {target}: an interface named {target} already exists")
-        else:
-            rename = True
-    if not rename and not s.iface_exists(target):
-        raise Failure(f"interface {target} does not exist")
-    if rename and not s.iface_exists(name):
-        raise Failure(f"interface {name} does not exist")
-    ipv6 = System.ipv6_enabled(name if rename else target)
+    present = _wait_for(ctx, [name, target] if target != name else [name])
+    if present is None:
+        waited = f" (waited {ctx.iface_waited:g} s for it to appear)" if ctx.iface_waited else ""
+        raise Failure(f"interface {name} does not exist{waited}")
+    rename = present != target
+    if rename and s.iface_exists(target):
+        raise Failure(f"cannot rename {name} to {target}: an interface named {target} already exists")
+    ipv6 = System.ipv6_enabled(present)
     if vif.family(6) and not ipv6:
         ctx.log.info(f"IPv6 is disabled on {target}: IPv6 addresses {' '.join(map(str, vif.family(6)))} are not routed")
-    link = P.link_online(vif, ipv6)
-    undo = Undo(ctx)
     lock = HostLock(ctx.env)
     if not ctx.dry_run:
         lock.acquire()
     try:
         record = state.load(ctx.state_dir, name)
-        if rename:
-            s.run(["ip", "link", "set", "dev", name, "name", target])
-            undo.push("rename", lambda: s.run(["ip", "link", "set", "dev", target, "name", name]))
-        undo.push("firewall", lambda: _teardown_firewall(ctx, target))
-        _apply_firewall(ctx, vif, record)
-        purges = _conntrack_calls(ctx, vif.addresses)
-        if purges:
-            s.run_all(purges)
-        for path, value in link.sysctls:
-            before = System.read(path, "0").strip()
-            s.write(path, value)
-            undo.push(f"write {path}", lambda p=path, b=before: s.write(p, b))
-        undo.push("ip batch", lambda: s.run(["ip", "-force", "-batch", "-"], P.render_batch(link.undo_batch), check=False))
-        s.run(["ip", "-batch", "-"], P.render_batch(link.batch))
-        if not ctx.dry_run:
-            state.save(ctx.state_dir, name, state.record_of(vif, ipv6, name))
-            undo.push("state record", lambda: state.remove(ctx.state_dir, name))
-        _run_hooks(ctx, "online", vif)
-        _report(ctx, xp, [(f"{xp}/hotplug-status", "connected")], clear_error=True)
-    except BaseException:
-        undo.run()
-        raise
+        previous = None
+        if record and record.get("name") == target:
+            previous = state.vif_of(record)[0]
+        try:
+            _online(ctx, name, target, rename, vif, ipv6, previous)
+        except BaseException:
+            if not ctx.dry_run:
+                _roll_back(ctx, name, target, rename, vif, ipv6, previous, record)
+            raise
     finally:
         lock.release()
     ctx.log.info(
-        f"online {target}: {' '.join(map(str, vif.addresses))} mac {vif.mac} metric {vif.metric}"
-        + (f" gateway {vif.gateway}" if vif.gateway else "")
+        f"online {target}: {' '.join(map(str, vif.addresses)) or 'no address (everything from it dropped)'}"
+        f" mac {vif.mac} metric {vif.metric}" + (f" gateway {vif.gateway}" if vif.gateway else "")
     )
     return 0
+
+
+def _online(ctx, name, target, rename, vif, ipv6, previous):
+    s = ctx.sys
+    if rename:
+        s.run(["ip", "link", "set", "dev", name, "name", target])
+
+    def guard():
+        ctx.fw.apply(vif, previous)
+        # flows of an earlier owner of a new address must not reach this
+        # guest; the same guest's own flows (a re-run) are kept
+        old = set(previous.addresses) if previous else set()
+        purges = _conntrack_calls(ctx, [a for a in vif.addresses if a not in old])
+        if purges:
+            s.run_all(purges)
+
+    _converge(ctx, target, vif, ipv6, guard)
+    if not ctx.dry_run:
+        state.save(ctx.state_dir, name, state.record_of(vif, ipv6, name))
+    _run_hooks(ctx, "online", vif)
+    _report(ctx, ctx.xenbus_path, [(f"{ctx.xenbus_path}/hotplug-status", "connected")], clear_error=True)
+
+
+def _roll_back(ctx, name, target, rename, vif, ipv6, previous, record):
+    """A failed online leaves the host as it found it: the previous working
+    configuration, guarded as before, when there was one; else nothing of
+    ours. Works from a fresh reading of the kernel, so whatever the failed
+    step left half done is found and put right."""
+    s = ctx.sys
+    now = target if s.iface_exists(target) else name
+    try:
+        if previous is not None:
+            _converge(ctx, now, previous, ipv6, lambda: ctx.fw.apply(previous, vif), check=False)
+        else:
+            _converge(ctx, now, None, ipv6, lambda: ctx.fw.remove(target), check=False)
+    except Failure as exc:
+        ctx.log.warning(f"rollback of {target}: {exc}")
+        if previous is None:
+            ctx.fw.remove(target)
+    try:
+        if record:
+            state.save(ctx.state_dir, name, record)
+        else:
+            state.remove(ctx.state_dir, name)
+    except Failure as exc:
+        ctx.log.warning(f"rollback: {exc}")
+    if rename and s.iface_exists(target) and not s.iface_exists(name):
+        res = s.run(["ip", "link", "set", "dev", target, "name", name], check=False)
+        if res.code != 0:
+            ctx.log.warning(f"rollback: could not rename {target} back to {name}: {res.stderr.strip()}")
 
 
 def _report(ctx, xp, items, clear_error=False):
     if ctx.dry_run:
         for path, value in items:
             print(f"xenstore-write {path} {value}", file=ctx.sys.out)
+        return
+    if not ctx.xp_exists:
+        # key=value words supplied everything and the directory is not
+        # there: writing would create it, holding only our keys
+        ctx.log.warning(f"{xp} does not exist in XenStore: hotplug-status not written")
         return
     ctx.sys.fault_point(["xenstore-write", xp])
     for path, value in items:
@@ -329,18 +503,18 @@ def _report(ctx, xp, items, clear_error=False):
 
 
 def _offline_vif(ctx, name, record):
-    """What to undo: from the state record if we have one; else from
-    XenStore (if the directory is still there), else from our own chains."""
+    """Who the vif is (its name now, addresses for hooks and conntrack):
+    from the state record if we have one; else from XenStore (if the
+    directory is still there), else from our own firewall rules. What to
+    remove from the link is read from the kernel, whatever this says."""
     if record:
-        return state.vif_of(record)
+        return state.vif_of(record)[0]
     domid, devid = validate.vif_name(name, "vif")
     found = {}
     xp = ctx.xenbus_path
-    xs_known = False
     if xp:
         try:
             found = _backend_values(ctx, xp)
-            xs_known = True
         except Failure as exc:
             ctx.log.warning(f"offline {name}: {exc}; cleaning up from the kernel's state")
     target = name
@@ -356,52 +530,9 @@ def _offline_vif(ctx, name, record):
     except Failure as exc:
         ctx.log.warning(f"offline {name}: {exc}")
     if not addresses:
-        found_addr = []
-        for v in (4, 6):
-            saved = ctx.sys.run([ctx.sys.iptables(v, "save"), "-t", "raw"], readonly=True, check=False).stdout
-            found_addr += P.addresses_from_save(saved, target)
-        from ipaddress import ip_interface
-
-        addresses = tuple(ip_interface(a).ip for a in found_addr)
-    try:
-        gw, gw6 = _netvm_gateways(found)
-    except Failure:
-        gw = gw6 = None
-    if not xs_known:
-        # Without XenStore the netvm's gateways are unknown, but the kernel
-        # still shows them: online puts nothing else as a host address on a
-        # vif. Left there, they would outlive the guest (and keep a local
-        # route) on an interface that may be reused.
-        kgw, kgw6 = _host_addresses(ctx, target)
-        gw, gw6 = gw or kgw, gw6 or kgw6
-    mac = found.get("mac")
-    try:
-        mac = validate.mac(mac) if mac else None
-    except Failure:
-        mac = None
-    vif = P.Vif(name=target, domid=domid, devid=devid, vif_type=found.get("type") or "vif",
-                mac=mac, addresses=addresses, gateway=gw, gateway6=gw6, xenbus_path=xp)
-    return vif, System.ipv6_enabled(target)
-
-
-def _host_addresses(ctx, name):
-    """The first global /32 and /128 address on ``name`` (or None each)."""
-    from ipaddress import ip_interface
-
-    res = ctx.sys.run(["ip", "-o", "addr", "show", "dev", name, "scope", "global"],
-                      readonly=True, check=False)
-    found = {4: None, 6: None}
-    for line in res.stdout.splitlines() if res.code == 0 else ():
-        parts = line.split()
-        for fam in ("inet", "inet6"):
-            if fam in parts[:-1]:
-                try:
-                    addr = ip_interface(parts[parts.index(fam) + 1])
-                except ValueError:
-                    continue
-                if addr.network.prefixlen == addr.max_prefixlen and found[addr.version] is None:
-                    found[addr.version] = addr.ip
-    return found[4], found[6]
+        addresses = tuple(ctx.fw.addresses(target))
+    return P.Vif(name=target, domid=domid, devid=devid, vif_type=found.get("type") or "vif",
+                 addresses=addresses, xenbus_path=xp)
 
 
 def offline(ctx) -> int:
@@ -414,7 +545,11 @@ def offline(ctx) -> int:
     xp = ctx.env.get("XENBUS_PATH", "")
     if xp:
         try:
-            ctx.xenbus_path = validate.xenbus_path(xp)[0]
+            xp, front, xdev = validate.xenbus_path(xp)
+            if (front, xdev) == validate.vif_name(name, "vif"):
+                ctx.xenbus_path = xp
+            else:
+                ctx.log.warning(f"vif={name} does not match XENBUS_PATH={xp}: XenStore not read")
         except Failure as exc:
             ctx.log.warning(str(exc))
     s = ctx.sys
@@ -432,23 +567,38 @@ def offline(ctx) -> int:
             # Leaving a dead guest's rules behind is worse than racing a hung
             # holder: the next guest with this name would inherit them.
             ctx.log.warning(f"{exc}; cleaning up without the lock")
+    removed, left = [], []
     try:
         record = state.load(ctx.state_dir, name)
-        vif, ipv6 = _offline_vif(ctx, name, record)
+        vif = _offline_vif(ctx, name, record)
+        addresses = list(vif.addresses)
         if s.iface_exists(vif.name):
-            link = P.link_offline(vif, ipv6)
-            # routes and addresses first: nothing is routed to the guest once
-            # its anti-spoofing rules are gone
-            s.run(["ip", "-force", "-batch", "-"], P.render_batch(link.batch), check=False)
-            for path, value in link.sysctls:
-                try:
-                    s.write(path, value)
-                except Failure:
-                    pass
+            try:
+                # routes, addresses, neighbours and link state first: nothing
+                # is routed to the guest once its anti-spoofing rules are gone
+                have = _read_vif(ctx, vif.name)
+                plan = P.converge(vif.name, None, System.ipv6_enabled(vif.name), have)
+                addresses += [a for a in (ip_interface(d).ip for d, _ in have.routes) if a not in addresses]
+                if plan.pre:
+                    res = s.run(["ip", "-force", "-batch", "-"], P.render_batch(plan.pre), check=False)
+                    if res.code != 0:
+                        raise CommandFailed(res.argv, res.code, res.stderr)
+                    removed += P.describe_removal(plan.pre)
+                for path, value in plan.sysctls:
+                    if (System.read(path) or "").strip() not in ("", value):
+                        s.write(path, value)
+                        removed.append(f"{path.split('/')[-1]} 1")
+            except Failure as exc:
+                ctx.log.warning(f"offline {vif.name}: {exc}")
+                left.append("link configuration")
         else:
             s.note(f"{vif.name} no longer exists: its routes, addresses and neighbour entries went with it")
-        _teardown_firewall(ctx, vif.name)
-        purges = _conntrack_calls(ctx, vif.addresses)
+        try:
+            removed += ctx.fw.remove(vif.name)
+        except Failure as exc:  # the contract says it never raises; a missing tool still might
+            ctx.log.warning(f"offline {vif.name}: {exc}")
+            left.append("firewall rules")
+        purges = _conntrack_calls(ctx, addresses)
         if purges:
             try:
                 s.run_all(purges)
@@ -456,11 +606,15 @@ def offline(ctx) -> int:
                 ctx.log.warning(f"conntrack purge: {exc}")
         _run_hooks(ctx, "offline", vif)
         if not ctx.dry_run:
-            state.remove(ctx.state_dir, name)
+            if left:
+                ctx.log.warning(f"offline {vif.name}: state record kept: could not remove its {' and '.join(left)}")
+            else:
+                state.remove(ctx.state_dir, name)
     finally:
         if locked:
             lock.release()
-    ctx.log.info(f"offline {vif.name}: removed {' '.join(map(str, vif.addresses)) or 'rules'}")
+    what = ", ".join(removed) if removed else "nothing of ours was there"
+    ctx.log.info(f"offline {vif.name}: {'removed ' if removed else ''}{what}")
     return 0
 
 
@@ -469,21 +623,23 @@ def offline(ctx) -> int:
 
 
 def _report_failure(ctx, exc):
-    """Xen's failure protocol: hotplug-error (one line), hotplug-status=error."""
+    """Xen's failure protocol: hotplug-error (one line), hotplug-status=error,
+    written only into a directory that exists and belongs to the vif being
+    configured (``vif`` and ``XENBUS_PATH`` agree); otherwise the reason goes
+    to stderr and syslog only."""
     msg = str(exc)
     ctx.log.error(msg)
     if ctx.dry_run or ctx.command not in ("online", "add"):
         return
     xp = ctx.xenbus_path
     if xp is None:
-        raw = ctx.env.get("XENBUS_PATH", "")
-        try:
-            xp = validate.xenbus_path(raw)[0] if raw else None
-        except Failure:
-            xp = None
-    if xp is None:
         return
     try:
+        if ctx.xp_exists is None:
+            ctx.xp_exists = ctx.xs.read(xp) is not None
+        if not ctx.xp_exists:
+            ctx.log.warning(f"{xp} does not exist in XenStore: the failure is not reported there")
+            return
         ctx.xs.write_many([(f"{xp}/hotplug-error", msg[:1000]), (f"{xp}/hotplug-status", "error")])
     except Failure as exc2:
         # A warning, not a second error line: when XenStore itself is what

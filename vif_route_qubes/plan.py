@@ -154,64 +154,146 @@ def addresses_from_save(save_text: str, name: str) -> tuple:
     return tuple(found)
 
 
-# ``ip -batch`` lines and (path, value) sysctl writes for one interface.
-LinkPlan = namedtuple("LinkPlan", "batch sysctls undo_batch")
+# ----------------------------------------------------------------------------
+# The link side: what of ours the kernel shows on a vif, and the ``ip -batch``
+# lines that take it from there to exactly what the inputs say.
+
+# ``pre`` runs before the firewall changes (it only removes), ``batch`` after;
+# ``sysctls`` are the wanted values, written where the kernel differs.
+LinkPlan = namedtuple("LinkPlan", "pre batch sysctls")
+
+# What of ours one ``ip -j -batch`` shows on an interface. "Ours" has the
+# shapes online makes and nothing wider: host routes (/32, /128) in the main
+# table that the kernel did not make, permanent neighbour entries, global
+# host addresses (the gateway), the link's up flag and group 2. A route or
+# address an administrator put there with another shape is left alone.
+VifState = namedtuple("VifState", "up group routes neigh addrs")
+
+
+def read_queries(name: str) -> str:
+    """The ``ip -j -batch -`` text that reads a vif's state in one process.
+    The IPv6 route query is explicit ("root ::/0") for iproute2 versions
+    whose ``table all`` lists IPv4 only; duplicates are dropped on parsing."""
+    return render_batch([
+        f"addr show dev {name}",
+        f"route show table all dev {name}",
+        f"route show table all root ::/0 dev {name}",
+        f"neigh show dev {name} nud permanent",
+    ])
+
+
+def vif_state(arrays) -> VifState:
+    """Parse the four JSON arrays :func:`read_queries` produces."""
+    from ipaddress import ip_interface
+
+    links, routes4, routes6, neigh = arrays
+    link = links[0] if links else {}
+    routes = set()
+    for r in list(routes4) + list(routes6):
+        if r.get("protocol") == "kernel" or r.get("type", "unicast") != "unicast":
+            continue
+        if r.get("table", "main") != "main" or r.get("dst", "default") == "default":
+            continue
+        try:
+            dst = ip_interface(r["dst"])
+        except ValueError:
+            continue
+        if dst.network.prefixlen != dst.max_prefixlen:
+            continue
+        routes.add((host(dst.ip), int(r.get("metric", 0))))
+    addrs = set()
+    for ai in link.get("addr_info", ()):
+        if ai.get("scope") != "global":
+            continue
+        a = ip_interface(f"{ai['local']}/{ai['prefixlen']}")
+        if a.network.prefixlen == a.max_prefixlen:
+            addrs.add(host(a.ip))
+    entries = set()
+    for n in neigh:
+        if "PERMANENT" in n.get("state", ()) and n.get("dst"):
+            entries.add((n["dst"], (n.get("lladdr") or "").lower()))
+    group = str(link.get("group", "0"))
+    return VifState(up="UP" in link.get("flags", ()), group=group,
+                    routes=tuple(sorted(routes)), neigh=tuple(sorted(entries)), addrs=tuple(sorted(addrs)))
+
+
+NOTHING = VifState(up=False, group="0", routes=(), neigh=(), addrs=())
 
 
 def sysctl_path(version: int, name: str, key: str) -> str:
     return f"/proc/sys/net/ipv{version}/conf/{name}/{key}"
 
 
-def link_online(vif: Vif, ipv6: bool) -> LinkPlan:
-    """What online does to the link, in the order that keeps it safe: the
-    caller has already installed the anti-spoofing rules; the link comes up
-    with its neighbour entries pinned; routes and the gateway address last,
-    so nothing is routed to the guest before it is fully described."""
-    n, m = vif.name, vif.metric
-    batch = [f"link set dev {n} group {VIF_GROUP}", f"link set dev {n} up"]
-    sysctls = [(sysctl_path(4, n, "proxy_arp"), "1")]
-    for a in vif.addresses:
-        if a.version == 6 and not ipv6:
-            continue
-        if vif.mac:
-            batch.append(f"neigh replace {a} lladdr {vif.mac} dev {n} nud permanent")
-    for a in vif.addresses:
-        if a.version == 6 and not ipv6:
-            continue
-        batch.append(f"route replace {host(a)} dev {n} metric {m}")
+def wanted(vif: Vif, ipv6: bool) -> VifState:
+    """The state of ours a clean ``online`` of ``vif`` leaves (None: nothing)."""
+    if vif is None:
+        return NOTHING
+    routed = [a for a in vif.addresses if a.version == 4 or ipv6]
+    addrs = []
     if vif.gateway is not None:
-        batch.append(f"addr replace {host(vif.gateway)} dev {n}")
+        addrs.append(host(vif.gateway))
     if vif.gateway6 is not None and ipv6:
-        batch.append(f"addr replace {host(vif.gateway6)} dev {n} nodad")
-        sysctls.append((sysctl_path(6, n, "proxy_ndp"), "1"))
-    return LinkPlan(batch=tuple(batch), sysctls=tuple(sysctls), undo_batch=link_offline(vif, ipv6).batch)
+        addrs.append(host(vif.gateway6))
+    return VifState(
+        up=True, group=str(VIF_GROUP),
+        routes=tuple(sorted((host(a), vif.metric) for a in routed)),
+        neigh=tuple(sorted((str(a), vif.mac.lower()) for a in routed)) if vif.mac else (),
+        addrs=tuple(sorted(addrs)),
+    )
 
 
-def link_offline(vif: Vif, ipv6: bool) -> LinkPlan:
-    """The inverse of :func:`link_online`, for ``ip -force -batch``.
+def converge(name: str, vif, ipv6: bool, have: VifState) -> LinkPlan:
+    """Lines that take interface ``name`` from ``have`` to exactly ``vif``'s
+    clean-online state (``vif`` None: to nothing of ours).
 
-    Order matters twice over. Routes go before the gateway address: removing
-    a device's last IPv4 address makes the kernel flush every route through
-    it, and the explicit deletes after that would fail. There is no
-    ``neigh del``: taking the link down flushes the device's neighbour
-    entries (permanent ones too), and ``ip neigh`` exits the whole batch on
-    an error even under ``-force``, which an already-flushed entry would be.
+    Order matters three times over. Stale routes and neighbour entries go in
+    ``pre``, before the firewall changes: a route to an address must never
+    exist without the rules that guard it. Addresses are added before stale
+    ones are deleted, and routes are (re)added after both: removing a
+    device's last IPv4 address makes the kernel flush every route through
+    it. Only entries the kernel showed are deleted: ``ip neigh`` ends the
+    whole batch on an error, even under ``-force``.
     """
-    n, m = vif.name, vif.metric
+    want = wanted(vif, ipv6)
+    metric_of = dict(want.routes)
+    pre = [f"route del {d} dev {name} metric {m}" for d, m in have.routes if metric_of.get(d) != m]
+    want_neigh = {a for a, _ in want.neigh}
+    pre += [f"neigh del {a} dev {name}" for a, _ in have.neigh if a not in want_neigh]
     batch = []
-    for a in vif.addresses:
-        if a.version == 6 and not ipv6:
-            continue
-        batch.append(f"route del {host(a)} dev {n} metric {m}")
-    if vif.gateway6 is not None and ipv6:
-        batch.append(f"addr del {host(vif.gateway6)} dev {n}")
-    if vif.gateway is not None:
-        batch.append(f"addr del {host(vif.gateway)} dev {n}")
-    batch += [f"link set dev {n} down", f"link set dev {n} group 0"]
-    sysctls = [(sysctl_path(4, n, "proxy_arp"), "0")]
-    if vif.gateway6 is not None and ipv6:
-        sysctls.append((sysctl_path(6, n, "proxy_ndp"), "0"))
-    return LinkPlan(batch=tuple(batch), sysctls=tuple(sysctls), undo_batch=())
+    if vif is None:
+        pre += [f"addr del {a} dev {name}" for a in have.addrs]
+        if have.up:
+            pre.append(f"link set dev {name} down")
+        if have.group == str(VIF_GROUP):
+            pre.append(f"link set dev {name} group 0")
+    else:
+        batch += [f"link set dev {name} group {VIF_GROUP}", f"link set dev {name} up"]
+        for a in want.addrs:
+            batch.append(f"addr replace {a} dev {name}" + (" nodad" if ":" in a else ""))
+        batch += [f"addr del {a} dev {name}" for a in have.addrs if a not in want.addrs]
+        batch += [f"neigh replace {a} lladdr {mac} dev {name} nud permanent" for a, mac in want.neigh]
+        batch += [f"route replace {d} dev {name} metric {m}" for d, m in want.routes]
+    on = vif is not None
+    sysctls = [(sysctl_path(4, name, "proxy_arp"), "1" if on else "0")]
+    if ipv6:
+        ndp = on and vif.gateway6 is not None
+        sysctls.append((sysctl_path(6, name, "proxy_ndp"), "1" if ndp else "0"))
+    return LinkPlan(pre=tuple(pre), batch=tuple(batch), sysctls=tuple(sysctls))
+
+
+def describe_removal(pre) -> list:
+    """``pre`` lines of a converge to nothing, as what they removed."""
+    words = {"route": "route", "neigh": "neighbour entry", "addr": "address"}
+    out = []
+    for line in pre:
+        parts = line.split()
+        if parts[1] == "del":
+            out.append(f"{words[parts[0]]} {parts[2]}")
+        elif parts[-1] == "down":
+            out.append("link up")
+        elif parts[-2] == "group":
+            out.append(f"group {VIF_GROUP}")
+    return out
 
 
 def conntrack_purges(addresses) -> tuple:

@@ -30,6 +30,11 @@ _PACKAGES = {
 }
 
 
+# libxl runs hotplug scripts with a short PATH (often /bin:/usr/bin only),
+# while iptables-restore, conntrack (and on some systems ip) live in sbin
+SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
+
+
 def _package_of(prog: str) -> str:
     if "tables" in prog:
         return "iptables"
@@ -73,6 +78,21 @@ class System:
             raise Failure(f"VIF_ROUTE_QUBES_IPTABLES={backend!r}: expected nft or legacy")
         self._backend = f"-{backend}" if backend else ""
         self.spawned = 0
+        self.path = env.get("PATH", "")
+        self._found = {}
+
+    def which(self, prog: str):
+        """The executable ``prog`` in PATH, then in the sbin directories
+        (a short PATH must not hide an installed tool); None if nowhere."""
+        if "/" in prog:
+            return prog
+        if prog not in self._found:
+            dirs = [d for d in self.path.split(os.pathsep) if d]
+            dirs += [d for d in SBIN if d not in dirs]
+            self._found[prog] = next((os.path.join(d, prog) for d in dirs
+                                      if os.access(os.path.join(d, prog), os.X_OK)
+                                      and not os.path.isdir(os.path.join(d, prog))), None)
+        return self._found[prog]
 
     # -- naming --------------------------------------------------------------
     def iptables(self, version: int, tool: str) -> str:
@@ -110,12 +130,11 @@ class System:
         from ._plumbum import local
 
         machine = local()
-        try:
-            cmd = machine[argv[0]]
-        except Exception as exc:  # plumbum's CommandNotFound
-            if type(exc).__name__ != "CommandNotFound":
-                raise
-            raise Failure(f"{argv[0]}: command not found (install {_package_of(argv[0])})") from None
+        exe = self.which(argv[0])
+        if exe is None:
+            raise Failure(f"{argv[0]}: command not found in PATH={self.path or '(empty)'} or "
+                          f"{':'.join(SBIN)} (install {_package_of(argv[0])})")
+        cmd = machine[exe]
         stdin = PIPE if data is not None else open(os.devnull, "rb")
         proc = cmd.popen(argv[1:], stdin=stdin, stdout=PIPE, stderr=PIPE)
         if stdin is not PIPE:
