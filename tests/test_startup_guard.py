@@ -22,12 +22,16 @@ looking change can silently undo.
    ==========================  =====  =======
    ip (the netns exec wrapper)   1      1
    vif-route-qubes (python)      1      1
+   ip -j -batch (the vif's state) 1     1
    iptables-restore              1      1
    ip6tables-restore             1      1
    ip (-batch / -force -batch)   1      1
    ==========================  =====  =======
 
-   i.e. at most 3 helper programs per run, and nothing else: in particular
+   i.e. at most 4 helper programs per run, and nothing else (the read is
+   what lets online converge and offline remove exactly what the kernel
+   shows, issue 11; a run that finds stale state adds one ``ip -batch``
+   that removes it before the firewall changes): in particular
    not ``uname -p``, which plumbum's ``LocalMachine.uname =
    platform.uname()[0]`` runs at import unless ``_plumbum`` fills platform's
    lazy ``processor`` field first (indexing ``uname_result`` evaluates it).
@@ -45,7 +49,7 @@ PY = sys.executable
 HEAVY = ("urllib.request", "http.client", "email", "ssl", "click")
 HELPERS_ONLINE = {"iptables-restore", "ip6tables-restore", "ip"}
 HELPERS_OFFLINE = {"iptables-restore", "ip6tables-restore", "ip"}
-MAX_HELPERS = 3
+MAX_HELPERS = 4
 
 # Records the modules loaded when the process exits (after main()'s sys.exit)
 # and whether "urllib.request" is the real, file-backed module.
@@ -160,7 +164,7 @@ def helpers_of(programs):
     return programs[2:]
 
 
-def test_online_spawns_at_most_three_helpers(world, tmp_path):
+def test_online_spawns_at_most_four_helpers(world, tmp_path):
     g = world.add_guest(8, ["10.137.0.18"])
     programs = execs(world, g, "online", tmp_path)
     assert status(world, g) == "connected"
@@ -170,7 +174,7 @@ def test_online_spawns_at_most_three_helpers(world, tmp_path):
     assert "uname" not in helpers
 
 
-def test_offline_spawns_at_most_three_helpers(world, tmp_path):
+def test_offline_spawns_at_most_four_helpers(world, tmp_path):
     g = world.add_guest(9, ["10.137.0.19"])
     res = world.hotplug(g, "online")
     assert res.returncode == 0, res.stderr
