@@ -69,6 +69,7 @@ class Context:
         self.xenbus_path = None  # set once validated: where errors are reported
         self.xp_exists = None  # whether that directory exists (None: not read yet)
         self.iface_waited = 0
+        self.fw_applied = False  # this run's firewall change is in force
         self.fw = _IptablesFirewall(self)
 
     @property
@@ -178,6 +179,12 @@ class _IptablesFirewall:
 
     def __init__(self, ctx):
         self.ctx = ctx
+
+    @property
+    def tools(self):
+        """The programs remove() needs (offline keeps the record when one is
+        missing, so a later offline can finish)."""
+        return [self.ctx.sys.iptables(v, "restore") for v in (4, 6)]
 
     def apply(self, vif, previous):
         try:
@@ -437,6 +444,7 @@ def _online(ctx, name, target, rename, vif, ipv6, previous):
 
     def guard():
         ctx.fw.apply(vif, previous)
+        ctx.fw_applied = True
         # flows of an earlier owner of a new address must not reach this
         # guest; the same guest's own flows (a re-run) are kept
         old = set(previous.addresses) if previous else set()
@@ -458,14 +466,27 @@ def _roll_back(ctx, name, target, rename, vif, ipv6, previous, record):
     step left half done is found and put right."""
     s = ctx.sys
     now = target if s.iface_exists(target) else name
-    try:
-        if previous is not None:
-            _converge(ctx, now, previous, ipv6, lambda: ctx.fw.apply(previous, vif), check=False)
-        else:
+    if previous is not None:
+        # A firewall step that failed has put the previous rules back
+        # itself (its contract); only rules this run installed are undone.
+        def guard():
+            if ctx.fw_applied:
+                ctx.fw.apply(previous, vif)
+        try:
+            _converge(ctx, now, previous, ipv6, guard, check=False)
+        except Failure as exc:
+            # The previous rules could not be put back: fail closed, no
+            # route to the guest without the rules that guard it.
+            ctx.log.warning(f"rollback of {target}: {exc}; removing its routes")
+            try:
+                _converge(ctx, now, None, ipv6, lambda: None, check=False)
+            except Failure as exc2:
+                ctx.log.warning(f"rollback of {target}: {exc2}")
+    else:
+        try:
             _converge(ctx, now, None, ipv6, lambda: ctx.fw.remove(target), check=False)
-    except Failure as exc:
-        ctx.log.warning(f"rollback of {target}: {exc}")
-        if previous is None:
+        except Failure as exc:
+            ctx.log.warning(f"rollback of {target}: {exc}")
             ctx.fw.remove(target)
     try:
         if record:
@@ -593,10 +614,13 @@ def offline(ctx) -> int:
                 left.append("link configuration")
         else:
             s.note(f"{vif.name} no longer exists: its routes, addresses and neighbour entries went with it")
+        missing = [t for t in getattr(ctx.fw, "tools", ()) if s.which(t) is None]
         try:
             removed += ctx.fw.remove(vif.name)
-        except Failure as exc:  # the contract says it never raises; a missing tool still might
+        except Failure as exc:  # the contract says it never raises; be safe anyway
             ctx.log.warning(f"offline {vif.name}: {exc}")
+            missing.append("?")
+        if missing:
             left.append("firewall rules")
         purges = _conntrack_calls(ctx, addresses)
         if purges:
@@ -607,7 +631,10 @@ def offline(ctx) -> int:
         _run_hooks(ctx, "offline", vif)
         if not ctx.dry_run:
             if left:
-                ctx.log.warning(f"offline {vif.name}: state record kept: could not remove its {' and '.join(left)}")
+                # on stderr too: offline exits 0 (Xen ignores its status), and
+                # whoever runs it by hand must learn that something is left
+                ctx.log.error(f"offline {vif.name}: could not remove its {' and '.join(left)}; "
+                              "state record kept for a later offline")
             else:
                 state.remove(ctx.state_dir, name)
     finally:
