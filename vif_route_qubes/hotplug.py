@@ -13,7 +13,8 @@ import sys
 
 from . import plan as P
 from . import state, validate
-from .errors import CommandFailed, Failure
+from .errors import Failure
+from .firewall import backend_for
 from .lock import DEFAULT_TIMEOUT as DEFAULT_LOCK_TIMEOUT
 from .lock import HostLock, state_dir
 from .log import Log
@@ -49,7 +50,7 @@ def parse_words(words):
 class Context:
     """One invocation: its inputs and the seams it works through."""
 
-    def __init__(self, command, variables, env, dry_run=False, log=None, out=None):
+    def __init__(self, command, variables, env, dry_run=False, log=None, out=None, firewall=None):
         self.command = command
         self.vars = variables
         self.env = dict(env)
@@ -59,6 +60,9 @@ class Context:
         self.dry_run = dry_run
         self.log = log or Log("vif-route-qubes", env)
         self.sys = System(dry_run=dry_run, out=out, log=self.log, env=self.env)
+        # the one firewall decision of this run (``--firewall`` wins over
+        # VIF_ROUTE_QUBES_FIREWALL); every firewall change goes through it
+        self.fw = backend_for(self.sys, self.env, firewall)
         self.state_dir = state_dir(self.env)
         self.hooks_dir = self.env.get("VIF_ROUTE_QUBES_HOOKS_DIR") or DEFAULT_HOOKS
         self._xs = None
@@ -163,65 +167,6 @@ class Undo:
         self.steps.clear()
 
 
-def _apply_firewall(ctx, vif, record):
-    """Install both families' rules, in parallel, choosing the payload
-    variant by what the record says exists; fall back through the others
-    so neither a missing nor a leftover piece can make us duplicate a rule."""
-    s = ctx.sys
-    fws = [P.firewall(vif, 4), P.firewall(vif, 6)]
-    first = "replace" if record else "create"
-    order = [first, "create" if first == "replace" else "replace", "rebuild"]
-    if s.dry_run:
-        s.note(f"firewall: '{first}' variant; if the chains turn out to be "
-               + ("missing" if record else "present already") + ", the other one is applied")
-        order = order[:1]
-    pending, last = fws, None
-    for mode in order:
-        started = []
-        for fw in pending:
-            if mode == "rebuild":
-                saved = s.run([s.iptables(fw.version, "save"), "-t", "raw"], readonly=True).stdout
-                data = _merge_payloads(P.teardown_from_save(saved, vif.name), fw.create)
-            else:
-                data = getattr(fw, mode)
-            started.append((fw, s.start(s.restore(fw.version), data)))
-        failed = []
-        for fw, st in started:
-            res = st.wait(check=False)
-            if res.code != 0:
-                failed.append(fw)
-                last = res
-                ctx.log.debug(f"{res.argv[0]}: {mode} variant refused: {res.stderr.strip()}")
-        pending = failed
-        if not pending:
-            return
-    raise CommandFailed(last.argv, last.code, last.stderr)
-
-
-def _merge_payloads(first: str, second: str) -> str:
-    """Two ``*raw ... COMMIT`` payloads as one transaction."""
-    body = lambda p: p.split("\n", 1)[1].rsplit("COMMIT\n", 1)[0] if p else ""  # noqa: E731
-    return "*raw\n" + body(first) + body(second) + "COMMIT\n"
-
-
-def _teardown_firewall(ctx, name):
-    """Remove our chains and jumps in both families; never fails: what is
-    already gone is fine, and a partial leftover is removed exactly."""
-    s = ctx.sys
-    fws = [P.firewall(P.Vif(name=name, domid=0), v) for v in (4, 6)]
-    started = [(fw, s.start(s.restore(fw.version), fw.teardown)) for fw in fws]
-    for fw, st in started:
-        res = st.wait(check=False)
-        if res.code == 0:
-            continue
-        saved = s.run([s.iptables(fw.version, "save"), "-t", "raw"], readonly=True, check=False)
-        payload = P.teardown_from_save(saved.stdout, name)
-        if payload:
-            again = s.run(s.restore(fw.version), payload, check=False)
-            if again.code != 0:
-                ctx.log.warning(f"could not remove firewall rules of {name}: {again.stderr.strip()}")
-
-
 def _conntrack_calls(ctx, addresses):
     """conntrack purges worth running: none when the kernel tracks no
     connection at all in this namespace (module not loaded, or an empty
@@ -283,8 +228,8 @@ def online(ctx) -> int:
         if rename:
             s.run(["ip", "link", "set", "dev", name, "name", target])
             undo.push("rename", lambda: s.run(["ip", "link", "set", "dev", target, "name", name]))
-        undo.push("firewall", lambda: _teardown_firewall(ctx, target))
-        _apply_firewall(ctx, vif, record)
+        undo.push("firewall", lambda: ctx.fw.remove(target))
+        ctx.fw.apply(vif, state.vif_of(record)[0] if record else None)
         purges = _conntrack_calls(ctx, vif.addresses)
         if purges:
             s.run_all(purges)
@@ -306,7 +251,7 @@ def online(ctx) -> int:
         lock.release()
     ctx.log.info(
         f"online {target}: {' '.join(map(str, vif.addresses))} mac {vif.mac} metric {vif.metric}"
-        + (f" gateway {vif.gateway}" if vif.gateway else "")
+        + (f" gateway {vif.gateway}" if vif.gateway else "") + f" firewall {ctx.fw.name}"
     )
     return 0
 
@@ -356,13 +301,7 @@ def _offline_vif(ctx, name, record):
     except Failure as exc:
         ctx.log.warning(f"offline {name}: {exc}")
     if not addresses:
-        found_addr = []
-        for v in (4, 6):
-            saved = ctx.sys.run([ctx.sys.iptables(v, "save"), "-t", "raw"], readonly=True, check=False).stdout
-            found_addr += P.addresses_from_save(saved, target)
-        from ipaddress import ip_interface
-
-        addresses = tuple(ip_interface(a).ip for a in found_addr)
+        addresses = ctx.fw.addresses(target)
     try:
         gw, gw6 = _netvm_gateways(found)
     except Failure:
@@ -447,7 +386,7 @@ def offline(ctx) -> int:
                     pass
         else:
             s.note(f"{vif.name} no longer exists: its routes, addresses and neighbour entries went with it")
-        _teardown_firewall(ctx, vif.name)
+        ctx.fw.remove(vif.name)
         purges = _conntrack_calls(ctx, vif.addresses)
         if purges:
             try:
@@ -460,7 +399,7 @@ def offline(ctx) -> int:
     finally:
         if locked:
             lock.release()
-    ctx.log.info(f"offline {vif.name}: removed {' '.join(map(str, vif.addresses)) or 'rules'}")
+    ctx.log.info(f"offline {vif.name}: removed {' '.join(map(str, vif.addresses)) or 'rules'} firewall {ctx.fw.name}")
     return 0
 
 
@@ -500,10 +439,10 @@ def _loggable(value: str) -> str:
     return value if value.isprintable() and value.isascii() else repr(value)[1:-1]
 
 
-def run(command, variables, env, dry_run=False, log=None, out=None) -> int:
+def run(command, variables, env, dry_run=False, log=None, out=None, firewall=None) -> int:
     """One hotplug invocation -> exit status (0 ok / nothing to do, 1 failed)."""
     try:
-        ctx = Context(command, variables, env, dry_run=dry_run, log=log, out=out)
+        ctx = Context(command, variables, env, dry_run=dry_run, log=log, out=out, firewall=firewall)
     except Failure as exc:
         # a broken setting (VIF_ROUTE_QUBES_IPTABLES=...) found before there
         # is anything to report through: one line, not a traceback
@@ -513,6 +452,8 @@ def run(command, variables, env, dry_run=False, log=None, out=None) -> int:
         ctx.log.debug(f"argv: {' '.join([_loggable(command or '')] + [f'{k}={_loggable(v)}' for k, v in variables.items()])}")
         ctx.log.debug("env: " + " ".join(f"{k}={_loggable(ctx.env.get(k, ''))}" for k in (
             "vif", "XENBUS_PATH", "XENBUS_TYPE", "XENBUS_BASE_PATH", "script", "netdev", "type_if", "INTERFACE")))
+        ctx.log.debug(f"firewall: {ctx.fw.name} backend ({ctx.fw.reason})")
+        ctx.sys.note(f"firewall: {ctx.fw.name} backend ({ctx.fw.reason})")
         type_if = ctx.env.get("type_if") or "vif"
         if command not in COMMANDS:
             raise Failure(f"unknown command {command!r}: expected one of {', '.join(COMMANDS)}")
