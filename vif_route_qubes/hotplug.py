@@ -14,7 +14,7 @@ import sys
 from . import plan as P
 from . import state, validate
 from .errors import Failure
-from .firewall import backend_for
+from .firewall import backend_for, recorded_backend
 from .lock import DEFAULT_TIMEOUT as DEFAULT_LOCK_TIMEOUT
 from .lock import HostLock, state_dir
 from .log import Log
@@ -229,7 +229,12 @@ def online(ctx) -> int:
             s.run(["ip", "link", "set", "dev", name, "name", target])
             undo.push("rename", lambda: s.run(["ip", "link", "set", "dev", target, "name", name]))
         undo.push("firewall", lambda: ctx.fw.remove(target))
-        ctx.fw.apply(vif, state.vif_of(record)[0] if record else None)
+        previous = state.vif_of(record)[0] if record else None
+        was = recorded_backend(ctx.sys, ctx.env, record, ctx.fw)
+        ctx.fw.apply(vif, previous if was is None else None)
+        if was is not None:  # guarded by the other backend until now: move over
+            ctx.log.info(f"{target}: moved from the {was.name} to the {ctx.fw.name} firewall backend")
+            was.remove(previous.name)
         purges = _conntrack_calls(ctx, vif.addresses)
         if purges:
             s.run_all(purges)
@@ -240,7 +245,7 @@ def online(ctx) -> int:
         undo.push("ip batch", lambda: s.run(["ip", "-force", "-batch", "-"], P.render_batch(link.undo_batch), check=False))
         s.run(["ip", "-batch", "-"], P.render_batch(link.batch))
         if not ctx.dry_run:
-            state.save(ctx.state_dir, name, state.record_of(vif, ipv6, name))
+            state.save(ctx.state_dir, name, dict(state.record_of(vif, ipv6, name), firewall=ctx.fw.name))
             undo.push("state record", lambda: state.remove(ctx.state_dir, name))
         _run_hooks(ctx, "online", vif)
         _report(ctx, xp, [(f"{xp}/hotplug-status", "connected")], clear_error=True)
@@ -386,7 +391,10 @@ def offline(ctx) -> int:
                     pass
         else:
             s.note(f"{vif.name} no longer exists: its routes, addresses and neighbour entries went with it")
-        ctx.fw.remove(vif.name)
+        ctx.fw.remove(vif.name, known=vif.addresses if record else None)
+        was = recorded_backend(ctx.sys, ctx.env, record, ctx.fw)
+        if was is not None:
+            was.remove(vif.name)
         purges = _conntrack_calls(ctx, vif.addresses)
         if purges:
             try:

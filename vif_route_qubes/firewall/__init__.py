@@ -56,22 +56,16 @@ def backend_for(sys_, env, requested=None):
 
     ``.name``, ``.reason``; ``.apply(vif, previous)`` guards ``vif`` (and,
     when it fails, has put ``previous``'s guard, or nothing of ours, back
-    before raising); ``.remove(name)`` -> descriptions of what was removed,
-    never raises; ``.addresses(name)`` -> the guest addresses our rules hold
+    before raising); ``.remove(name, known=None)`` -> descriptions of what
+    was removed, never raises (``known``: the addresses the state record
+    names, which spares nft a read of the kernel); ``.addresses(name)`` -> the guest addresses our rules hold
     in the kernel; ``.check(vif, name)`` -> [(verdict, item, detail)] for
     status, where an item starts with the table kind it concerns
     (``iptables``, ``ip6tables``, ``nft``), and ``vif`` None means nothing
     of ours is expected."""
     name, reason = choose(env, requested)
     if name == "nft":
-        try:
-            from . import nft as module
-        except ImportError:
-            if "auto" not in reason:
-                raise Failure(f"{reason}: the nft backend is not part of this build") from None
-            from . import iptables as module
-
-            reason += "; but the nft backend is not part of this build: iptables"
+        from . import nft as module
     else:
         from . import iptables as module
     return module.Backend(sys_, reason)
@@ -80,3 +74,15 @@ def backend_for(sys_, env, requested=None):
 def other(name):
     """The backend that is not ``name`` (to find its leftovers)."""
     return "iptables" if name == "nft" else "nft"
+
+
+def recorded_backend(sys_, env, record, current):
+    """The backend that guarded a vif according to its state record, when it
+    is not ``current`` (None otherwise). Records written before the record
+    named its backend are iptables ones: there was no other."""
+    if not record:
+        return None
+    was = record.get("firewall") or "iptables"
+    if was == current.name or was not in ("iptables", "nft"):
+        return None
+    return backend_for(sys_, env, was)
