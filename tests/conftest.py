@@ -33,10 +33,13 @@ def xenstored(sockdir):
 
 
 @pytest.fixture
-def world(xenstored, tmp_path):
+def world(request, xenstored, tmp_path):
+    """The netvm world; its commands use the iptables firewall backend
+    unless a test asks for another with
+    ``@pytest.mark.parametrize("world", [...], indirect=True)``."""
     if os.geteuid() != 0:
         pytest.fail("integration tests need root (network namespaces, iptables)")
-    w = World(xenstored, tmp_path)
+    w = World(xenstored, tmp_path, firewall=getattr(request, "param", "iptables"))
     try:
         yield w
     finally:

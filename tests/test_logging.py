@@ -89,7 +89,7 @@ def test_each_run_logs_actions_at_debug_and_one_info_summary(world, syslog):
     assert lines and {fac for fac, _, _, _ in lines} == {DAEMON}
     assert len({pid for _, _, pid, _ in lines}) == 1
     info = [msg for _, sev, _, msg in lines if sev == 6]
-    assert info == ["online vif3.0: 10.137.0.12 mac 00:16:3e:5e:03:00 metric 32749 gateway 10.137.0.1"]
+    assert info == ["online vif3.0: 10.137.0.12 mac 00:16:3e:5e:03:00 metric 32749 gateway 10.137.0.1 firewall iptables"]
     debug = [msg for _, sev, _, msg in lines if sev == 7]
     for wanted in ("run: iptables-restore --noflush --wait 20 <<", "run: ip6tables-restore --noflush --wait 20 <<",
                    "run: ip -batch - <<", "write /proc/sys/net/ipv4/conf/vif3.0/proxy_arp = 1",
@@ -105,12 +105,13 @@ def test_each_run_logs_actions_at_debug_and_one_info_summary(world, syslog):
     info = [msg for _, sev, _, msg in lines if sev == 6]
     assert info == ["offline vif3.0: removed route 10.137.0.12/32, neighbour entry 10.137.0.12, "
                     "address 10.137.0.1/32, link up, group 2, proxy_arp 1, "
-                    "iptables chains vrq-in-vif3.0 vrq-src-vif3.0, ip6tables chains vrq-in-vif3.0 vrq-src-vif3.0"]
+                    "iptables chains vrq-in-vif3.0 vrq-src-vif3.0, ip6tables chains vrq-in-vif3.0 vrq-src-vif3.0 "
+                    "(firewall iptables)"]
     # a second offline finds nothing, and says so
     res = world.hotplug(g, "offline")
     assert res.returncode == 0
     info = [msg for _, sev, _, msg in settle(syslog, res) if sev == 6]
-    assert info == ["offline vif3.0: nothing of ours was there"]
+    assert info == ["offline vif3.0: nothing of ours was there (firewall iptables)"]
     assert any(m.startswith("run: ip -force -batch -") for _, sev, _, m in offline_lines if sev == 7)
 
     # the hotplug log got the summaries (and no debug lines)
@@ -119,7 +120,7 @@ def test_each_run_logs_actions_at_debug_and_one_info_summary(world, syslog):
     assert re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d vif-route-qubes\[\d+\] info: online vif3\.0: 10\.137\.0\.12 .*",
                         text[0])
     assert "info: offline vif3.0: removed route 10.137.0.12/32" in text[1]
-    assert text[2].endswith("info: offline vif3.0: nothing of ours was there")
+    assert text[2].endswith("info: offline vif3.0: nothing of ours was there (firewall iptables)")
 
 
 def test_no_hotplug_log_without_its_directory(world):
@@ -138,7 +139,7 @@ def test_debug_raises_the_level_on_stderr(world, syslog, how):
     assert res.returncode == 0
     err = res.stderr.splitlines()
     assert "vif-route-qubes: debug: run: ip -batch - <<5 lines" in err
-    assert "vif-route-qubes: info: online vif3.0: 10.137.0.12 mac 00:16:3e:5e:03:00 metric 32749 gateway 10.137.0.1" in err
+    assert "vif-route-qubes: info: online vif3.0: 10.137.0.12 mac 00:16:3e:5e:03:00 metric 32749 gateway 10.137.0.1 firewall iptables" in err
     lines = settle(syslog, res)
     assert sum(1 for _, sev, _, _ in lines if sev == 6) == 1
     # debugging also puts the debug lines in the hotplug log

@@ -5,6 +5,7 @@ from ipaddress import ip_address
 import pytest
 
 from vif_route_qubes import plan as P
+from vif_route_qubes.firewall import iptables as I
 from vif_route_qubes import validate
 from vif_route_qubes.errors import Failure
 
@@ -19,7 +20,7 @@ def vif(**kw):
 
 
 def test_firewall_create_payload_golden():
-    fw = P.firewall(vif(addresses=(ip_address("10.137.0.12"), ip_address("10.137.0.13"))), 4)
+    fw = I.firewall(vif(addresses=(ip_address("10.137.0.12"), ip_address("10.137.0.13"))), 4)
     assert fw.create == (
         "*raw\n"
         "-N vrq-in-vif3.0\n"
@@ -36,7 +37,7 @@ def test_firewall_create_payload_golden():
 
 
 def test_firewall_replace_and_teardown_golden():
-    fw = P.firewall(vif(), 4)
+    fw = I.firewall(vif(), 4)
     assert fw.replace == (
         "*raw\n"
         ":vrq-in-vif3.0 - [0:0]\n"
@@ -60,14 +61,14 @@ def test_firewall_replace_and_teardown_golden():
 
 
 def test_ipv6_without_addresses_drops_everything_from_the_vif():
-    fw = P.firewall(vif(), 6)
+    fw = I.firewall(vif(), 6)
     assert "-A vrq-in-vif3.0 -j DROP\n" in fw.create
     assert "RETURN" not in fw.create
     assert "-A vrq-src-vif3.0 -s" not in fw.create
 
 
 def test_ipv6_with_address_allows_it_and_neighbour_discovery():
-    fw = P.firewall(vif(addresses=(ip_address("10.137.0.12"), ip_address("fd09:24ef:4179::a89:c"))), 6)
+    fw = I.firewall(vif(addresses=(ip_address("10.137.0.12"), ip_address("fd09:24ef:4179::a89:c"))), 6)
     lines = fw.create.splitlines()
     assert "-A vrq-in-vif3.0 -s fd09:24ef:4179::a89:c/128 -j RETURN" in lines
     assert "-A vrq-in-vif3.0 -s fe80::/10 -p ipv6-icmp -j RETURN" in lines
@@ -184,17 +185,17 @@ COMMIT
 def test_teardown_from_save_removes_exactly_what_exists():
     # the src jump is gone (hand-deleted): only the rest is removed, and
     # vif3.1's chain is left alone
-    assert P.teardown_from_save(SAVE, "vif3.0") == (
+    assert I.teardown_from_save(SAVE, "vif3.0") == (
         "*raw\n"
         "-D PREROUTING -i vif3.0 -m comment --comment vrq-in -j vrq-in-vif3.0\n"
         "-F vrq-in-vif3.0\n-F vrq-src-vif3.0\n-X vrq-in-vif3.0\n-X vrq-src-vif3.0\n"
         "COMMIT\n"
     )
-    assert P.teardown_from_save(SAVE, "vif9.0") == ""
+    assert I.teardown_from_save(SAVE, "vif9.0") == ""
 
 
 def test_addresses_are_recovered_from_the_src_chain():
-    assert P.addresses_from_save(SAVE, "vif3.0") == ("10.137.0.12/32", "10.137.0.13/32")
+    assert I.addresses_from_save(SAVE, "vif3.0") == ("10.137.0.12/32", "10.137.0.13/32")
 
 
 # -- validation ---------------------------------------------------------------

@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from vif_route_qubes import plan as P
+from vif_route_qubes.firewall import iptables as I
 from vif_route_qubes import validate
 from vif_route_qubes.errors import Failure
 
@@ -53,7 +54,7 @@ def check_lines(text):
 def render_all(vif):
     out = []
     for version in (4, 6):
-        fw = P.firewall(vif, version)
+        fw = I.firewall(vif, version)
         out += [fw.create, fw.replace, fw.teardown]
     for ipv6 in (True, False):
         on = P.converge(vif.name, vif, ipv6, P.NOTHING)
@@ -97,7 +98,7 @@ def test_ifname_refuses_or_is_a_safe_token(text):
     if result is not None:
         assert result == text and 1 <= len(result) <= 15 and TOKEN.fullmatch(result)
         assert "+" not in result and "/" not in result and not result.startswith("-")
-        assert all(len(c) <= P.CHAIN_MAX for c in P.chains(result))
+        assert all(len(c) <= I.CHAIN_MAX for c in I.chains(result))
 
 
 @SETTINGS
@@ -147,13 +148,13 @@ def test_accepted_values_render_into_safe_lines_with_every_address(
     # round trip: each accepted address appears exactly as ipaddress prints
     # it, once per rule that names it, and is found again in the src chain
     for version in (4, 6):
-        fw = P.firewall(vif, version)
+        fw = I.firewall(vif, version)
         own = vif.family(version)
         tokens = fw.create.split()
         for a in own:
             assert tokens.count(P.host(a)) == 2 and str(a) == ipaddress.ip_address(str(a)).compressed
-        assert P.addresses_from_save(fw.create, name) == tuple(P.host(a) for a in own)
-        assert P.teardown_from_save(fw.create.replace("-N ", ":").replace(
+        assert I.addresses_from_save(fw.create, name) == tuple(P.host(a) for a in own)
+        assert I.teardown_from_save(fw.create.replace("-N ", ":").replace(
             f":{fw.chain_names[0]}", f":{fw.chain_names[0]} -").replace(
             f":{fw.chain_names[1]}", f":{fw.chain_names[1]} -"), name).count("-X ") == 2
     batch = P.render_batch(P.converge(vif.name, vif, True, P.NOTHING).batch).split()

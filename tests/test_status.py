@@ -77,6 +77,10 @@ DRIFTS = {
                   "comment", "--comment", "vrq-src", "-j", "vrq-src-vif3.0"],
                  ("missing", "ip6tables",
                   "-A PREROUTING -m devgroup ! --src-group 2 -m comment --comment vrq-src -j vrq-src-vif3.0")),
+    # order matters in a chain: a RETURN after the DROP lets nothing out
+    "rule order": (["sh", "-c", "iptables -t raw -D vrq-in-vif3.0 -s 10.137.0.12/32 -j RETURN && "
+                    "iptables -t raw -A vrq-in-vif3.0 -s 10.137.0.12/32 -j RETURN"],
+                   ("missing", "iptables", "-A vrq-in-vif3.0 -j DROP")),
     "neighbour": (["ip", "neigh", "del", "10.137.0.12", "dev", "vif3.0"],
                   ("missing", "neigh", "10.137.0.12 lladdr 00:16:3e:5e:03:00 permanent")),
     "gateway address": (["ip", "addr", "del", "10.137.0.1/32", "dev", "vif3.0"],
@@ -185,7 +189,9 @@ def test_leftovers_without_record_or_xenstore_are_unexpected(world):
     assert world.hotplug(g, "offline").returncode == 0
     res = status(world, g)
     assert res.returncode == 0, res.stdout
-    assert res.stdout.strip() == "no vifs: no state records, no interfaces in group 2, no vrq- chains"
+    assert res.stdout.splitlines() == [
+        "no vifs: no state records, no interfaces in group 2, no firewall rules of ours",
+        "# firewall: iptables backend (VIF_ROUTE_QUBES_FIREWALL=iptables)"]
 
 
 def test_record_lost_but_xenstore_connected(world):

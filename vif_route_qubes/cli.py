@@ -27,7 +27,10 @@ Environment (as libxl and udev set it):
   VIF_ROUTE_QUBES_LOCK        lock file (default STATE_DIR/lock)
   VIF_ROUTE_QUBES_LOCK_TIMEOUT  seconds to wait for the lock (default 20)
   VIF_ROUTE_QUBES_HOOKS_DIR   hooks (default /rw/config/network-hooks.d)
-  VIF_ROUTE_QUBES_IPTABLES    nft or legacy: force an iptables backend
+  VIF_ROUTE_QUBES_FIREWALL    iptables, nft or auto (default): the firewall
+                              backend; auto is nft where the nft command exists
+  VIF_ROUTE_QUBES_IPTABLES    nft or legacy: which iptables commands the
+                              iptables backend runs
   VIF_ROUTE_QUBES_XS_TIMEOUT  seconds to wait for XenStore (default 10)
   VIF_ROUTE_QUBES_DEBUG=1     debug logging on stderr (like -v)
   VIF_ROUTE_QUBES_SYSLOG      syslog socket (default /dev/log)
@@ -49,7 +52,18 @@ $XENBUS_PATH/hotplug-error (one-line reason on failure).
 """
 
 
+FIREWALL_HELP = ("Firewall backend: iptables (a chain pair per vif), nft (Qubes' table "
+                 "'qubes' with sets; per-packet cost flat in the number of guests) or auto "
+                 "(nft where the nft command exists). Default: $VIF_ROUTE_QUBES_FIREWALL, else auto.")
+
+
+def _firewall_option(f):
+    return click.option("--firewall", type=click.Choice(["iptables", "nft", "auto"]), default=None,
+                        help=FIREWALL_HELP)(f)
+
+
 def _common(f):
+    f = _firewall_option(f)
     f = click.option("-n", "--dry-run", is_flag=True,
                      help="Print exactly what would be run and written; change nothing.")(f)
     f = click.option("-v", "--verbose", is_flag=True, help="Log every action to stderr.")(f)
@@ -84,7 +98,7 @@ def _hotplug_command(name, summary):
     )
     @click.argument("words", nargs=-1)
     @_common
-    def command(words, dry_run, verbose):
+    def command(words, dry_run, verbose, firewall):
         try:
             cmd, variables = hotplug.parse_words(list(words))
         except Failure as exc:
@@ -97,7 +111,7 @@ def _hotplug_command(name, summary):
         log = Log("vif-route-qubes", os.environ, verbose=verbose, stderr_only=dry_run)
         if dry_run:
             click.echo(f"# vif-route-qubes {name} (dry run: nothing is changed)")
-        sys.exit(hotplug.run(name, variables, os.environ, dry_run=dry_run, log=log))
+        sys.exit(hotplug.run(name, variables, os.environ, dry_run=dry_run, log=log, firewall=firewall))
 
     return command
 
@@ -111,7 +125,7 @@ _hotplug_command("remove", "offline, for an emulated NIC (type_if=tap).")
 STATUS_HELP = """Compare what each vif should have with what the kernel has.
 
 Without VIF: every vif with a state record, every interface in group 2 and
-every interface that has vrq-in-/vrq-src- chains. VIF is the interface's
+every interface that has firewall rules or set elements of ours. VIF is the interface's
 name (the original vifD.N name works for a renamed one).
 
 Should have: the state record (what online was given) and XenStore
@@ -121,9 +135,13 @@ error: the record alone is used then.
 
 Has: routes with metric 32752-domid, the gateway /32 (/128) address,
 permanent neighbour entries with the guest's MAC, link up, group 2,
-proxy_arp (proxy_ndp), and the vrq- chains and PREROUTING jumps in the raw
-table of both families (one ip -j -batch, one iptables-save -t raw, one
-ip6tables-save -t raw; nothing is changed).
+proxy_arp (proxy_ndp), and the firewall: with the iptables backend the
+vrq- chains (rules compared in order) and PREROUTING jumps in the raw table
+of both families; with the nft backend the elements of the sets allowed and
+downstream of tables ip/ip6 qubes and the rules they depend on. The other
+backend's rules for the vif are listed as unexpected (one ip -j -batch and
+the backend's reads, iptables-save -t raw of both families or nft -j list;
+nothing is changed). The first lines say which backend and why.
 
 Every line is marked ok, missing or unexpected. Exit status: 0 when all
 lines are ok, 1 otherwise. Works inside ip netns exec.
@@ -134,7 +152,8 @@ Environment:
   XENSTORED_PATH              XenStore socket (default /var/run/xenstored/socket,
                               else /dev/xen/xenbus)
   VIF_ROUTE_QUBES_XS_TIMEOUT  seconds to wait for XenStore (default 3 here)
-  VIF_ROUTE_QUBES_IPTABLES    nft or legacy: force an iptables backend
+  VIF_ROUTE_QUBES_FIREWALL    iptables, nft or auto (default): the backend to check
+  VIF_ROUTE_QUBES_IPTABLES    nft or legacy: which iptables commands to read
   VIF_ROUTE_QUBES_DEBUG=1     debug logging on stderr (like -v)
 """
 
@@ -143,13 +162,14 @@ Environment:
 @click.argument("vifs", nargs=-1, metavar="[VIF]...")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON (same checks, same exit status).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every query to stderr.")
-def status(vifs, as_json, verbose):
+@_firewall_option
+def status(vifs, as_json, verbose, firewall):
     from . import status as st
     from .log import Log
 
     log = Log("vif-route-qubes", os.environ, verbose=verbose, stderr_only=True)
     try:
-        code = st.main(list(vifs), os.environ, as_json=as_json, log=log)
+        code = st.main(list(vifs), os.environ, as_json=as_json, log=log, firewall=firewall)
     except Failure as exc:
         log.error(str(exc))
         code = 1

@@ -16,6 +16,7 @@ from ipaddress import ip_interface
 from . import plan as P
 from . import state, validate
 from .errors import CommandFailed, Failure
+from .firewall import backend_for, recorded_backend
 from .lock import DEFAULT_TIMEOUT as DEFAULT_LOCK_TIMEOUT
 from .lock import HostLock, state_dir
 from .log import Log
@@ -53,7 +54,7 @@ def parse_words(words):
 class Context:
     """One invocation: its inputs and the seams it works through."""
 
-    def __init__(self, command, variables, env, dry_run=False, log=None, out=None):
+    def __init__(self, command, variables, env, dry_run=False, log=None, out=None, firewall=None):
         self.command = command
         self.vars = variables
         self.env = dict(env)
@@ -70,7 +71,10 @@ class Context:
         self.xp_exists = None  # whether that directory exists (None: not read yet)
         self.iface_waited = 0
         self.fw_applied = False  # this run's firewall change is in force
-        self.fw = _IptablesFirewall(self)
+        self.fw_was = None  # the other backend, when the record names it
+        # the one firewall decision of this run (``--firewall`` wins over
+        # VIF_ROUTE_QUBES_FIREWALL); every firewall change goes through it
+        self.fw = backend_for(self.sys, self.env, firewall)
 
     @property
     def xs(self):
@@ -165,126 +169,6 @@ def _identify(ctx):
         raise Failure(f"vif={name} does not match XENBUS_PATH={xp}")
     ctx.xenbus_path = xp
     return name, xp, front, devid
-
-
-# ----------------------------------------------------------------------------
-# The firewall, through one object (FIREWALL_CONTRACT.md): apply / remove /
-# addresses. This is the iptables implementation until the firewall package
-# provides backend_for().
-
-
-class _IptablesFirewall:
-    name = "iptables"
-    reason = "built in"
-
-    def __init__(self, ctx):
-        self.ctx = ctx
-
-    @property
-    def tools(self):
-        """The programs remove() needs (offline keeps the record when one is
-        missing, so a later offline can finish)."""
-        return [self.ctx.sys.iptables(v, "restore") for v in (4, 6)]
-
-    def apply(self, vif, previous):
-        try:
-            _apply_firewall(self.ctx, vif, previous is not None)
-        except Failure:
-            # restore the previous guard (or nothing of ours) before failing
-            try:
-                if previous is not None:
-                    _apply_firewall(self.ctx, previous, True)
-                else:
-                    _teardown_firewall(self.ctx, vif.name)
-            except Failure as exc:
-                self.ctx.log.warning(f"could not restore the previous firewall rules of {vif.name}: {exc}")
-            raise
-
-    def remove(self, name):
-        try:
-            return _teardown_firewall(self.ctx, name)
-        except Failure as exc:
-            self.ctx.log.warning(f"could not remove the firewall rules of {name}: {exc}")
-            return []
-
-    def addresses(self, name):
-        from ipaddress import ip_interface
-
-        found = []
-        for v in (4, 6):
-            try:
-                saved = self.ctx.sys.run([self.ctx.sys.iptables(v, "save"), "-t", "raw"], readonly=True, check=False).stdout
-            except Failure as exc:
-                self.ctx.log.warning(str(exc))
-                continue
-            found += P.addresses_from_save(saved, name)
-        return tuple(ip_interface(a).ip for a in found)
-
-
-def _apply_firewall(ctx, vif, exists):
-    """Install both families' rules, in parallel, choosing the payload
-    variant by whether ours are expected to exist; fall back through the
-    others so neither a missing nor a leftover piece can make us duplicate
-    a rule."""
-    s = ctx.sys
-    fws = [P.firewall(vif, 4), P.firewall(vif, 6)]
-    first = "replace" if exists else "create"
-    order = [first, "create" if first == "replace" else "replace", "rebuild"]
-    if s.dry_run:
-        s.note(f"firewall: '{first}' variant; if the chains turn out to be "
-               + ("missing" if exists else "present already") + ", the other one is applied")
-        order = order[:1]
-    pending, last = fws, None
-    for mode in order:
-        started = []
-        for fw in pending:
-            if mode == "rebuild":
-                saved = s.run([s.iptables(fw.version, "save"), "-t", "raw"], readonly=True).stdout
-                data = _merge_payloads(P.teardown_from_save(saved, vif.name), fw.create)
-            else:
-                data = getattr(fw, mode)
-            started.append((fw, s.start(s.restore(fw.version), data)))
-        failed = []
-        for fw, st in started:
-            res = st.wait(check=False)
-            if res.code != 0:
-                failed.append(fw)
-                last = res
-                ctx.log.debug(f"{res.argv[0]}: {mode} variant refused: {res.stderr.strip()}")
-        pending = failed
-        if not pending:
-            return
-    raise CommandFailed(last.argv, last.code, last.stderr)
-
-
-def _merge_payloads(first: str, second: str) -> str:
-    """Two ``*raw ... COMMIT`` payloads as one transaction."""
-    body = lambda p: p.split("\n", 1)[1].rsplit("COMMIT\n", 1)[0] if p else ""  # noqa: E731
-    return "*raw\n" + body(first) + body(second) + "COMMIT\n"
-
-
-def _teardown_firewall(ctx, name):
-    """Remove our chains and jumps in both families -> what was removed.
-    What is already gone is fine, and a partial leftover is removed exactly."""
-    s = ctx.sys
-    fws = [P.firewall(P.Vif(name=name, domid=0), v) for v in (4, 6)]
-    started = [(fw, s.start(s.restore(fw.version), fw.teardown)) for fw in fws]
-    removed = []
-    for fw, st in started:
-        kind = "iptables" if fw.version == 4 else "ip6tables"
-        res = st.wait(check=False)
-        if res.code == 0:
-            removed.append(f"{kind} chains {' '.join(fw.chain_names)}")
-            continue
-        saved = s.run([s.iptables(fw.version, "save"), "-t", "raw"], readonly=True, check=False)
-        payload = P.teardown_from_save(saved.stdout, name)
-        if payload:
-            again = s.run(s.restore(fw.version), payload, check=False)
-            if again.code != 0:
-                ctx.log.warning(f"could not remove firewall rules of {name}: {again.stderr.strip()}")
-            else:
-                removed.append(f"{kind} rules of {name}")
-    return removed
 
 
 # ----------------------------------------------------------------------------
@@ -422,6 +306,8 @@ def online(ctx) -> int:
         previous = None
         if record and record.get("name") == target:
             previous = state.vif_of(record)[0]
+        # guarded by the other firewall backend until now: move over
+        ctx.fw_was = recorded_backend(ctx.sys, ctx.env, record, ctx.fw) if previous is not None else None
         try:
             _online(ctx, name, target, rename, vif, ipv6, previous)
         except BaseException:
@@ -433,6 +319,7 @@ def online(ctx) -> int:
     ctx.log.info(
         f"online {target}: {' '.join(map(str, vif.addresses)) or 'no address (everything from it dropped)'}"
         f" mac {vif.mac} metric {vif.metric}" + (f" gateway {vif.gateway}" if vif.gateway else "")
+        + f" firewall {ctx.fw.name}"
     )
     return 0
 
@@ -442,9 +329,14 @@ def _online(ctx, name, target, rename, vif, ipv6, previous):
     if rename:
         s.run(["ip", "link", "set", "dev", name, "name", target])
 
+    was = ctx.fw_was
+
     def guard():
-        ctx.fw.apply(vif, previous)
+        ctx.fw.apply(vif, previous if was is None else None)
         ctx.fw_applied = True
+        if was is not None:
+            ctx.log.info(f"{target}: moved from the {was.name} to the {ctx.fw.name} firewall backend")
+            was.remove(previous.name)
         # flows of an earlier owner of a new address must not reach this
         # guest; the same guest's own flows (a re-run) are kept
         old = set(previous.addresses) if previous else set()
@@ -454,7 +346,7 @@ def _online(ctx, name, target, rename, vif, ipv6, previous):
 
     _converge(ctx, target, vif, ipv6, guard)
     if not ctx.dry_run:
-        state.save(ctx.state_dir, name, state.record_of(vif, ipv6, name))
+        state.save(ctx.state_dir, name, dict(state.record_of(vif, ipv6, name), firewall=ctx.fw.name))
     _run_hooks(ctx, "online", vif)
     _report(ctx, ctx.xenbus_path, [(f"{ctx.xenbus_path}/hotplug-status", "connected")], clear_error=True)
 
@@ -469,9 +361,16 @@ def _roll_back(ctx, name, target, rename, vif, ipv6, previous, record):
     if previous is not None:
         # A firewall step that failed has put the previous rules back
         # itself (its contract); only rules this run installed are undone.
+        was = ctx.fw_was
+
         def guard():
-            if ctx.fw_applied:
+            if ctx.fw_applied and was is None:
                 ctx.fw.apply(previous, vif)
+            elif ctx.fw_applied:
+                # back to the backend that guarded it: its rules first, then
+                # this run's go, so the vif is never unguarded
+                was.apply(previous, previous)
+                ctx.fw.remove(target)
         try:
             _converge(ctx, now, previous, ipv6, guard, check=False)
         except Failure as exc:
@@ -616,8 +515,11 @@ def offline(ctx) -> int:
             s.note(f"{vif.name} no longer exists: its routes, addresses and neighbour entries went with it")
         missing = [t for t in getattr(ctx.fw, "tools", ()) if s.which(t) is None]
         try:
-            removed += ctx.fw.remove(vif.name)
-        except Failure as exc:  # the contract says it never raises; be safe anyway
+            removed += ctx.fw.remove(vif.name, known=vif.addresses if record else None)
+            was = recorded_backend(ctx.sys, ctx.env, record, ctx.fw)
+            if was is not None:
+                removed += was.remove(vif.name)
+        except Failure as exc:  # the contract says it never raises; a missing tool still does
             ctx.log.warning(f"offline {vif.name}: {exc}")
             missing.append("?")
         if missing:
@@ -641,7 +543,7 @@ def offline(ctx) -> int:
         if locked:
             lock.release()
     what = ", ".join(removed) if removed else "nothing of ours was there"
-    ctx.log.info(f"offline {vif.name}: {'removed ' if removed else ''}{what}")
+    ctx.log.info(f"offline {vif.name}: {'removed ' if removed else ''}{what} (firewall {ctx.fw.name})")
     return 0
 
 
@@ -683,10 +585,10 @@ def _loggable(value: str) -> str:
     return value if value.isprintable() and value.isascii() else repr(value)[1:-1]
 
 
-def run(command, variables, env, dry_run=False, log=None, out=None) -> int:
+def run(command, variables, env, dry_run=False, log=None, out=None, firewall=None) -> int:
     """One hotplug invocation -> exit status (0 ok / nothing to do, 1 failed)."""
     try:
-        ctx = Context(command, variables, env, dry_run=dry_run, log=log, out=out)
+        ctx = Context(command, variables, env, dry_run=dry_run, log=log, out=out, firewall=firewall)
     except Failure as exc:
         # a broken setting (VIF_ROUTE_QUBES_IPTABLES=...) found before there
         # is anything to report through: one line, not a traceback
@@ -696,6 +598,8 @@ def run(command, variables, env, dry_run=False, log=None, out=None) -> int:
         ctx.log.debug(f"argv: {' '.join([_loggable(command or '')] + [f'{k}={_loggable(v)}' for k, v in variables.items()])}")
         ctx.log.debug("env: " + " ".join(f"{k}={_loggable(ctx.env.get(k, ''))}" for k in (
             "vif", "XENBUS_PATH", "XENBUS_TYPE", "XENBUS_BASE_PATH", "script", "netdev", "type_if", "INTERFACE")))
+        ctx.log.debug(f"firewall: {ctx.fw.name} backend ({ctx.fw.reason})")
+        ctx.sys.note(f"firewall: {ctx.fw.name} backend ({ctx.fw.reason})")
         type_if = ctx.env.get("type_if") or "vif"
         if command not in COMMANDS:
             raise Failure(f"unknown command {command!r}: expected one of {', '.join(COMMANDS)}")

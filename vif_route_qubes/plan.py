@@ -1,40 +1,21 @@
 """The pure half of vif-route-qubes: a validated :class:`Vif` in, plain data
-and text out (iptables-restore payloads, ``ip -batch`` lines, conntrack argv
+and text out (``ip -batch`` lines, conntrack argv
 lists, sysctl writes). No I/O here, so all of it is tested without root and
 the dry run prints exactly what the real run feeds to the commands.
 
-Firewall layout (raw table, both iptables and ip6tables, one pair of chains
-per interface, owned by name so ``offline`` removes exactly them)::
-
-    PREROUTING -i VIF                      -j vrq-in-VIF   # ingress check
-    PREROUTING -m devgroup ! --src-group 2 -j vrq-src-VIF  # our addresses elsewhere
-    vrq-in-VIF:  -s ADDR -j RETURN (each address) ; -j DROP
-    vrq-src-VIF: -s ADDR -j DROP   (each address)
-
-The ingress chain RETURNs for *every* address of the vif before its single
-DROP, so several addresses on one vif all work (the iptables-era shell script
-added one ``-i VIF ! -s ADDR -j DROP`` per address, and each dropped the
-others). "A non-vif interface" is "not in interface group 2", the group Qubes
-gives every vif, rather than ``! -i vif+``: it stays right for interfaces
-renamed through XenStore's ``vifname``.
+The firewall's rules are rendered by the backends of
+:mod:`vif_route_qubes.firewall` (iptables, nft) from the same :class:`Vif`.
 """
 
 from collections import namedtuple
 
 VIF_GROUP = 2  # Qubes puts every vif in interface group 2
-CHAIN_MAX = 28  # xtables chain name limit (XT_EXTENSION_MAXNAMELEN - 1 - ...)
 
 
 def metric_for(domid: int) -> int:
     """Current Qubes: 32752 - domid, so a newer domain's route to a reused
     address wins (lower metric) over a dying one's."""
     return 32752 - domid
-
-
-def chains(name: str) -> tuple:
-    cin, csrc = f"vrq-in-{name}", f"vrq-src-{name}"
-    assert len(csrc) <= CHAIN_MAX, csrc  # ifname() caps names at 15 chars
-    return cin, csrc
 
 
 def host(addr) -> str:
@@ -60,98 +41,6 @@ class Vif(_VifBase):
 
     def family(self, version: int) -> tuple:
         return tuple(a for a in self.addresses if a.version == version)
-
-
-class Firewall(namedtuple("Firewall", "version create replace teardown jumps chain_names")):
-    """The rules of one address family, as iptables-restore payload variants.
-
-    ``create`` makes the chains with ``-N`` (fails if they exist, and since
-    the chains and their jumps are only ever made and removed together in one
-    atomic payload, "exists" means "jumps exist too"). ``replace`` refills
-    existing chains and re-adds the jumps with ``-D`` + ``-A`` (fails if a
-    jump is missing, so it never duplicates one). ``teardown`` removes both.
-    ``jumps`` are the "PREROUTING ..." rule specs, for exact removal.
-    """
-
-    __slots__ = ()
-
-
-def _payload(lines) -> str:
-    return "*raw\n" + "".join(line + "\n" for line in lines) + "COMMIT\n"
-
-
-def firewall(vif: Vif, version: int) -> Firewall:
-    cin, csrc = chains(vif.name)
-    own = vif.family(version)
-    rules = [f"-A {cin} -s {host(a)} -j RETURN" for a in own]
-    if version == 6 and own:
-        # Neighbour discovery comes from link-local sources, and duplicate
-        # address detection from ::, before the guest uses its own address
-        # (RFC 4861, RFC 4862); without these the guest never finds its router.
-        rules.append(f"-A {cin} -s fe80::/10 -p ipv6-icmp -j RETURN")
-        rules.append(f"-A {cin} -s ::/128 -p ipv6-icmp -j RETURN")
-    rules.append(f"-A {cin} -j DROP")
-    rules += [f"-A {csrc} -s {host(a)} -j DROP" for a in own]
-    jumps = (
-        f"PREROUTING -i {vif.name} -m comment --comment vrq-in -j {cin}",
-        f"PREROUTING -m devgroup ! --src-group {VIF_GROUP} -m comment --comment vrq-src -j {csrc}",
-    )
-    create = [f"-N {cin}", f"-N {csrc}", *rules, *(f"-A {j}" for j in jumps)]
-    replace = [
-        f":{cin} - [0:0]",
-        f":{csrc} - [0:0]",
-        *rules,
-        *(f"-D {j}" for j in jumps),
-        *(f"-A {j}" for j in jumps),
-    ]
-    return Firewall(
-        version=version,
-        create=_payload(create),
-        replace=_payload(replace),
-        teardown=teardown_payload(jumps, (cin, csrc)),
-        jumps=jumps,
-        chain_names=(cin, csrc),
-    )
-
-
-def teardown_payload(jumps, chain_names) -> str:
-    lines = [f"-D {j}" for j in jumps]
-    lines += [f"-F {c}" for c in chain_names] + [f"-X {c}" for c in chain_names]
-    return _payload(lines)
-
-
-def teardown_from_save(save_text: str, name: str) -> str:
-    """Exact removal of whatever of ours ``iptables-save -t raw`` still shows.
-
-    Used when the all-in-one teardown failed because part of it was already
-    gone (a hand-deleted rule, a half-finished earlier run): keep only what
-    exists, so the removal itself cannot fail on a missing piece.
-    """
-    cin, csrc = chains(name)
-    ours = {cin, csrc}
-    present, jumps = set(), []
-    for line in save_text.splitlines():
-        if line.startswith(":") and line[1:].split(" ", 1)[0] in ours:
-            present.add(line[1:].split(" ", 1)[0])
-        elif line.startswith("-A ") and line.split()[-1] in ours and line.split()[-2] == "-j":
-            if line.split()[1] != cin and line.split()[1] != csrc:
-                jumps.append(line[3:])
-    if not present and not jumps:
-        return ""
-    chains_present = tuple(c for c in (cin, csrc) if c in present)
-    return teardown_payload(jumps, chains_present)
-
-
-def addresses_from_save(save_text: str, name: str) -> tuple:
-    """The source addresses our src chain drops: the firewall remembers what
-    online was given even after XenStore and the state record are gone."""
-    _, csrc = chains(name)
-    found = []
-    for line in save_text.splitlines():
-        parts = line.split()
-        if parts[:2] == ["-A", csrc] and "-s" in parts:
-            found.append(parts[parts.index("-s") + 1])
-    return tuple(found)
 
 
 # ----------------------------------------------------------------------------

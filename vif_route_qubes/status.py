@@ -11,9 +11,12 @@ noted, not an error.
 
 What the kernel *has* is read with one process per kind of query, all
 started at once: a single ``ip -j -batch -`` (links with their addresses,
-routes of both families in every table, permanent neighbour entries), one
-``iptables-save -t raw`` and one ``ip6tables-save -t raw``; ``proxy_arp`` and
-``proxy_ndp`` are /proc reads. Nothing is changed.
+routes of both families in every table, permanent neighbour entries) and
+the firewall backend's own reads (``iptables-save -t raw`` of both
+families, or one ``nft -j list``); ``proxy_arp`` and ``proxy_ndp`` are
+/proc reads. Nothing is changed. The firewall lines come from the chosen
+backend (:mod:`vif_route_qubes.firewall`); what the *other* backend has for
+a vif is listed as unexpected, so a silent mix of both shows.
 
 Exit status: 0 when every line is ok, 1 otherwise.
 """
@@ -116,23 +119,22 @@ def _public_record(record):
 class Kernel:
     """One reading of the kernel's networking state."""
 
-    def __init__(self, links, routes, neigh, saves, errors):
+    def __init__(self, links, routes, neigh, firewalls, errors):
         self.links = links  # {ifname: ip -j addr show entry}
         self.routes = routes
         self.neigh = neigh
-        self.saves = saves  # {4: iptables-save -t raw text, 6: ...}
+        self.firewalls = firewalls  # the chosen backend first, then the other
         self.errors = errors
 
     @classmethod
-    def read(cls, sys_):
-        started = [
-            sys_.start(["ip", "-j", "-batch", "-"], "".join(q + "\n" for q in IP_QUERIES), readonly=True),
-            sys_.start([sys_.iptables(4, "save"), "-t", "raw"], readonly=True),
-            sys_.start([sys_.iptables(6, "save"), "-t", "raw"], readonly=True),
-        ]
-        results = [s.wait(check=False) for s in started]
+    def read(cls, sys_, firewalls):
+        ipstart = sys_.start(["ip", "-j", "-batch", "-"], "".join(q + "\n" for q in IP_QUERIES), readonly=True)
+        for fw in firewalls:
+            fw.prefetch()
+        ipres = ipstart.wait(check=False)
         errors = []
-        ipres, save4, save6 = results
+        for fw in firewalls:
+            errors += fw.read_errors()
         if ipres.code != 0:
             raise Failure(f"{' '.join(ipres.argv)} exited {ipres.code}: {ipres.stderr.strip()}")
         arrays = _json_arrays(ipres.stdout)
@@ -145,25 +147,15 @@ class Kernel:
             if key not in seen:
                 seen.add(key)
                 routes.append(r)
-        saves = {}
-        for version, res in ((4, save4), (6, save6)):
-            if res.code != 0:
-                errors.append(f"{' '.join(res.argv)} exited {res.code}: {res.stderr.strip()}")
-            saves[version] = res.stdout if res.code == 0 else ""
-        return cls(links, routes, arrays[3], saves, errors)
+        return cls(links, routes, arrays[3], firewalls, errors)
 
     def group2(self):
         return sorted(n for n, e in self.links.items() if str(e.get("group")) == str(P.VIF_GROUP))
 
-    def chain_owners(self):
+    def firewall_owners(self):
         names = set()
-        for text in self.saves.values():
-            for line in text.splitlines():
-                if line.startswith(":vrq-"):
-                    chain = line[1:].split(" ", 1)[0]
-                    for prefix in ("vrq-in-", "vrq-src-"):
-                        if chain.startswith(prefix):
-                            names.add(chain[len(prefix):])
+        for fw in self.firewalls:
+            names |= fw.owners()
         return sorted(names)
 
 
@@ -176,19 +168,6 @@ def _json_arrays(text):
             return out
         value, pos = dec.raw_decode(text, pos)
         out.append(value)
-
-
-def _rule_key(line: str) -> str:
-    """A rule as iptables-save prints it and as our payload writes it, made
-    comparable: save prints device groups in hex (``--src-group 0x2``)."""
-    words = line.split()
-    for i, w in enumerate(words[:-1]):
-        if w in ("--src-group", "--dst-group"):
-            try:
-                words[i + 1] = str(int(words[i + 1], 0))
-            except ValueError:
-                pass
-    return " ".join(words)
 
 
 def _host(text: str) -> str:
@@ -379,39 +358,15 @@ def _link_checks(st, want, kernel):
 
 
 def _firewall_checks(st, want, kernel):
-    cin, csrc = P.chains(st.name)
-    ours = (cin, csrc)
-    for version in (4, 6):
-        kind = "iptables" if version == 4 else "ip6tables"
-        text = kernel.saves.get(version, "")
-        chains, rules = set(), []
-        for line in text.splitlines():
-            if line.startswith(":") and line[1:].split(" ", 1)[0] in ours:
-                chains.add(line[1:].split(" ", 1)[0])
-            elif line.startswith("-A "):
-                parts = line.split()
-                if parts[1] in ours or (len(parts) > 2 and parts[-2] == "-j" and parts[-1] in ours):
-                    rules.append(_rule_key(line))
-        if want is None:
-            for c in sorted(chains):
-                st.add(UNEXPECTED, kind, f"chain {c}", "left behind: no state record or XenStore entry wants it")
-            for r in rules:
-                st.add(UNEXPECTED, kind, r)
-            continue
-        fw = P.firewall(want.vif(), version)
-        for c in fw.chain_names:
-            st.add(OK if c in chains else MISSING, kind, f"chain {c}")
-        expected = [_rule_key(line) for line in fw.create.splitlines() if line.startswith("-A ")]
-        # jumps first: without them the chains do nothing
-        expected.sort(key=lambda r: 0 if r.split()[1] == "PREROUTING" else 1)
-        for r in expected:
-            if r in rules:
-                rules.remove(r)
-                st.add(OK, kind, r)
-            else:
-                st.add(MISSING, kind, r)
-        for r in rules:
-            st.add(UNEXPECTED, kind, r)
+    """The chosen backend's verdicts on what the vif should have; then the
+    other backend's rules for the same vif, all unexpected (moving between
+    backends is offline with one, online with the other: never a mix)."""
+    for i, fw in enumerate(kernel.firewalls):
+        for verdict, item, detail in fw.check(want.vif() if want is not None and i == 0 else None, st.name):
+            kind, _, rest = item.partition(" ")
+            if i > 0 and verdict == UNEXPECTED:
+                detail = f"{fw.name} backend's, but {kernel.firewalls[0].name} is in use" + (f"; {detail}" if detail else "")
+            st.add(verdict, kind, rest, detail)
 
 
 # ----------------------------------------------------------------------------
@@ -423,6 +378,7 @@ class Report:
     vifs: list
     notes: list
     xenstore_error: str = None
+    firewall: dict = None
 
     @property
     def ok(self) -> bool:
@@ -433,6 +389,7 @@ class Report:
             "ok": self.ok,
             "xenstore": {"reachable": self.xenstore_error is None, "error": self.xenstore_error},
             "notes": self.notes,
+            "firewall": self.firewall,
             "vifs": [v.as_dict() for v in self.vifs],
         }
 
@@ -454,9 +411,26 @@ def _records(directory):
     return found
 
 
-def collect(names, env, log=None) -> Report:
+def _backends(sys_, env, requested):
+    """The chosen firewall backend, and the other one when its tool is
+    installed (its leftovers are worth seeing; without its tool it has none)."""
+    from .firewall import backend_for, installed, other
+
+    chosen = backend_for(sys_, env, requested)
+    alt = other(chosen.name)
+    tool = "nft" if alt == "nft" else sys_.iptables(4, "save")
+    if not installed(env, tool):
+        return [chosen]
+    try:
+        return [chosen, backend_for(sys_, env, alt)]
+    except Failure:
+        return [chosen]
+
+
+def collect(names, env, log=None, firewall=None) -> Report:
     sys_ = System(env=env, log=log)
-    kernel = Kernel.read(sys_)
+    firewalls = _backends(sys_, env, firewall)
+    kernel = Kernel.read(sys_, firewalls)
     notes = list(kernel.errors)
     records = _records(state_dir(env))
     by_original = {key: name for name, (key, _) in records.items()}
@@ -466,7 +440,7 @@ def collect(names, env, log=None) -> Report:
             validate.ifname(n, "VIF")
             targets.append(by_original.get(n, n))
     else:
-        targets = sorted(set(records) | set(kernel.group2()) | set(kernel.chain_owners()))
+        targets = sorted(set(records) | set(kernel.group2()) | set(kernel.firewall_owners()))
     # where each vif's backend lives in XenStore
     backends = {}
     for name in targets:
@@ -511,7 +485,9 @@ def collect(names, env, log=None) -> Report:
         _link_checks(st, want, kernel)
         _firewall_checks(st, want, kernel)
         vifs.append(st)
-    return Report(vifs=vifs, notes=notes, xenstore_error=xs_error)
+    chosen = firewalls[0]
+    return Report(vifs=vifs, notes=notes, xenstore_error=xs_error,
+                  firewall={"backend": chosen.name, "reason": chosen.reason})
 
 
 def render_text(report) -> str:
@@ -519,7 +495,7 @@ def render_text(report) -> str:
     for note in report.notes:
         out.append(f"# {note}")
     if not report.vifs:
-        out.append("no vifs: no state records, no interfaces in group 2, no vrq- chains")
+        out.append("no vifs: no state records, no interfaces in group 2, no firewall rules of ours")
     for st in report.vifs:
         bad = [c for c in st.checks if c.verdict != OK]
         counts = ", ".join(f"{sum(c.verdict == v for c in bad)} {v}" for v in (MISSING, UNEXPECTED)
@@ -538,14 +514,16 @@ def render_text(report) -> str:
             if c.detail:
                 line += f"  # {c.detail}"
             out.append(line.rstrip())
+    if report.firewall:
+        out.append(f"# firewall: {report.firewall['backend']} backend ({report.firewall['reason']})")
     return "\n".join(out) + "\n"
 
 
-def main(names, env, as_json=False, log=None, out=None) -> int:
+def main(names, env, as_json=False, log=None, out=None, firewall=None) -> int:
     import sys
 
     out = out or sys.stdout
-    report = collect(names, env, log=log)
+    report = collect(names, env, log=log, firewall=firewall)
     if as_json:
         out.write(json.dumps(report.as_dict(), indent=2, sort_keys=True) + "\n")
     else:

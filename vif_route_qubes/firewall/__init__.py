@@ -25,9 +25,14 @@ ENV = "VIF_ROUTE_QUBES_FIREWALL"
 _SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 
 
-def _have_nft(env) -> bool:
+def installed(env, prog) -> bool:
+    """``prog`` is an executable on PATH or in an sbin directory."""
     dirs = [d for d in (env.get("PATH") or "").split(os.pathsep) if d] + list(_SBIN)
-    return any(os.access(os.path.join(d, "nft"), os.X_OK) for d in dirs)
+    return any(os.access(os.path.join(d, prog), os.X_OK) for d in dirs)
+
+
+def _have_nft(env) -> bool:
+    return installed(env, "nft")
 
 
 def choose(env, requested=None):
@@ -43,3 +48,41 @@ def choose(env, requested=None):
     if _have_nft(env):
         return "nft", f"{where} auto: the nft command is installed (sets keep per-packet cost flat)"
     return "iptables", f"{where} auto: no nft command found"
+
+
+def backend_for(sys_, env, requested=None):
+    """The backend object a run works through (the contract every tool
+    relies on; only the chosen backend's module is imported):
+
+    ``.name``, ``.reason``; ``.apply(vif, previous)`` guards ``vif`` (and,
+    when it fails, has put ``previous``'s guard, or nothing of ours, back
+    before raising); ``.remove(name, known=None)`` -> descriptions of what
+    was removed, never raises (``known``: the addresses the state record
+    names, which spares nft a read of the kernel); ``.addresses(name)`` -> the guest addresses our rules hold
+    in the kernel; ``.check(vif, name)`` -> [(verdict, item, detail)] for
+    status, where an item starts with the table kind it concerns
+    (``iptables``, ``ip6tables``, ``nft``), and ``vif`` None means nothing
+    of ours is expected."""
+    name, reason = choose(env, requested)
+    if name == "nft":
+        from . import nft as module
+    else:
+        from . import iptables as module
+    return module.Backend(sys_, reason)
+
+
+def other(name):
+    """The backend that is not ``name`` (to find its leftovers)."""
+    return "iptables" if name == "nft" else "nft"
+
+
+def recorded_backend(sys_, env, record, current):
+    """The backend that guarded a vif according to its state record, when it
+    is not ``current`` (None otherwise). Records written before the record
+    named its backend are iptables ones: there was no other."""
+    if not record:
+        return None
+    was = record.get("firewall") or "iptables"
+    if was == current.name or was not in ("iptables", "nft"):
+        return None
+    return backend_for(sys_, env, was)

@@ -91,7 +91,7 @@ class World:
     UPLINK_UPSTREAM = "192.168.0.1"
 
     def __init__(self, xenstored, tmpdir, prefix=None, gateway="10.137.0.1",
-                 dns=("10.139.1.1", "10.139.1.2"), upstream=True):
+                 dns=("10.139.1.1", "10.139.1.2"), upstream=True, firewall="iptables"):
         self.prefix = prefix or f"vrq{uuid.uuid4().hex[:6]}"
         self.xs = xenstored
         self.tmpdir = str(tmpdir)
@@ -107,6 +107,11 @@ class World:
             "VIF_ROUTE_QUBES_SYSLOG": os.path.join(self.tmpdir, "no-syslog"),
             "VIF_ROUTE_QUBES_HOTPLUG_LOG": os.path.join(self.tmpdir, "xen", "xen-hotplug.log"),
         }
+        # the firewall backend the commands under test use; None leaves the
+        # choice to them (auto: nft where the nft command exists)
+        self.firewall = firewall
+        if firewall:
+            self.env["VIF_ROUTE_QUBES_FIREWALL"] = firewall
         try:
             self.netvm = self._ns("netvm")
             self.netvm.sysctl("net.ipv4.ip_forward", 1)
@@ -182,6 +187,7 @@ class World:
             snap[key] = "\n".join(line for line in snap[key].splitlines() if "fe80:" not in line)
         for tool in ("iptables-save", "ip6tables-save"):
             snap[tool] = _rules(ns.exec([tool]).stdout)
+        snap["nft"], snap["nft-elements"] = nft_state(ns)
         for key in ("proxy_arp",):
             snap[key] = ns.exec(["sh", "-c", "grep -H . /proc/sys/net/ipv4/conf/*/proxy_arp"]).stdout
         state = self.env["VIF_ROUTE_QUBES_STATE_DIR"]
@@ -220,6 +226,41 @@ def _rules(save_text):
         if not empty:
             kept.extend(block)
     return "\n".join(kept)
+
+
+QUBES_TABLES = ("table ip qubes {", "table ip6 qubes {")
+
+
+def nft_state(ns):
+    """(``nft -s list ruleset`` without the tables ``ip qubes`` and ``ip6
+    qubes``, the elements of those tables' sets as sorted lines).
+
+    The nft backend creates the qubes tables once and keeps them (their
+    default deny must outlive every vif), so what a hotplug run changes,
+    and what offline must take back, is the sets' elements; the tables'
+    own definition is compared by the tests that are about it."""
+    import json
+    import re
+
+    res = ns.exec(["nft", "-s", "list", "ruleset"], check=False)
+    if res.returncode != 0:
+        return "", ""
+    blocks = re.split(r"(?m)^(?=table )", res.stdout)
+    # as in _rules(): a table that holds no rule (iptables-nft leaves its
+    # emptied base chains behind) is as good as none
+    other = "".join(b for b in blocks if not b.startswith(QUBES_TABLES) and any(
+        not re.fullmatch(r"(table .*\{|chain \S+ \{|type .*policy accept;|\}|)", line.strip())
+        for line in b.splitlines()))
+    elements = []
+    for family in ("ip", "ip6"):
+        for name in ("allowed", "downstream"):
+            got = ns.exec(["nft", "-j", "list", "set", family, "qubes", name], check=False)
+            if got.returncode != 0:
+                continue
+            for item in json.loads(got.stdout)["nftables"]:
+                for elem in item.get("set", {}).get("elem", []):
+                    elements.append(f"{family} {name} {json.dumps(elem, sort_keys=True)}")
+    return other, "\n".join(sorted(elements))
 
 
 def _script(name):

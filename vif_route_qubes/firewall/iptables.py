@@ -1,0 +1,436 @@
+"""The iptables backend: anti-spoofing as iptables-restore payloads, one
+pair of chains per interface in the raw table of both families.
+
+Layout (``iptables`` and ``ip6tables``, table ``raw``)::
+
+    PREROUTING -i VIF                      -j vrq-in-VIF   # ingress check
+    PREROUTING -m devgroup ! --src-group 2 -j vrq-src-VIF  # our addresses elsewhere
+    vrq-in-VIF:  -s ADDR -j RETURN (each address) ; -j DROP
+    vrq-src-VIF: -s ADDR -j DROP   (each address)
+
+The ingress chain RETURNs for *every* address of the vif before its single
+DROP, so several addresses on one vif all work (the iptables-era shell script
+added one ``-i VIF ! -s ADDR -j DROP`` per address, and each dropped the
+others). "A non-vif interface" is "not in interface group 2", the group Qubes
+gives every vif, rather than ``! -i vif+``: it stays right for interfaces
+renamed through XenStore's ``vifname``.
+
+Every packet walks the PREROUTING jumps of every vif, so a packet's cost
+grows with the number of guests (benchmarks/README.md); the nft backend's
+sets do not. The upper half of this module is pure (payload text in, text
+out, tested without root); :class:`Backend` applies it through the
+:class:`~vif_route_qubes.system.System` seam.
+"""
+
+from collections import namedtuple
+
+from ..errors import CommandFailed, Failure
+from ..plan import VIF_GROUP, Vif, host
+
+NAME = "iptables"
+CHAIN_MAX = 28  # xtables chain name limit (XT_EXTENSION_MAXNAMELEN - 1 - ...)
+FAMILIES = (4, 6)
+
+
+def chains(name: str) -> tuple:
+    cin, csrc = f"vrq-in-{name}", f"vrq-src-{name}"
+    assert len(csrc) <= CHAIN_MAX, csrc  # ifname() caps names at 15 chars
+    return cin, csrc
+
+
+class Firewall(namedtuple("Firewall", "version create replace teardown jumps chain_names")):
+    """The rules of one address family, as iptables-restore payload variants.
+
+    ``create`` makes the chains with ``-N`` (fails if they exist, and since
+    the chains and their jumps are only ever made and removed together in one
+    atomic payload, "exists" means "jumps exist too"). ``replace`` refills
+    existing chains and re-adds the jumps with ``-D`` + ``-A`` (fails if a
+    jump is missing, so it never duplicates one). ``teardown`` removes both.
+    ``jumps`` are the "PREROUTING ..." rule specs, for exact removal.
+    """
+
+    __slots__ = ()
+
+
+def _payload(lines) -> str:
+    return "*raw\n" + "".join(line + "\n" for line in lines) + "COMMIT\n"
+
+
+def chain_rules(vif: Vif, version: int) -> list:
+    """The ``-A`` lines of our two chains, in the order they must have:
+    the RETURNs before the DROP is what lets the guest's own addresses out."""
+    cin, csrc = chains(vif.name)
+    own = vif.family(version)
+    rules = [f"-A {cin} -s {host(a)} -j RETURN" for a in own]
+    if version == 6 and own:
+        # Neighbour discovery comes from link-local sources, and duplicate
+        # address detection from ::, before the guest uses its own address
+        # (RFC 4861, RFC 4862); without these the guest never finds its router.
+        rules.append(f"-A {cin} -s fe80::/10 -p ipv6-icmp -j RETURN")
+        rules.append(f"-A {cin} -s ::/128 -p ipv6-icmp -j RETURN")
+    rules.append(f"-A {cin} -j DROP")
+    rules += [f"-A {csrc} -s {host(a)} -j DROP" for a in own]
+    return rules
+
+
+def jump_specs(name: str) -> tuple:
+    cin, csrc = chains(name)
+    return (
+        f"PREROUTING -i {name} -m comment --comment vrq-in -j {cin}",
+        f"PREROUTING -m devgroup ! --src-group {VIF_GROUP} -m comment --comment vrq-src -j {csrc}",
+    )
+
+
+def firewall(vif: Vif, version: int) -> Firewall:
+    cin, csrc = chains(vif.name)
+    rules = chain_rules(vif, version)
+    jumps = jump_specs(vif.name)
+    create = [f"-N {cin}", f"-N {csrc}", *rules, *(f"-A {j}" for j in jumps)]
+    replace = [
+        f":{cin} - [0:0]",
+        f":{csrc} - [0:0]",
+        *rules,
+        *(f"-D {j}" for j in jumps),
+        *(f"-A {j}" for j in jumps),
+    ]
+    return Firewall(
+        version=version,
+        create=_payload(create),
+        replace=_payload(replace),
+        teardown=teardown_payload(jumps, (cin, csrc)),
+        jumps=jumps,
+        chain_names=(cin, csrc),
+    )
+
+
+def teardown_payload(jumps, chain_names) -> str:
+    lines = [f"-D {j}" for j in jumps]
+    lines += [f"-F {c}" for c in chain_names] + [f"-X {c}" for c in chain_names]
+    return _payload(lines)
+
+
+def teardown_from_save(save_text: str, name: str) -> str:
+    """Exact removal of whatever of ours ``iptables-save -t raw`` still shows.
+
+    Used when the all-in-one teardown failed because part of it was already
+    gone (a hand-deleted rule, a half-finished earlier run): keep only what
+    exists, so the removal itself cannot fail on a missing piece.
+    """
+    cin, csrc = chains(name)
+    ours = {cin, csrc}
+    present, jumps = set(), []
+    for line in save_text.splitlines():
+        if line.startswith(":") and line[1:].split(" ", 1)[0] in ours:
+            present.add(line[1:].split(" ", 1)[0])
+        elif line.startswith("-A ") and line.split()[-1] in ours and line.split()[-2] == "-j":
+            if line.split()[1] != cin and line.split()[1] != csrc:
+                jumps.append(line[3:])
+    if not present and not jumps:
+        return ""
+    chains_present = tuple(c for c in (cin, csrc) if c in present)
+    return teardown_payload(jumps, chains_present)
+
+
+def addresses_from_save(save_text: str, name: str) -> tuple:
+    """The source addresses our src chain drops: the firewall remembers what
+    online was given even after XenStore and the state record are gone."""
+    _, csrc = chains(name)
+    found = []
+    for line in save_text.splitlines():
+        parts = line.split()
+        if parts[:2] == ["-A", csrc] and "-s" in parts:
+            found.append(parts[parts.index("-s") + 1])
+    return tuple(found)
+
+
+def owners_from_save(save_text: str) -> set:
+    """Interface names that have a vrq- chain in this save text."""
+    names = set()
+    for line in save_text.splitlines():
+        if line.startswith(":vrq-"):
+            chain = line[1:].split(" ", 1)[0]
+            for prefix in ("vrq-in-", "vrq-src-"):
+                if chain.startswith(prefix):
+                    names.add(chain[len(prefix):])
+    return names
+
+
+def merge_payloads(first: str, second: str) -> str:
+    """Two ``*raw ... COMMIT`` payloads as one transaction."""
+    body = lambda p: p.split("\n", 1)[1].rsplit("COMMIT\n", 1)[0] if p else ""  # noqa: E731
+    return "*raw\n" + body(first) + body(second) + "COMMIT\n"
+
+
+def rule_key(line: str) -> str:
+    """A rule as iptables-save prints it and as our payload writes it, made
+    comparable: save prints device groups in hex (``--src-group 0x2``)."""
+    words = line.split()
+    for i, w in enumerate(words[:-1]):
+        if w in ("--src-group", "--dst-group"):
+            try:
+                words[i + 1] = str(int(words[i + 1], 0))
+            except ValueError:
+                pass
+    return " ".join(words)
+
+
+def compare(save_text: str, vif, name: str, kind: str) -> list:
+    """[(verdict, item, detail)] for one family: our chains, their rules in
+    order, our jumps. ``vif`` None: nothing of ours is expected here.
+
+    Order matters inside a chain (a RETURN after the DROP lets nothing
+    through), so the rules of each chain are matched as a sequence: the
+    longest run of expected rules found in order is ok, an expected rule
+    present only out of that order is missing ("out of order"), and what
+    is left over is unexpected."""
+    cin, csrc = chains(name)
+    ours = (cin, csrc)
+    present, in_chain, jumps = set(), {cin: [], csrc: []}, []
+    for line in save_text.splitlines():
+        if line.startswith(":") and line[1:].split(" ", 1)[0] in ours:
+            present.add(line[1:].split(" ", 1)[0])
+        elif line.startswith("-A "):
+            parts = line.split()
+            if parts[1] in ours:
+                in_chain[parts[1]].append(rule_key(line))
+            elif len(parts) > 2 and parts[-2] == "-j" and parts[-1] in ours:
+                jumps.append(rule_key(line))
+    out = []
+    if vif is None:
+        for c in ours:
+            if c in present:
+                out.append(("unexpected", f"{kind} chain {c}", "left behind: no state record or XenStore entry wants it"))
+        for r in jumps + in_chain[cin] + in_chain[csrc]:
+            out.append(("unexpected", f"{kind} {r}", ""))
+        return out
+    for c in ours:
+        out.append(("ok" if c in present else "missing", f"{kind} chain {c}", ""))
+    # jumps first: without them the chains do nothing; their place among
+    # other PREROUTING rules is not ours to judge
+    for spec in jump_specs(name):
+        r = rule_key(f"-A {spec}")
+        if r in jumps:
+            jumps.remove(r)
+            out.append(("ok", f"{kind} {r}", ""))
+        else:
+            out.append(("missing", f"{kind} {r}", ""))
+    for r in jumps:
+        out.append(("unexpected", f"{kind} {r}", ""))
+    expected = [rule_key(r) for r in chain_rules(vif, kind_version(kind))]
+    for c in ours:
+        want = [r for r in expected if r.split()[1] == c]
+        have = in_chain[c]
+        out += _sequence(want, have, kind)
+    return out
+
+
+def kind_version(kind: str) -> int:
+    return 6 if kind == "ip6tables" else 4
+
+
+def _sequence(want, have, kind):
+    """Expected rules of one chain against the chain's rules, in order."""
+    from difflib import SequenceMatcher
+
+    matched_w, matched_h = set(), set()
+    for block in SequenceMatcher(None, want, have, autojunk=False).get_matching_blocks():
+        for k in range(block.size):
+            matched_w.add(block.a + k)
+            matched_h.add(block.b + k)
+    out = []
+    for i, r in enumerate(want):
+        if i in matched_w:
+            out.append(("ok", f"{kind} {r}", ""))
+        elif r in have:
+            out.append(("missing", f"{kind} {r}", "present, but out of order"))
+        else:
+            out.append(("missing", f"{kind} {r}", ""))
+    for j, r in enumerate(have):
+        if j not in matched_h:
+            out.append(("unexpected", f"{kind} {r}", "out of order" if r in want else ""))
+    return out
+
+
+# ----------------------------------------------------------------------------
+# Applying
+
+
+class Backend:
+    """The iptables backend behind the firewall seam (see
+    :mod:`vif_route_qubes.firewall` for the contract)."""
+
+    name = NAME
+
+    def __init__(self, sys_, reason):
+        self.sys, self.reason = sys_, reason
+        self._saved = None  # {version: save text}, read once, for check()
+        self.errors = []
+
+    # -- helpers ---------------------------------------------------------------
+    def _save(self, version, check=True):
+        s = self.sys
+        res = s.run([s.iptables(version, "save"), "-t", "raw"], readonly=True, check=check)
+        return res.stdout if res.code == 0 else ""
+
+    def _try(self, version, data):
+        """Start one restore; an injected fault counts as its failure."""
+        s = self.sys
+        try:
+            return s.start(s.restore(version), data)
+        except CommandFailed as exc:
+            return exc
+
+    @staticmethod
+    def _wait(started):
+        if isinstance(started, CommandFailed):
+            return started
+        res = started.wait(check=False)
+        return None if res.code == 0 else CommandFailed(res.argv, res.code, res.stderr)
+
+    def _install(self, fws, name, first, log):
+        """Install ``fws`` (one Firewall per family), in parallel, choosing
+        the payload variant by what we believe exists; fall back through the
+        others so neither a missing nor a leftover piece can make us
+        duplicate a rule. A command that could not even start (an injected
+        fault) is final for its family. -> {version: CommandFailed} of the
+        families that could not be installed (empty: all done)."""
+        s = self.sys
+        order = [first, "create" if first == "replace" else "replace", "rebuild"]
+        if s.dry_run:
+            order = order[:1]
+        pending, final, refused = list(fws), {}, {}
+        for mode in order:
+            started = []
+            for fw in pending:
+                if mode == "rebuild":
+                    saved = self._save(fw.version, check=False)
+                    data = merge_payloads(teardown_from_save(saved, name), fw.create)
+                else:
+                    data = getattr(fw, mode)
+                started.append((fw, self._try(fw.version, data)))
+            pending, refused = [], {}
+            for fw, st in started:
+                if isinstance(st, CommandFailed):
+                    final[fw.version] = st
+                    continue
+                err = self._wait(st)
+                if err is not None:
+                    pending.append(fw)
+                    refused[fw.version] = err
+                    if log:
+                        log.debug(f"{err.argv[0]}: {mode} variant refused: {err.stderr.strip()}")
+            if not pending:
+                break
+        return {**refused, **final}
+
+    # -- the contract ----------------------------------------------------------
+    def apply(self, vif, previous):
+        s = self.sys
+        first = "replace" if previous is not None else "create"
+        if s.dry_run:
+            s.note(f"firewall: '{first}' variant; if the chains turn out to be "
+                   + ("missing" if previous is not None else "present already") + ", the other one is applied")
+        failed = self._install([firewall(vif, v) for v in FAMILIES], vif.name, first, s.log)
+        if not failed:
+            return
+        # One family failed, the other may be in place already: put the
+        # family that succeeded back as it was (previous's rules, or nothing
+        # of ours), so the two families never tell different stories.
+        done = [v for v in FAMILIES if v not in failed]
+        if done:
+            if previous is not None:
+                still = self._install([firewall(previous, v) for v in done], previous.name, "replace", None)
+            else:
+                still = {v: self._teardown(vif.name, v) for v in done}
+                still = {v: e for v, e in still.items() if e is not None}
+            if still and s.log:
+                s.log.warning(f"could not restore the previous {NAME} rules of {vif.name}: "
+                              + "; ".join(str(e) for e in still.values()))
+        raise failed[max(failed)]
+
+    def _teardown(self, name, version):
+        """Remove our chains and jumps in one family: None when done (or
+        nothing was there), else the error."""
+        s = self.sys
+        fw = firewall(Vif(name=name, domid=0), version)
+        err = self._wait(self._try(version, fw.teardown))
+        if err is None:
+            return None
+        payload = teardown_from_save(self._save(version, check=False), name)
+        if not payload:
+            return None
+        res = s.run(s.restore(version), payload, check=False)
+        return None if res.code == 0 else CommandFailed(res.argv, res.code, res.stderr)
+
+    def remove(self, name, known=None):
+        """Remove our chains and jumps in both families; never fails: what is
+        already gone is fine, and a partial leftover is removed exactly.
+        (``known`` is not needed: the chains are named after the interface.)"""
+        s = self.sys
+        removed = []
+        fws = [firewall(Vif(name=name, domid=0), v) for v in FAMILIES]
+        started = [(fw, self._try(fw.version, fw.teardown)) for fw in fws]
+        for fw, st in started:
+            kind = "iptables" if fw.version == 4 else "ip6tables"
+            err = self._wait(st)
+            if err is None:
+                removed.append(f"{kind} chains {' '.join(fw.chain_names)}")
+                continue
+            try:
+                saved = s.run([s.iptables(fw.version, "save"), "-t", "raw"], readonly=True, check=False)
+                payload = teardown_from_save(saved.stdout, name)
+                if not payload:
+                    continue
+                again = s.run(s.restore(fw.version), payload, check=False)
+            except Failure as exc:
+                again = exc
+            if isinstance(again, Failure) or again.code != 0:
+                why = again if isinstance(again, Failure) else again.stderr.strip()
+                if s.log:
+                    s.log.warning(f"could not remove firewall rules of {name}: {why}")
+            else:
+                removed.append(f"{kind} rules of {name} (what was left)")
+        return removed
+
+    def addresses(self, name):
+        from ipaddress import ip_interface
+
+        found = []
+        for v in FAMILIES:
+            found += addresses_from_save(self._save(v, check=False), name)
+        return tuple(ip_interface(a).ip for a in found)
+
+    # -- status ----------------------------------------------------------------
+    def prefetch(self):
+        """Start the reads check() and owners() work from (status starts
+        them beside its own ``ip`` query)."""
+        if self._saved is None:
+            s = self.sys
+            self._saved = {v: s.start([s.iptables(v, "save"), "-t", "raw"], readonly=True) for v in FAMILIES}
+
+    def _saves(self):
+        self.prefetch()
+        for v, st in list(self._saved.items()):
+            if not isinstance(st, str):
+                res = st.wait(check=False)
+                if res.code != 0:
+                    self.errors.append(f"{' '.join(res.argv)} exited {res.code}: {res.stderr.strip()}")
+                self._saved[v] = res.stdout if res.code == 0 else ""
+        return self._saved
+
+    def read_errors(self):
+        """Why a read for status failed (notes, not verdicts)."""
+        self._saves()
+        return list(self.errors)
+
+    def owners(self):
+        names = set()
+        for text in self._saves().values():
+            names |= owners_from_save(text)
+        return names
+
+    def check(self, vif, name):
+        out = []
+        for v, text in sorted(self._saves().items()):
+            out += compare(text, vif, name, "iptables" if v == 4 else "ip6tables")
+        return out

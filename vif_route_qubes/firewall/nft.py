@@ -1,0 +1,391 @@
+"""The nft backend: Qubes' nftables-era anti-spoofing layout, filled with
+set elements, one ``nft -f -`` transaction per change for both families.
+
+Layout (what ``qubes-antispoof.service`` loads on a Qubes R4.2 netvm; we
+create whatever of it is absent, and reuse what is present exactly as it is:
+never flushed, never redefined)::
+
+    table ip qubes {                         # ip6: ipv6_addr, ip6 saddr
+        set downstream { type ipv4_addr; }               # every guest address
+        set allowed { type ifname . ipv4_addr; }         # (vif, its address)
+        chain prerouting {
+            type filter hook prerouting priority raw; policy accept;
+            iifgroup 2 goto antispoof
+            ip saddr @downstream counter drop            # ours, from elsewhere
+        }
+        chain antispoof {
+            iifname . ip saddr @allowed accept
+            counter drop                                 # default deny
+        }
+    }
+
+``online`` adds the vif's elements (``"vif3.0" . 10.137.0.12`` to
+``allowed``, ``10.137.0.12`` to ``downstream``) and ``offline`` removes them;
+the rules never change, so a packet's cost does not depend on the number of
+guests (a set lookup, not a walk over a chain per vif), and a vif in group 2
+without elements gets nothing through (default deny).
+
+IPv6 neighbour discovery: a vif with IPv6 addresses may also send ICMPv6
+from link-local sources and from ``::`` (duplicate address detection), as
+with the iptables backend. That needs one more rule and a set of ours in
+``ip6 qubes``::
+
+        set vrq-nd { type ifname; }                      # vifs with IPv6
+        chain antispoof {
+            iifname . ip6 saddr @allowed accept
+            iifname @vrq-nd ip6 saddr { fe80::/10, :: } meta l4proto ipv6-icmp accept
+            counter drop
+        }
+
+The rule is only part of an ``antispoof`` chain *we* create. Qubes' own
+chain (reused as it is) lets no link-local source through; Qubes guests
+reach their gateway through a static neighbour entry instead, so under a
+Qubes-loaded table the guests behave as on Qubes.
+
+Stale elements: ``online`` of a vif without a state record must not keep
+elements an earlier vif of the same name left behind (another address would
+stay allowed). Reading the sets first would cost a process on every new
+vif, so the transaction itself tells: it *creates* the interface's element
+in ``set vrq-guarded { type ifname; }`` (in ``ip qubes``), which fails the
+whole transaction when we hold elements for that name already; only then
+are the sets read and the stale elements removed. (The iptables backend's
+``-N`` plays the same part.) Likewise the fast path assumes the tables
+exist; when a transaction fails, the kernel is read once and what is absent
+is created in the retry.
+
+Removing an element that is not there fails a whole nft transaction (nft
+1.0.6 has no ``destroy``), so a removal is written ``add`` + ``delete``:
+absent or present before, absent after, and the transaction stands.
+"""
+
+import json
+from ipaddress import ip_address
+
+from ..errors import CommandFailed, Failure
+from ..plan import VIF_GROUP
+
+NAME = "nft"
+TABLE = "qubes"
+FAMILIES = {4: "ip", 6: "ip6"}
+ND_SET = "vrq-nd"
+GUARDED = "vrq-guarded"  # in ip qubes: the interfaces we hold elements for
+ND_SOURCES = "{ fe80::/10, :: }"
+
+
+def _saddr(version):
+    return "ip saddr" if version == 4 else "ip6 saddr"
+
+
+def _addr_type(version):
+    return "ipv4_addr" if version == 4 else "ipv6_addr"
+
+
+# ----------------------------------------------------------------------------
+# The pure part: what the kernel has (parsed) and the payload text
+
+
+class Ruleset:
+    """The parts of ``nft -j list ruleset`` that concern us: which of the
+    qubes tables, sets and chains exist, and the sets' elements."""
+
+    def __init__(self, tables=(), sets=None, chains=(), raw_chains=()):
+        self.tables = set(tables)  # {"ip", "ip6"}
+        self.sets = dict(sets or {})  # {(family, set): [element, ...]}
+        self.chains = set(chains)  # {(family, chain)}
+        self.raw_chains = set(raw_chains)  # iptables-nft chains named vrq-*: {(family, chain)}
+
+    @classmethod
+    def parse(cls, text):
+        tables, sets, chains, raw = set(), {}, set(), set()
+        try:
+            items = json.loads(text or "{}").get("nftables", [])
+        except ValueError:
+            raise Failure("nft -j list ruleset: output is not JSON") from None
+        for item in items:
+            (kind, obj), = item.items() if len(item) == 1 else ((None, None),)
+            if not isinstance(obj, dict) or obj.get("family") not in ("ip", "ip6"):
+                continue
+            table = obj.get("table") if kind != "table" else obj.get("name")
+            if table == "raw" and kind == "chain" and str(obj.get("name", "")).startswith("vrq-"):
+                raw.add((obj["family"], obj["name"]))
+            if table != TABLE:
+                continue
+            if kind == "table":
+                tables.add(obj["family"])
+            elif kind == "set":
+                sets[(obj["family"], obj["name"])] = [_element(e) for e in obj.get("elem", [])]
+            elif kind == "chain":
+                chains.add((obj["family"], obj["name"]))
+        return cls(tables, sets, chains, raw)
+
+    def allowed(self, name):
+        """-> [address] of ``name``'s elements in both ``allowed`` sets."""
+        found = []
+        for family in ("ip", "ip6"):
+            for e in self.sets.get((family, "allowed"), []):
+                if isinstance(e, tuple) and e[0] == name:
+                    found.append(e[1])
+        return found
+
+    def owners(self):
+        names = set()
+        for family in ("ip", "ip6"):
+            names |= {e[0] for e in self.sets.get((family, "allowed"), []) if isinstance(e, tuple)}
+        names |= {e for e in self.sets.get(("ip6", ND_SET), []) if isinstance(e, str)}
+        names |= {e for e in self.sets.get(("ip", GUARDED), []) if isinstance(e, str)}
+        return names
+
+
+def _element(e):
+    """A set element as JSON shows it -> str or (ifname, address str)."""
+    if isinstance(e, dict) and "elem" in e:
+        e = e["elem"].get("val")
+    if isinstance(e, dict) and "concat" in e:
+        return tuple(str(x) for x in e["concat"])
+    return str(e)
+
+
+def skeleton(version, ruleset=None):
+    """The lines that create whatever of a family's layout is absent from
+    ``ruleset`` (None: assume all of it is present, the fast path)."""
+    fam = FAMILIES[version]
+    if ruleset is None:
+        return []
+    lines = []
+    if fam not in ruleset.tables:
+        lines.append(f"add table {fam} {TABLE}")
+    want_sets = [("downstream", _addr_type(version)), ("allowed", f"ifname . {_addr_type(version)}")]
+    want_sets.append((GUARDED, "ifname") if version == 4 else (ND_SET, "ifname"))
+    for name, typ in want_sets:
+        if (fam, name) not in ruleset.sets:
+            lines.append(f"add set {fam} {TABLE} {name} {{ type {typ}; }}")
+    # antispoof before prerouting: the prerouting rule jumps to it
+    if (fam, "antispoof") not in ruleset.chains:
+        lines.append(f"add chain {fam} {TABLE} antispoof")
+        lines.append(f"add rule {fam} {TABLE} antispoof iifname . {_saddr(version)} @allowed accept")
+        if version == 6:
+            lines.append(f"add rule {fam} {TABLE} antispoof iifname @{ND_SET} ip6 saddr {ND_SOURCES} "
+                         "meta l4proto ipv6-icmp accept")
+        lines.append(f"add rule {fam} {TABLE} antispoof counter drop")
+    if (fam, "prerouting") not in ruleset.chains:
+        lines.append(f"add chain {fam} {TABLE} prerouting "
+                     "{ type filter hook prerouting priority raw; policy accept; }")
+        lines.append(f"add rule {fam} {TABLE} prerouting iifgroup {VIF_GROUP} goto antispoof")
+        lines.append(f"add rule {fam} {TABLE} prerouting {_saddr(version)} @downstream counter drop")
+    return lines
+
+
+def elements(name, addresses):
+    """{(family, set): [element text]} for one vif's addresses."""
+    out = {}
+    for a in addresses:
+        fam = FAMILIES[a.version]
+        out.setdefault((fam, "allowed"), []).append(f'"{name}" . {a}')
+        out.setdefault((fam, "downstream"), []).append(str(a))
+    if any(a.version == 6 for a in addresses):
+        out[("ip6", ND_SET)] = [f'"{name}"']
+    return out
+
+
+def _elem_lines(verb, elems):
+    return [f"{verb} element {fam} {TABLE} {s} {{ {', '.join(items)} }}" for (fam, s), items in sorted(elems.items())]
+
+
+def transaction(name, addresses, drop_addresses=(), drop_nd=False, ruleset=None, guard="add"):
+    """One ``nft -f -`` payload: create what is absent (when ``ruleset``
+    says so), remove ``drop_addresses``' elements of ``name`` (absent-safe:
+    add, then delete), add ``addresses``' elements. Addresses in both lists
+    stay. ``guard``: what to do with ``name``'s element of ``vrq-guarded``:
+    ``create`` (fail if there), ``add``, or ``drop``. -> text ending in a
+    newline."""
+    keep = set(addresses)
+    lines = []
+    for version in (4, 6):
+        lines += skeleton(version, ruleset)
+    marker = f'{{ "{name}" }}'
+    if guard == "drop":
+        lines += [f"add element ip {TABLE} {GUARDED} {marker}", f"delete element ip {TABLE} {GUARDED} {marker}"]
+    else:
+        lines.append(f"{guard} element ip {TABLE} {GUARDED} {marker}")
+    gone = [a for a in drop_addresses if a not in keep]
+    drop = elements(name, gone)
+    if ("ip6", ND_SET) in drop or drop_nd:
+        drop[("ip6", ND_SET)] = [f'"{name}"']
+    if any(a.version == 6 for a in addresses):
+        drop.pop(("ip6", ND_SET), None)  # it stays
+    lines += _elem_lines("add", drop) + _elem_lines("delete", drop)
+    lines += _elem_lines("add", elements(name, addresses))
+    return "".join(line + "\n" for line in lines)
+
+
+def expected(vif):
+    """Status: [(set, element)] a vif should have, as ``check`` lists them."""
+    out = [(f"ip {TABLE} {GUARDED}", f'"{vif.name}"')]
+    for (fam, s), items in sorted(elements(vif.name, vif.addresses).items()):
+        out += [(f"{fam} {TABLE} {s}", i) for i in items]
+    return out
+
+
+def _shown(e):
+    return f'"{e[0]}" . {e[1]}' if isinstance(e, tuple) else (f'"{e}"' if not _is_addr(e) else e)
+
+
+def _is_addr(text):
+    try:
+        ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+# ----------------------------------------------------------------------------
+# Applying
+
+
+class Backend:
+    """The nft backend behind the firewall seam (see
+    :mod:`vif_route_qubes.firewall` for the contract)."""
+
+    name = NAME
+
+    def __init__(self, sys_, reason):
+        self.sys, self.reason = sys_, reason
+        self._read = None  # a started read (status) or its Ruleset
+        self.errors = []
+
+    def ruleset(self):
+        """Read the kernel now (one ``nft -j list ruleset``)."""
+        res = self.sys.run(["nft", "-j", "list", "ruleset"], readonly=True, check=False)
+        if res.code != 0:
+            raise CommandFailed(res.argv, res.code, res.stderr)
+        return Ruleset.parse(res.stdout)
+
+    def _commit(self, payload):
+        if payload:
+            self.sys.run(["nft", "-f", "-"], payload)
+
+    def apply(self, vif, previous):
+        s = self.sys
+        renamed = previous is not None and previous.name != vif.name
+        # the fast path: no read. With a record, it names the elements to
+        # replace; without, the guarded marker's ``create`` proves there
+        # are none (or fails the transaction, and the kernel is read).
+        payload = ""
+        if renamed:
+            payload = transaction(previous.name, (), previous.addresses, drop_nd=True, guard="drop")
+        payload += transaction(vif.name, vif.addresses, previous.addresses if previous else (),
+                               drop_nd=previous is not None and not renamed,
+                               guard="add" if previous is not None and not renamed else "create")
+        if s.dry_run:
+            s.note("nft: if this transaction is refused (tables absent, or elements of an earlier "
+                   f"{vif.name} left behind), the kernel's sets are read and a second one creates "
+                   "what is absent and replaces what is there")
+        try:
+            self._commit(payload)
+            return
+        except CommandFailed as exc:
+            if "injected fault" in exc.stderr:
+                raise
+            if s.log:
+                s.log.debug(f"nft: transaction refused ({exc.stderr.strip()}); reading the kernel")
+        # A failed transaction changed nothing; the kernel says what exists
+        # and which elements of this interface are there to replace.
+        have = self.ruleset()
+        head = ""
+        if renamed:
+            head = transaction(previous.name, (), [ip_address(a) for a in have.allowed(previous.name)],
+                               drop_nd=True, guard="drop")
+        stale = [ip_address(a) for a in have.allowed(vif.name)]
+        self._commit(head + transaction(vif.name, vif.addresses, stale, drop_nd=vif.name in have.owners(),
+                                        ruleset=have))
+
+    def remove(self, name, known=None):
+        """Remove ``name``'s elements. ``known``: the addresses the state
+        record names (one transaction, no read); else, or if that did not
+        fit the kernel, the kernel's sets say. Never raises."""
+        s = self.sys
+        try:
+            if known is not None:
+                try:
+                    self._commit(transaction(name, (), known, drop_nd=True, guard="drop"))
+                    return [f"nft elements of {name}: {' '.join(map(str, known)) or 'none'}"]
+                except CommandFailed as exc:
+                    if "injected fault" in exc.stderr:
+                        raise
+                    if s.log:
+                        s.log.debug(f"nft: removal by the record refused ({exc}); reading the kernel")
+            have = self.ruleset()
+            found = [ip_address(a) for a in have.allowed(name)]
+            nd = name in have.owners()
+            if not found and not nd:
+                return []
+            self._commit(transaction(name, (), found, drop_nd=nd, guard="drop"))
+            return [f"nft elements of {name}: {' '.join(map(str, found)) or 'none'}"]
+        except Failure as exc:
+            if s.log:
+                s.log.warning(f"could not remove the nft elements of {name}: {exc}")
+            return []
+
+    def addresses(self, name):
+        try:
+            return tuple(ip_address(a) for a in self.ruleset().allowed(name))
+        except Failure as exc:
+            if self.sys.log:
+                self.sys.log.warning(f"nft: cannot read the kernel's sets: {exc}")
+            return ()
+
+    # -- status ----------------------------------------------------------------
+    def prefetch(self):
+        if self._read is None:
+            self._read = self.sys.start(["nft", "-j", "list", "ruleset"], readonly=True)
+
+    def _ruleset(self):
+        self.prefetch()
+        if not isinstance(self._read, Ruleset):
+            res = self._read.wait(check=False)
+            if res.code != 0:
+                self.errors.append(f"{' '.join(res.argv)} exited {res.code}: {res.stderr.strip()}")
+                self._read = Ruleset()
+            else:
+                self._read = Ruleset.parse(res.stdout)
+        return self._read
+
+    def read_errors(self):
+        self._ruleset()
+        return list(self.errors)
+
+    def owners(self):
+        return self._ruleset().owners()
+
+    def check(self, vif, name):
+        have = self._ruleset()
+        out = []
+        if vif is not None:
+            for version, fam in FAMILIES.items():
+                for s in ("allowed", "downstream", GUARDED if version == 4 else ND_SET):
+                    ok = (fam, s) in have.sets
+                    out.append(("ok" if ok else "missing", f"nft set {fam} {TABLE} {s}", ""))
+                for c in ("prerouting", "antispoof"):
+                    ok = (fam, c) in have.chains
+                    out.append(("ok" if ok else "missing", f"nft chain {fam} {TABLE} {c}", ""))
+        want = expected(vif) if vif is not None else []
+        mine = []
+        for (fam, s), elems in sorted(have.sets.items()):
+            for e in elems:
+                if (isinstance(e, tuple) and e[0] == name) or (s in (ND_SET, GUARDED) and e == name):
+                    mine.append((f"{fam} {TABLE} {s}", _shown(e)))
+        # downstream holds bare addresses: ours are those of our allowed elements
+        for fam, addr in ((f, e[1]) for f in ("ip", "ip6") for e in have.sets.get((f, "allowed"), [])
+                          if isinstance(e, tuple) and e[0] == name):
+            if addr in have.sets.get((fam, "downstream"), []):
+                mine.append((f"{fam} {TABLE} downstream", addr))
+        for where, e in want:
+            if (where, e) in mine:
+                mine.remove((where, e))
+                out.append(("ok", f"nft element {where} {e}", ""))
+            else:
+                out.append(("missing", f"nft element {where} {e}", ""))
+        for where, e in mine:
+            detail = "" if vif is not None else "left behind: no state record or XenStore entry wants it"
+            out.append(("unexpected", f"nft element {where} {e}", detail))
+        return out
