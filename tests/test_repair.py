@@ -10,6 +10,7 @@ one is still dropped, checked with real packets.
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -52,9 +53,25 @@ except socket.timeout:
 """
 
 
+def _chains_sorted(ruleset):
+    """``nft list ruleset`` with each table's chains in name order: nft lists
+    chains in creation order, which says when a chain was made, not what it
+    does (a refilled chain and a re-created one are the same state)."""
+    out = []
+    for table in re.split(r"(?m)^(?=table )", ruleset):
+        head, _, body = table.partition("\n")
+        body = body.rstrip()
+        if body.endswith("\n}"):
+            body = body[:-2]  # the table's own closing brace
+        chains = sorted(c.strip("\n") for c in re.split(r"(?m)^(?=\tchain )", body) if c.strip())
+        out.append(head + "\n" + "\n".join(chains))
+    return "\n".join(out)
+
+
 def snap(world):
     """world.snapshot() plus proxy_ndp, with the qdisc difference taken out."""
     s = comparable(world.snapshot())
+    s["nft"] = _chains_sorted(s["nft"])
     s["proxy_ndp"] = world.netvm.exec(["sh", "-c", "grep -H . /proc/sys/net/ipv6/conf/*/proxy_ndp"]).stdout
     return s
 
