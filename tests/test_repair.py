@@ -372,3 +372,35 @@ def test_a_vif_without_ip_comes_up_dropping_everything(world, guest, tmp_path):
     assert probe(world, guest, "10.137.0.12") == (False, False)
     assert res.returncode == 0
     assert world.hotplug(guest, "offline").returncode == 0
+
+
+NFT_FAILURES = {"nft": ("bin", "nft", "always"), "ip-batch": ("bin", "ip", "once"),
+                "xenstore-write": ("xs", None, None)}
+
+
+@pytest.mark.parametrize("world", ["nft"], indirect=True)
+@pytest.mark.parametrize("failure", sorted(NFT_FAILURES))
+def test_a_failed_changing_rerun_with_the_nft_backend(world, tmp_path, failure):
+    """The same promise with the nft backend: its one ``nft -f -`` failing
+    (a real failing binary), the link step or the final XenStore write."""
+    g = world.add_guest(3, ["10.137.0.12"])
+    g.configure(GATEWAY)
+    online(world, g)
+    g.ns.ip("addr", "add", "10.137.0.13/32", "dev", "eth0")
+    before = snap(world)
+    set_ip(world, g, "10.137.0.13")
+    kind, name, when = NFT_FAILURES[failure]
+    env = g.env()
+    if kind == "bin":
+        env["PATH"] = failing_bin(tmp_path, name, when) + ":" + env["PATH"]
+    else:
+        world.xs.deny = [f"/local/domain/0/{g.xenbus_path}/hotplug-status"]
+    try:
+        res = online(world, g, env=env, ok=False)
+    finally:
+        world.xs.deny = []
+    assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr
+    assert_same(snap(world), before, failure)
+    assert probe(world, g, "10.137.0.12", forged="10.137.0.13") == (True, False)
+    online(world, g)
+    assert probe(world, g, "10.137.0.13", forged="10.137.0.12") == (True, False)
