@@ -404,3 +404,66 @@ def test_a_failed_changing_rerun_with_the_nft_backend(world, tmp_path, failure):
     assert probe(world, g, "10.137.0.12", forged="10.137.0.13") == (True, False)
     online(world, g)
     assert probe(world, g, "10.137.0.13", forged="10.137.0.12") == (True, False)
+
+
+# ----------------------------------------------------------------------------
+# The property: whatever happened, the state of the last successful inputs
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+INPUTS = [
+    dict(ip="10.137.0.12", gw="10.137.0.1", gw6=None),
+    dict(ip="10.137.0.13 fd09:24ef:4179::a89:d", gw="10.137.0.254", gw6="fd09:24ef:4179::1"),
+    dict(ip=None, gw="10.137.0.1", gw6=None),  # a vif without ip
+    dict(ip="10.137.0.12 10.137.0.14", gw=None, gw6="fd09:24ef:4179::1"),
+]
+OPS = st.one_of(
+    st.tuples(st.just("online"), st.integers(0, len(INPUTS) - 1), st.none() | st.integers(1, 12)),
+    st.tuples(st.just("offline"), st.just(0), st.none()),
+)
+
+
+def set_inputs(world, guest, inputs):
+    base = f"/local/domain/0/{guest.xenbus_path}"
+    for path, value in ((f"{base}/ip", inputs["ip"]), ("/local/domain/0/qubes_netvm_gateway", inputs["gw"]),
+                        ("/local/domain/0/qubes_netvm_gateway6", inputs["gw6"])):
+        if value is None:
+            world.xs.rm(path)
+        else:
+            world.xs.write(path, value)
+
+
+@settings(max_examples=10, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(ops=st.lists(OPS, min_size=1, max_size=4))
+def test_any_sequence_ends_in_the_state_of_the_last_successful_inputs(world, ops):
+    if not world.guests:
+        world.add_guest(3, ["10.137.0.12"])
+        world.vif_only = snap(world)
+    g = world.guests[0]
+    assert world.hotplug(g, "offline").returncode == 0
+    assert_same(snap(world), world.vif_only, "reset")
+    last = None
+    for command, which, fail_at in ops:
+        env = g.env(**({"VIF_ROUTE_QUBES_FAIL_AT": str(fail_at)} if fail_at else {}))
+        if command == "online":
+            set_inputs(world, g, INPUTS[which])
+            res = world.hotplug(g, "online", env=env)
+            if res.returncode == 0:
+                last = which
+            else:
+                assert fail_at and f"VIF_ROUTE_QUBES_FAIL_AT={fail_at}" in res.stderr, res.stderr
+        else:
+            res = world.hotplug(g, "offline", env=env)
+            assert res.returncode == 0, res.stderr
+            last = None
+    end = snap(world)
+    if last is None:
+        assert_same(end, world.vif_only, ops)
+        return
+    # what a single clean online of the last successful inputs produces
+    assert world.hotplug(g, "offline").returncode == 0
+    set_inputs(world, g, INPUTS[last])
+    assert world.hotplug(g, "online").returncode == 0
+    assert_same(end, snap(world), ops)
