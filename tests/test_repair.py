@@ -467,3 +467,49 @@ def test_any_sequence_ends_in_the_state_of_the_last_successful_inputs(world, ops
     set_inputs(world, g, INPUTS[last])
     assert world.hotplug(g, "online").returncode == 0
     assert_same(end, snap(world), ops)
+
+
+# ----------------------------------------------------------------------------
+# 6. status reports every leftover of ours; --problems
+
+
+def status(world, guest, *args):
+    return world.netvm.exec([SCRIPT, "status", *args], check=False, env=guest.env())
+
+
+def test_status_without_record_or_xenstore_lists_every_leftover(world, guest):
+    world.xs.write("/local/domain/0/qubes_netvm_gateway6", "fd09:24ef:4179::1")
+    set_ip(world, guest, "10.137.0.12 fd09:24ef:4179::a89:c")
+    online(world, guest)
+    other = world.add_guest(4, ["10.137.0.14"])
+    online(world, other)
+    os.unlink(record_path(world, guest))
+    world.xs.rm(f"/local/domain/0/{guest.xenbus_path}")
+    # the firewall too is gone (by hand): the link side alone must name it
+    world.netvm.exec(["sh", "-c", "iptables-save -t raw | grep -v vif3.0 | iptables-restore -T raw; "
+                      "ip6tables-save -t raw | grep -v vif3.0 | ip6tables-restore -T raw"])
+    world.netvm.ip("link", "set", guest.vif, "group", "0")
+    res = status(world, guest)
+    assert res.returncode == 1
+    lines = [line.split("  #")[0].split() for line in res.stdout.splitlines()]
+    rows = {" ".join(x[1:]) for x in lines if x and x[0] == "unexpected"}
+    for item in ("link vif3.0 up", "route 10.137.0.12/32 metric 32749",
+                 "route fd09:24ef:4179::a89:c/128 metric 32749", "address 10.137.0.1/32",
+                 "address fd09:24ef:4179::1/128", "neigh 10.137.0.12 lladdr 00:16:3e:5e:03:00 permanent",
+                 "neigh fd09:24ef:4179::a89:c lladdr 00:16:3e:5e:03:00 permanent",
+                 "sysctl proxy_arp 1", "sysctl proxy_ndp 1"):
+        assert item in rows, (item, res.stdout)
+    assert "vif4.0: ok" in res.stdout
+    # --problems: only what is wrong
+    res = status(world, guest, "--problems")
+    assert res.returncode == 1
+    assert "vif4.0" not in res.stdout and " ok " not in res.stdout, res.stdout
+    assert "10.137.0.12/32 metric 32749" in res.stdout
+    js = json.loads(status(world, guest, "--problems", "--json").stdout)
+    assert [v["name"] for v in js["vifs"]] == ["vif3.0"]
+    assert all(c["verdict"] != "ok" for c in js["vifs"][0]["checks"])
+    # offline cleans it all up, whatever it knows; then status is clean
+    assert world.hotplug(guest, "offline").returncode == 0
+    res = status(world, guest, "--problems")
+    assert res.returncode == 0, res.stdout
+    assert res.stdout.startswith("no problems: 1 vif(s), every line ok"), res.stdout

@@ -124,9 +124,17 @@ _hotplug_command("remove", "offline, for an emulated NIC (type_if=tap).")
 
 STATUS_HELP = """Compare what each vif should have with what the kernel has.
 
-Without VIF: every vif with a state record, every interface in group 2 and
-every interface that has firewall rules or set elements of ours. VIF is the interface's
+Without VIF: every vif with a state record, every interface in group 2,
+every interface that has firewall rules or set elements of ours, and every
+vifD.N interface that still carries a host route, gateway address,
+permanent neighbour entry or proxy_arp of ours. VIF is the interface's
 name (the original vifD.N name works for a renamed one).
+
+A vif that nothing (no state record, no XenStore entry) says should be
+configured gets every piece of ours the kernel shows listed as unexpected:
+group 2, routes, gateway addresses, neighbour entries, proxy_arp/proxy_ndp,
+the link being up alongside them, and the firewall's rules: what offline
+would remove.
 
 Should have: the state record (what online was given) and XenStore
 ($XENBUS_PATH/ip, mac, hotplug-status, hotplug-error; qubes_netvm_gateway,
@@ -143,8 +151,9 @@ backend's rules for the vif are listed as unexpected (one ip -j -batch and
 the backend's reads, iptables-save -t raw of both families or nft -j list;
 nothing is changed). The first lines say which backend and why.
 
-Every line is marked ok, missing or unexpected. Exit status: 0 when all
-lines are ok, 1 otherwise. Works inside ip netns exec.
+Every line is marked ok, missing or unexpected; --problems prints only the
+lines that are not. Exit status: 0 when all lines are ok, 1 otherwise, 2 for
+a usage error. Works inside ip netns exec.
 
 \b
 Environment:
@@ -161,15 +170,17 @@ Environment:
 @vif_route_qubes.command("status", help=STATUS_HELP, context_settings={"max_content_width": 100})
 @click.argument("vifs", nargs=-1, metavar="[VIF]...")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON (same checks, same exit status).")
+@click.option("-p", "--problems", is_flag=True,
+              help="Show only the lines that are not ok, and the vifs they belong to (same exit status).")
 @click.option("-v", "--verbose", is_flag=True, help="Log every query to stderr.")
 @_firewall_option
-def status(vifs, as_json, verbose, firewall):
+def status(vifs, as_json, problems, verbose, firewall):
     from . import status as st
     from .log import Log
 
     log = Log("vif-route-qubes", os.environ, verbose=verbose, stderr_only=True)
     try:
-        code = st.main(list(vifs), os.environ, as_json=as_json, log=log, firewall=firewall)
+        code = st.main(list(vifs), os.environ, as_json=as_json, log=log, firewall=firewall, problems=problems)
     except Failure as exc:
         log.error(str(exc))
         code = 1

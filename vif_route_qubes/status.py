@@ -152,6 +152,28 @@ class Kernel:
     def group2(self):
         return sorted(n for n, e in self.links.items() if str(e.get("group")) == str(P.VIF_GROUP))
 
+    def state_of(self, name) -> "P.VifState":
+        """What of ours the kernel shows on ``name``, as hotplug reads it."""
+        link = self.links.get(name)
+        routes = [r for r in self.routes if r.get("dev") == name]
+        neigh = [n for n in self.neigh if n.get("dev") == name]
+        return P.vif_state([[link] if link else [], routes, [], neigh])
+
+    def leftovers(self):
+        """vifD.N interfaces that carry something of ours (a host route, a
+        gateway address, a permanent neighbour entry, proxy_arp) though
+        nothing may say they should: found without any record."""
+        found = []
+        for name in self.links:
+            try:
+                validate.vif_name(name)
+            except Failure:
+                continue
+            have = self.state_of(name)
+            if have.routes or have.addrs or have.neigh or _sysctl(4, name, "proxy_arp") == "1":
+                found.append(name)
+        return found
+
     def firewall_owners(self):
         names = set()
         for fw in self.firewalls:
@@ -279,6 +301,35 @@ def _config_rows(st, xsv, record, xs_error, netvm):
         st.add(OK, "config", "hotplug-status", xenstore=hs, record="-")
 
 
+def _sysctl(version, name, key):
+    return (System.read(P.sysctl_path(version, name, key)) or "?").strip()
+
+
+def _leftover_checks(st, kernel):
+    """Nothing should be configured on the interface: every piece of ours
+    the kernel still shows is unexpected (what offline would remove)."""
+    name, why = st.name, "left behind: no state record or XenStore entry wants it"
+    have = kernel.state_of(name)
+    found = []
+    if have.group == str(P.VIF_GROUP):
+        found.append(("link", f"{name} group {P.VIF_GROUP}"))
+    for dst, metric in have.routes:
+        found.append(("route", f"{dst} metric {metric}"))
+    for addr in have.addrs:
+        found.append(("address", addr))
+    for addr, mac in have.neigh:
+        found.append(("neigh", f"{addr} lladdr {mac} permanent"))
+    for version, key in ((4, "proxy_arp"), (6, "proxy_ndp")):
+        if _sysctl(version, name, key) == "1":
+            found.append(("sysctl", f"{key} 1"))
+    if found and have.up:
+        # up on its own is no finding (another script's vif is up too);
+        # up with our configuration on it is
+        found.insert(0, ("link", f"{name} up"))
+    for kind, item in found:
+        st.add(UNEXPECTED, kind, item, why)
+
+
 def _link_checks(st, want, kernel):
     name = st.name
     link = kernel.links.get(name)
@@ -287,8 +338,7 @@ def _link_checks(st, want, kernel):
             st.add(MISSING, "link", name, "no such interface")
         return
     if want is None:
-        if str(link.get("group")) == str(P.VIF_GROUP):
-            st.add(UNEXPECTED, "link", f"{name} group {P.VIF_GROUP}", "nothing says this interface should be configured")
+        _leftover_checks(st, kernel)
         return
     up = "UP" in link.get("flags", [])
     st.add(OK if up else MISSING, "link", f"{name} up", "" if up else "link is down")
@@ -440,7 +490,8 @@ def collect(names, env, log=None, firewall=None) -> Report:
             validate.ifname(n, "VIF")
             targets.append(by_original.get(n, n))
     else:
-        targets = sorted(set(records) | set(kernel.group2()) | set(kernel.firewall_owners()))
+        targets = sorted(set(records) | set(kernel.group2()) | set(kernel.firewall_owners())
+                         | set(kernel.leftovers()))
     # where each vif's backend lives in XenStore
     backends = {}
     for name in targets:
@@ -490,23 +541,29 @@ def collect(names, env, log=None, firewall=None) -> Report:
                   firewall={"backend": chosen.name, "reason": chosen.reason})
 
 
-def render_text(report) -> str:
+def render_text(report, problems=False) -> str:
+    """``problems``: only the lines that are not ok (and the vifs they
+    belong to), so one finding is not lost among many ok lines."""
     out = []
     for note in report.notes:
         out.append(f"# {note}")
     if not report.vifs:
         out.append("no vifs: no state records, no interfaces in group 2, no firewall rules of ours")
-    for st in report.vifs:
+    shown = [st for st in report.vifs if not (problems and st.ok)]
+    if problems and report.vifs and not shown:
+        out.append(f"no problems: {len(report.vifs)} vif(s), every line ok")
+    for st in shown:
         bad = [c for c in st.checks if c.verdict != OK]
         counts = ", ".join(f"{sum(c.verdict == v for c in bad)} {v}" for v in (MISSING, UNEXPECTED)
                            if any(c.verdict == v for c in bad))
         where = ", ".join(st.sources) or "no state record, not in XenStore"
         out.append(f"{st.name}: {counts or 'ok'} ({where}{'; ' + st.xenbus_path if st.xenbus_path else ''})")
-        config = [c for c in st.checks if c.kind == "config"]
+        checks = bad if problems else st.checks
+        config = [c for c in checks if c.kind == "config"]
         width = max([len(c.xenstore) for c in config] + [len("XenStore")]) + 2
         if config:
             out.append(f"  {'':<10} {'':<9} {'':<15} {'XenStore':<{width}} state record")
-        for c in st.checks:
+        for c in checks:
             if c.kind == "config":
                 line = f"  {c.verdict:<10} {c.kind:<9} {c.item:<15} {c.xenstore:<{width}} {c.record}"
             else:
@@ -519,13 +576,17 @@ def render_text(report) -> str:
     return "\n".join(out) + "\n"
 
 
-def main(names, env, as_json=False, log=None, out=None, firewall=None) -> int:
+def main(names, env, as_json=False, log=None, out=None, firewall=None, problems=False) -> int:
     import sys
 
     out = out or sys.stdout
     report = collect(names, env, log=log, firewall=firewall)
     if as_json:
-        out.write(json.dumps(report.as_dict(), indent=2, sort_keys=True) + "\n")
+        data = report.as_dict()
+        if problems:
+            data["vifs"] = [dict(v, checks=[c for c in v["checks"] if c["verdict"] != OK])
+                            for v in data["vifs"] if not v["ok"]]
+        out.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
     else:
-        out.write(render_text(report))
+        out.write(render_text(report, problems))
     return 0 if report.ok else 1
