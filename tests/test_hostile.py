@@ -136,7 +136,9 @@ CASES = [
      {"vif": "vif5", "XENBUS_PATH": "backend/vif/5/0"}, (), None, "not an interface name"),
     ("backend-dir-absent", {}, {"vif": "vif3.1", "XENBUS_PATH": "backend/vif/3/1"}, (), None,
      "backend/vif/3/1/mac: missing"),
-    ("xenstored-path-empty", {}, {"XENSTORED_PATH": ""}, (), None, "cannot connect"),
+    ("xenstored-path-empty", {}, {"XENSTORED_PATH": ""}, (), None,
+     "(XENSTORED_PATH is not set, no socket at /var/run/xenstored/socket, no /dev/xen/xenbus, "
+     "then /proc/xen/xenbus)"),
     ("xs-timeout-garbage", {}, {"VIF_ROUTE_QUBES_XS_TIMEOUT": "soon"}, (), None,
      "VIF_ROUTE_QUBES_XS_TIMEOUT='soon'"),
     ("xs-timeout-inf", {}, {"VIF_ROUTE_QUBES_XS_TIMEOUT": "inf"}, (), None,

@@ -51,12 +51,15 @@ class _Router(Router):
 
 
 def _connection(env):
+    """-> (connection, what was tried before it, for the error message)."""
     path = env.get("XENSTORED_PATH")
     if path:
-        return UnixSocketConnection(path)
+        return UnixSocketConnection(path), ""
     if os.path.exists(DEFAULT_SOCKET):
-        return UnixSocketConnection(DEFAULT_SOCKET)
-    return XenBusConnection()
+        return UnixSocketConnection(DEFAULT_SOCKET), ""
+    conn = XenBusConnection()  # pyxs: /dev/xen/xenbus, else the older /proc/xen/xenbus
+    dev = "" if conn.path == "/dev/xen/xenbus" else "no /dev/xen/xenbus, "
+    return conn, f"XENSTORED_PATH is not set, no socket at {DEFAULT_SOCKET}, {dev}"
 
 
 class XenStore:
@@ -67,7 +70,7 @@ class XenStore:
         from .lock import seconds
 
         self.timeout = timeout or seconds(env, "VIF_ROUTE_QUBES_XS_TIMEOUT", default_timeout)
-        self._conn = _connection(env)
+        self._conn, self._tried = _connection(env)
         self._router = None
 
     @property
@@ -80,7 +83,8 @@ class XenStore:
             try:
                 router.start()
             except PyXSError as exc:
-                raise Failure(f"XenStore: cannot connect to {self.where}: {_reason(exc)}") from None
+                raise Failure(f"XenStore: cannot connect to {self.where}: {_reason(exc)}"
+                              + (f" ({self._tried}then {self.where})" if self._tried else "")) from None
             self._router = router
         return self._router
 
