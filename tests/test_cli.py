@@ -24,8 +24,13 @@ def test_hotplug_help_names_environment_and_xenstore_keys(args):
     assert res.exit_code == 0, res.output
     for word in ("XENBUS_PATH", "vif ", "XENSTORED_PATH", "VIF_ROUTE_QUBES_STATE_DIR", "VIF_ROUTE_QUBES_DEBUG",
                  "VIF_ROUTE_QUBES_SYSLOG", "VIF_ROUTE_QUBES_HOTPLUG_LOG",
-                 "$XENBUS_PATH/ip", "$XENBUS_PATH/mac", "qubes_netvm_gateway", "hotplug-status"):
+                 "$XENBUS_PATH/ip", "$XENBUS_PATH/mac", "qubes_netvm_gateway"):
         assert word in res.output, (args, word)
+    # offline does not write hotplug-status, and its help does not claim it
+    if args and args[0] in ("offline", "remove"):
+        assert "hotplug-status" not in res.output and "writes nothing to XenStore" in res.output
+    else:
+        assert "$XENBUS_PATH/hotplug-status" in res.output
     if args:
         assert "--dry-run" in res.output and "--verbose" in res.output
 
@@ -105,8 +110,20 @@ def test_generator_is_generic():
     page = manpages.render("some-tool", tool)
     assert "some\\-tool \\- A tool" in page
     assert ".SS \"some-tool one\"" in page and "\\fB\\-x\\fR" in page and "\\fB\\-\\-level\\fR \\fIN\\fR" in page
-    assert ".nf\nEnvironment:\n  FOO  a variable\n.fi" in page
+    # the environment table is the ENVIRONMENT section, after the commands
+    assert ".SH ENVIRONMENT\n.PP\nEnvironment:\n.PP\n.nf\n  FOO  a variable\n.fi" in page
+    assert page.index(".SS \"some-tool one\"") < page.index(".SH ENVIRONMENT")
+    assert "Environment: see ENVIRONMENT below." in page
     assert "SHELL COMPLETION" not in page
+    page = manpages.render("some-tool", tool, extra={"EXIT STATUS": "0 fine", "FILES": "/etc/x"})
+    assert ".SH EXIT STATUS\n.PP\n0 fine" in page and ".SH FILES\n.PP\n/etc/x" in page
+
+
+def test_every_page_has_exit_status_environment_and_files():
+    for name, page in manpages.pages().items():
+        for section in ("EXIT STATUS", "ENVIRONMENT", "FILES"):
+            assert f".SH {section}\n" in page, (name, section)
+        assert "usage error" in page, name
 
 
 def test_bash_completion_script():

@@ -23,6 +23,8 @@ Environment (as libxl and udev set it):
   type_if        vif (default) or tap; also accepted as a type_if= word
   XENSTORED_PATH XenStore socket (default /var/run/xenstored/socket, else
                  /dev/xen/xenbus)
+  PATH           searched for ip, iptables-restore, nft, conntrack; then
+                 /usr/sbin, /sbin, /usr/local/sbin (libxl's PATH is short)
   VIF_ROUTE_QUBES_STATE_DIR   state records (default /run/vif-route-qubes)
   VIF_ROUTE_QUBES_LOCK        lock file (default STATE_DIR/lock)
   VIF_ROUTE_QUBES_LOCK_TIMEOUT  seconds to wait for the lock (default 20)
@@ -32,6 +34,8 @@ Environment (as libxl and udev set it):
   VIF_ROUTE_QUBES_IPTABLES    nft or legacy: which iptables commands the
                               iptables backend runs
   VIF_ROUTE_QUBES_XS_TIMEOUT  seconds to wait for XenStore (default 10)
+  VIF_ROUTE_QUBES_IFACE_WAIT  seconds online waits for the interface to
+                              appear (default 5)
   VIF_ROUTE_QUBES_DEBUG=1     debug logging on stderr (like -v)
   VIF_ROUTE_QUBES_SYSLOG      syslog socket (default /dev/log)
   VIF_ROUTE_QUBES_HOTPLUG_LOG hotplug log (default /var/log/xen/xen-hotplug.log)
@@ -39,17 +43,48 @@ Environment (as libxl and udev set it):
 
 \b
 XenStore keys read:
-  $XENBUS_PATH/ip          guest addresses, space separated (IPv4/IPv6)
+  $XENBUS_PATH/ip          guest addresses, space separated (IPv4/IPv6);
+                           absent: the vif comes up with everything from it dropped
   $XENBUS_PATH/mac         guest MAC address
   $XENBUS_PATH/vifname     optional: rename the interface to this first
   $XENBUS_PATH/type        vif or vif_ioemu (passed to hooks)
   $XENBUS_PATH/frontend-id guest domain id (checked against the path)
   qubes_netvm_gateway      optional: gateway address put on the vif as /32
   qubes_netvm_gateway6     optional: IPv6 gateway (/128 and proxy_ndp)
-\b
-XenStore keys written: $XENBUS_PATH/hotplug-status (connected or error),
-$XENBUS_PATH/hotplug-error (one-line reason on failure).
 """
+
+WRITTEN_HELP = """
+\b
+XenStore keys written, only into an existing $XENBUS_PATH that belongs to
+vif (otherwise the reason goes to stderr and syslog only):
+  $XENBUS_PATH/hotplug-status  connected, or error on failure
+  $XENBUS_PATH/hotplug-error   the one-line reason of a failure
+"""
+
+OFFLINE_WRITTEN_HELP = """
+offline writes nothing to XenStore (libxl removes the backend directory
+itself). It removes whatever of ours the kernel shows on the interface,
+whatever the state record says; if a tool is missing it removes what it
+can and keeps the state record for a later offline.
+"""
+
+MAN_SECTIONS = {
+    "EXIT STATUS": "\b\n"
+    "0    done; offline and remove always exit 0 for what they find on the host\n"
+    "     (what they could not remove is named on stderr), and so does a\n"
+    "     command that does not apply to type_if (add for a vif, ...)\n"
+    "1    online failed (the reason on stderr, and in hotplug-error when\n"
+    "     $XENBUS_PATH belongs to vif); the host is as it was before; or status\n"
+    "     found something not ok\n"
+    "2    usage error in the interactive form (unknown option, a word that is\n"
+    "     not key=value after the command); the form Xen uses exits 1",
+    "FILES": "\b\n"
+    "/run/vif-route-qubes/VIF.json   state record: what online made (VIF_ROUTE_QUBES_STATE_DIR)\n"
+    "/run/vif-route-qubes/lock       host lock shared with qubes-setup-dnat-to-ns\n"
+    "/rw/config/network-hooks.d/     hooks run as HOOK online|offline VIF TYPE [ADDR]\n"
+    "/var/log/xen/xen-hotplug.log    info and error lines, when the directory exists\n"
+    "/etc/xen/scripts/vif-route-qubes  the drop-in libxl runs (script=vif-route-qubes)",
+}
 
 
 FIREWALL_HELP = ("Firewall backend: iptables (a chain pair per vif), nft (Qubes' table "
@@ -81,7 +116,7 @@ def _common(f):
     "VIF_ROUTE_QUBES_DEBUG=1 put everything on stderr. A dry run (-n) prints the "
     "ip batch, firewall payloads, conntrack calls and XenStore writes in the order a "
     "real run applies them, and logs nothing but to stderr."
-    + ENV_HELP,
+    + ENV_HELP + WRITTEN_HELP,
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.version_option(package_name="vif-route-qubes", message="%(prog)s %(version)s")
@@ -89,11 +124,11 @@ def vif_route_qubes():
     pass
 
 
-def _hotplug_command(name, summary):
+def _hotplug_command(name, summary, written):
     @vif_route_qubes.command(
         name,
         help=summary + "\n\nWORDS are key=value settings as Xen passes them (type_if=vif, "
-        "and ip=, mac=, vifname=, type= to override the XenStore values)." + ENV_HELP,
+        "and ip=, mac=, vifname=, type= to override the XenStore values)." + ENV_HELP + written,
         context_settings={"max_content_width": 100},
     )
     @click.argument("words", nargs=-1)
@@ -116,10 +151,11 @@ def _hotplug_command(name, summary):
     return command
 
 
-_hotplug_command("online", "Set up the routed interface and report hotplug-status=connected.")
-_hotplug_command("offline", "Undo everything online made for the interface (never fails).")
-_hotplug_command("add", "online, for an emulated NIC (type_if=tap).")
-_hotplug_command("remove", "offline, for an emulated NIC (type_if=tap).")
+_hotplug_command("online", "Set up the routed interface (or converge it to exactly its inputs) and report "
+                 "hotplug-status=connected; on failure leave the host as it was.", WRITTEN_HELP)
+_hotplug_command("offline", "Remove everything of ours from the interface (never fails).", OFFLINE_WRITTEN_HELP)
+_hotplug_command("add", "online, for an emulated NIC (type_if=tap).", WRITTEN_HELP)
+_hotplug_command("remove", "offline, for an emulated NIC (type_if=tap).", OFFLINE_WRITTEN_HELP)
 
 
 STATUS_HELP = """Compare what each vif should have with what the kernel has.

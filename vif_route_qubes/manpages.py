@@ -34,6 +34,33 @@ COMPLETION = ("vif-route-qubes",)
 
 SUITE = "vif-route-qubes"
 
+# EXIT STATUS and FILES of each page come from a ``MAN_SECTIONS`` dict
+# ({"EXIT STATUS": text, "FILES": text}, click's paragraph convention) in
+# the program's module; these stand in for a module that has none. The
+# ENVIRONMENT section is the help's own "Environment..." paragraph, moved.
+FALLBACK_SECTIONS = {
+    "qubes-setup-dnat-to-ns": {
+        "EXIT STATUS": "\b\n"
+        "0    the rules were changed (or, with --dry-run/--status, printed)\n"
+        "100  the rules in force were already right: nothing was run\n"
+        "1    failed (one line on stderr says why); the rules in force are untouched\n"
+        "2    usage error (unknown option, --dry-run with --status, a bad --dns1/--dns2)",
+        "FILES": "\b\n"
+        "/etc/resolv.conf                    the upstream nameservers (--resolv-conf)\n"
+        "/run/systemd/resolve/resolv.conf    systemd-resolved's real upstreams (--resolved-conf)\n"
+        "/var/run/qubes/qubes-ns             old NS1=/NS2= file (--qubes-ns)\n"
+        "/run/vif-route-qubes/lock           the lock shared with vif-route-qubes",
+    },
+    "qubes-setup-ip": {
+        "EXIT STATUS": "\b\n"
+        "0    configured, or nothing to do (no qubes_ip in XenStore)\n"
+        "1    failed (one line on stderr says why)\n"
+        "2    usage error (unknown option or argument)",
+        "FILES": "\b\n"
+        "/etc/resolv.conf    written with DNS1/DNS2 (--resolv-conf, QUBES_SETUP_IP_RESOLV_CONF)",
+    },
+}
+
 
 def load(spec):
     """The click command at ``module:attribute``, or None if the module does
@@ -89,15 +116,16 @@ def _paragraphs(help_text: str):
 
 
 def _body(help_text: str, seen=None) -> list:
-    """``seen``: preformatted paragraphs already on the page (a group's
-    environment table repeated in each subcommand's --help is printed once)."""
+    """``seen``: {preformatted paragraph: the section it is printed in} (a
+    group's environment table repeated in each subcommand's --help is
+    printed once, in its own section)."""
     lines = []
     for pre, text in _paragraphs(help_text):
         if pre and seen is not None and text in seen and "\n" in text:
-            lines += [".PP", _esc(text.split("\n", 1)[0].rstrip(":")) + ": see DESCRIPTION above."]
+            lines += [".PP", _esc(text.split("\n", 1)[0].rstrip(":")) + f": see {seen[text]}."]
             continue
         if pre and seen is not None:
-            seen.add(text)
+            seen[text] = "DESCRIPTION above"
         if pre:
             lines += [".PP", ".nf", _esc(text), ".fi"]
         else:
@@ -141,8 +169,15 @@ def _short(cmd) -> str:
     return first.split(". ", 1)[0].rstrip(".")
 
 
-def render(prog: str, cmd, section: int = 1) -> str:
-    """A complete man page for ``cmd`` run as ``prog``."""
+def _environment(cmd) -> list:
+    """The help's "Environment..." tables: the page's ENVIRONMENT section."""
+    return [text for pre, text in _paragraphs(cmd.help) if pre and text.startswith("Environment")]
+
+
+def render(prog: str, cmd, section: int = 1, extra=None) -> str:
+    """A complete man page for ``cmd`` run as ``prog``; ``extra``:
+    {section title: help-style text} (EXIT STATUS, FILES)."""
+    extra = extra if extra is not None else FALLBACK_SECTIONS.get(prog, {})
     # as click.Command.make_context would: context_settings decide, e.g., -h
     ctx = click.Context(cmd, info_name=prog, **cmd.context_settings)
     out = [
@@ -161,7 +196,8 @@ def render(prog: str, cmd, section: int = 1) -> str:
         for name, sub in subs:
             sctx = click.Context(sub, info_name=name, parent=ctx, **sub.context_settings)
             out += [".br", *_synopsis(sub, sctx)]
-    seen = set()
+    env = _environment(cmd)
+    seen = {text: "ENVIRONMENT below" for text in env}
     out += [".SH DESCRIPTION", *_body(cmd.help, seen)]
     opts = _options(cmd, ctx)
     if opts:
@@ -174,6 +210,15 @@ def render(prog: str, cmd, section: int = 1) -> str:
             sopts = _options(sub, sctx)
             if sopts:
                 out += [".PP", "Options:", ".RS", *sopts, ".RE"]
+    if "EXIT STATUS" in extra:
+        out += [".SH EXIT STATUS", *_body(extra["EXIT STATUS"])]
+    if env:
+        out += [".SH ENVIRONMENT"]
+        for text in env:
+            head, _, table = text.partition("\n")
+            out += [".PP", _esc(head), ".PP", ".nf", _esc(table), ".fi"]
+    if "FILES" in extra:
+        out += [".SH FILES", *_body(extra["FILES"])]
     if prog in COMPLETION:
         var = "_" + prog.upper().replace("-", "_") + "_COMPLETE"
         out += [
@@ -198,7 +243,8 @@ def pages() -> dict:
     for prog, spec in PROGRAMS:
         cmd = load(spec)
         if cmd is not None:
-            result[f"{prog}.1"] = render(prog, cmd)
+            module = sys.modules.get(spec.partition(":")[0])
+            result[f"{prog}.1"] = render(prog, cmd, extra=getattr(module, "MAN_SECTIONS", None))
     return result
 
 
