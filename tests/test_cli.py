@@ -159,3 +159,26 @@ def test_completion_of_the_no_argument_commands_reaches_click(prog, var, tmp_pat
     assert res.returncode == 0, res.stderr
     assert "complete -o nosort -F" in res.stdout or "complete " in res.stdout
     assert f"_{prog.replace('-', '_')}_completion()" in res.stdout
+
+
+DROP_IN = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hotplug", "vif-route-qubes")
+
+
+def test_drop_in_without_an_installed_command_says_where_it_looked(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "VIF_ROUTE_QUBES_PREFIX": str(tmp_path / "nowhere")}
+    res = subprocess.run(["sh", DROP_IN, "online", "type_if=vif"], env=env, capture_output=True, text=True)
+    assert res.returncode == 1
+    assert res.stderr == (f"vif-route-qubes: the vif-route-qubes command is not installed (not in "
+                          f"{tmp_path / 'nowhere'}/bin, nor on PATH=/usr/bin:/bin); install the package "
+                          "or set VIF_ROUTE_QUBES_PREFIX\n")
+
+
+def test_drop_in_runs_the_installed_command(tmp_path):
+    bindir = tmp_path / "prefix" / "bin"
+    bindir.mkdir(parents=True)
+    fake = bindir / "vif-route-qubes"
+    fake.write_text('#!/bin/sh\necho "ran $*"\n')
+    fake.chmod(0o755)
+    env = {"PATH": "/usr/bin:/bin", "VIF_ROUTE_QUBES_PREFIX": str(tmp_path / "prefix")}
+    res = subprocess.run(["sh", DROP_IN, "online", "type_if=vif"], env=env, capture_output=True, text=True)
+    assert (res.returncode, res.stdout) == (0, "ran online type_if=vif\n"), res.stderr
