@@ -355,6 +355,7 @@ def test_online_for_an_interface_that_never_appears_says_how_long_it_waited(worl
     assert_same(snap(world), before)
 
 
+@pytest.mark.parametrize("world", ["iptables", "nft"], indirect=True)
 def test_a_vif_without_ip_comes_up_dropping_everything(world, guest, tmp_path):
     hooks = tmp_path / "hooks"
     hooks.mkdir()
