@@ -514,3 +514,27 @@ def test_status_without_record_or_xenstore_lists_every_leftover(world, guest):
     res = status(world, guest, "--problems")
     assert res.returncode == 0, res.stdout
     assert res.stdout.startswith("no problems: 1 vif(s), every line ok"), res.stdout
+
+
+def test_hooks_hear_of_a_rollback(world, guest, tmp_path):
+    """A failure after the hooks ran (the final XenStore write): they are
+    told the new configuration went, and the previous one is back."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    seen = tmp_path / "hook-calls"
+    hook = hooks / "10-record"
+    hook.write_text(f'#!/bin/sh\necho "$@" >> {seen}\n')
+    hook.chmod(0o755)
+    online(world, guest)
+    set_ip(world, guest, "10.137.0.13")
+    world.xs.deny = [f"/local/domain/0/{guest.xenbus_path}/hotplug-status"]
+    try:
+        assert online(world, guest, ok=False).returncode == 1
+    finally:
+        world.xs.deny = []
+    assert seen.read_text().splitlines() == [
+        "online vif3.0 vif 10.137.0.12",  # the first, successful online
+        "online vif3.0 vif 10.137.0.13",  # the failed re-run's
+        "offline vif3.0 vif 10.137.0.13",  # its rollback
+        "online vif3.0 vif 10.137.0.12",  # the previous configuration is back
+    ]

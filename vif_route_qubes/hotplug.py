@@ -72,6 +72,7 @@ class Context:
         self.iface_waited = 0
         self.fw_applied = False  # this run's firewall change is in force
         self.fw_was = None  # the other backend, when the record names it
+        self.hooks_ran = False  # told the hooks "online" (rollback tells them back)
         # the one firewall decision of this run (``--firewall`` wins over
         # VIF_ROUTE_QUBES_FIREWALL); every firewall change goes through it
         self.fw = backend_for(self.sys, self.env, firewall)
@@ -347,6 +348,7 @@ def _online(ctx, name, target, rename, vif, ipv6, previous):
     _converge(ctx, target, vif, ipv6, guard)
     if not ctx.dry_run:
         state.save(ctx.state_dir, name, dict(state.record_of(vif, ipv6, name), firewall=ctx.fw.name))
+    ctx.hooks_ran = True
     _run_hooks(ctx, "online", vif)
     _report(ctx, ctx.xenbus_path, [(f"{ctx.xenbus_path}/hotplug-status", "connected")], clear_error=True)
 
@@ -394,6 +396,12 @@ def _roll_back(ctx, name, target, rename, vif, ipv6, previous, record):
             state.remove(ctx.state_dir, name)
     except Failure as exc:
         ctx.log.warning(f"rollback: {exc}")
+    if ctx.hooks_ran:
+        # the hooks were told this run's configuration: tell them it is gone
+        # again, and (on a vif that was online) that the previous one is back
+        _run_hooks(ctx, "offline", vif)
+        if previous is not None:
+            _run_hooks(ctx, "online", previous)
     if rename and s.iface_exists(target) and not s.iface_exists(name):
         res = s.run(["ip", "link", "set", "dev", target, "name", name], check=False)
         if res.code != 0:
