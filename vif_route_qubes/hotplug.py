@@ -99,12 +99,11 @@ def _backend_values(ctx, xp):
     """Backend keys and the netvm's own keys, in one XenStore round trip;
     key=value words override XenStore values of the same name. The
     directory itself is read too: whether it exists decides whether we may
-    report into it (``found["."]`` is None when it does not)."""
+    report into it (``ctx.xp_exists``)."""
     paths = [f"{xp}/{k}" for k in BACKEND_KEYS] + list(NETVM_KEYS) + [xp]
     values = ctx.xs.read_many(paths)
     found = {k: values[f"{xp}/{k}"] for k in BACKEND_KEYS}
     found.update({k: values[k] for k in NETVM_KEYS})
-    found["."] = values[xp]
     ctx.xp_exists = values[xp] is not None
     for key in BACKEND_KEYS:
         if key in ctx.vars:
@@ -195,19 +194,13 @@ def _wait_for(ctx, names):
 
 def _read_vif(ctx, name) -> "P.VifState":
     """What of ours the kernel shows on ``name``: one ``ip -j -batch``."""
-    import json
-
     res = ctx.sys.run(["ip", "-j", "-batch", "-"], P.read_queries(name), readonly=True, check=False)
     if res.code != 0:
         raise CommandFailed(res.argv, res.code, res.stderr)
-    dec, pos, arrays, text = json.JSONDecoder(), 0, [], res.stdout
-    while True:
-        while pos < len(text) and text[pos].isspace():
-            pos += 1
-        if pos >= len(text):
-            break
-        value, pos = dec.raw_decode(text, pos)
-        arrays.append(value)
+    try:
+        arrays = P.json_arrays(res.stdout)
+    except ValueError as exc:
+        raise Failure(f"ip -j -batch: unreadable answer about {name}: {exc}") from None
     if len(arrays) != 4:
         raise Failure(f"ip -j -batch: expected 4 answers about {name}, got {len(arrays)}")
     return P.vif_state(arrays)

@@ -196,5 +196,20 @@ def conntrack_purges(addresses) -> tuple:
     return tuple(calls)
 
 
+def json_arrays(text) -> list:
+    """The JSON values ``ip -j -batch`` prints one after another (one array
+    per command) -> a list of them. ValueError on anything else."""
+    import json
+
+    dec, pos, out = json.JSONDecoder(), 0, []
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos >= len(text):
+            return out
+        value, pos = dec.raw_decode(text, pos)
+        out.append(value)
+
+
 def render_batch(lines) -> str:
     return "".join(line + "\n" for line in lines)
