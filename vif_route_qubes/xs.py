@@ -106,6 +106,10 @@ class XenStore:
             packet = Packet(op, b"".join(args), rq_id=next_rq_id(), tx_id=0)
             return router.send(packet)
         except PyXSError as exc:
+            if router.died or not router.connection.is_connected:
+                # the daemon hung up while our pipelined requests were still
+                # going out: say so, not "not connected"
+                raise Failure(f"XenStore: {self.where} closed the connection") from None
             raise Failure(f"XenStore: {self.where}: {_reason(exc)}") from None
 
     def _collect(self, rvar, what):
