@@ -230,6 +230,11 @@ fi
 note "xen-hotplug.log tail:"
 tail -n 15 /var/log/xen/xen-hotplug.log 2>/dev/null | sed 's/^/E2E HOTPLUG-LOG-TAIL /'
 
+note "dom0-backend checks done at +$(elapsed)s"
+
+# ---------------------------------------------------------------- 8. the netvm layout
+. /e2e/netvm.sh
+
 note "checks done at +$(elapsed)s"
 if [ $FAILED != 0 ]; then
     dmesg | tail -n 40 | sed 's/^/E2E DMESG /'
