@@ -717,7 +717,7 @@ def _run(ctx_args, fn, *args):
     ctx = None
     try:
         ctx = Ctx(**ctx_args)
-        if fn in (up, down):
+        if fn in (up, down) and not ctx.dry_run:
             with _lock(ctx):
                 return fn(ctx, *args)
         return fn(ctx, *args)
