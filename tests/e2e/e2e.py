@@ -16,6 +16,8 @@ Environment:
   VRQ_E2E_VIF_SCRIPT hotplug drop-in to install as /etc/xen/scripts/vif-route-qubes
                      (default: <project>/hotplug/vif-route-qubes)
   VRQ_E2E_TIMEOUT    overall qemu timeout in seconds (default 600)
+  VRQ_E2E_FIREWALL   iptables|nft|auto: VIF_ROUTE_QUBES_FIREWALL in the netvm
+                     (default unset: the product's own default)
 """
 
 from __future__ import annotations
@@ -478,6 +480,11 @@ def build_layer(cache: Path, base: Path, project: Path, vif_script: Path, dest: 
         if os.environ.get("VRQ_E2E_STANDIN") == "1":
             shutil.copy(HERE / "standin" / "qubes-setup-dnat-to-ns", st / "e2e" / "standin-dnat")
             env.append("DNAT_TOOL=/e2e/standin-dnat")
+        fw = os.environ.get("VRQ_E2E_FIREWALL", "")
+        if fw not in ("", "iptables", "nft", "auto"):
+            raise BuildError(f"VRQ_E2E_FIREWALL={fw!r}: expected iptables, nft or auto")
+        if fw:  # the netvm's backend (unset: the product's default, auto)
+            env.append(f"NETVM_FIREWALL={fw}")
         (st / "e2e" / "env").write_text("".join(e + "\n" for e in env))
         shutil.copy(vif_script, st / "etc/xen/scripts/vif-route-qubes")
         run(["chmod", "-R", "a+rX,u+w", str(st)])

@@ -5,6 +5,9 @@
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 # the hotplug script inherits xl's environment: ask it to log argv + env
 export VIF_ROUTE_QUBES_DEBUG=1
+# the dom0-backend checks read iptables chains and counters: pin that
+# backend here (the netvm checks in netvm.sh run with the product's default)
+export VIF_ROUTE_QUBES_FIREWALL=iptables
 VENV=/opt/vif-route-qubes
 DNAT_TOOL=$VENV/bin/qubes-setup-dnat-to-ns
 [ -f /e2e/env ] && . /e2e/env
