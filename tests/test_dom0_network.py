@@ -99,6 +99,15 @@ def test_resolv_text_and_keys():
     assert D.perms_for(7) == ["n0", "r7"]
 
 
+def test_new_record_names_nothing_done_yet():
+    plan = {"netvm": "netvm", "netvm_domid": 1, "ip": "10.137.0.2", "gateway": "10.137.0.1",
+            "dns": ["10.139.1.1"], "pause": [(2, "a1")]}
+    rec = D.new_record(plan)
+    assert rec == {"netvm": "netvm", "netvm_domid": 1, "ip": "10.137.0.2", "gateway": "10.137.0.1",
+                   "dns": ["10.139.1.1"], "paused": [], "devid": None, "ifname": None, "mac": None,
+                   "replaced_routes": [], "resolv_conf": None, "configured": False}
+
+
 # ---------------------------------------------------------------- CLI
 
 

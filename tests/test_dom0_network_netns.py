@@ -68,6 +68,17 @@ def test_up_configures_like_a_guest_and_down_undoes_it_exactly(nets):
     r = rig.d0("up", ns=dom0.name)
     assert r.returncode == 0 and "already attached" in r.stdout
     assert len(rig.xl_calls()) == n
+    # down --dry-run: the exact undo, printed, nothing done
+    snap_up, calls_up = snapshot(dom0), len(rig.xl_calls())
+    r = rig.d0("down", "--dry-run", ns=dom0.name)
+    assert r.returncode == 0, r.stderr
+    assert "route del default via 10.137.0.1 dev vrqfe0\n" in r.stdout
+    assert "addr del 10.137.0.2/32 dev vrqfe0\n" in r.stdout
+    assert "$ xl network-detach 0 0\n" in r.stdout
+    assert "$ xl unpause 2\n" in r.stdout
+    assert snapshot(dom0) == snap_up and rig.domains()["a1"] == "-bp---"
+    assert [c[0] for c in rig.xl_calls()[calls_up:]] == ["list"]
+    assert (rig.state_dir / "dom0-network.json").exists()
     r = rig.d0("down", ns=dom0.name)
     assert r.returncode == 0, r.stderr
     assert "unpaused: a1 (2)" in r.stdout

@@ -172,6 +172,17 @@ def netvm_keys(gateway: str, dns) -> list:
     return pairs
 
 
+def new_record(plan: dict) -> dict:
+    """The record ``up`` starts with; each step fills in what it did
+    (``paused``, ``devid``, ``ifname``/``mac``, ``replaced_routes`` and
+    ``configured``, ``resolv_conf``: what was there before) and ``down``
+    undoes exactly what is filled in."""
+    return {"netvm": plan["netvm"], "netvm_domid": plan["netvm_domid"], "ip": plan["ip"],
+            "gateway": plan["gateway"], "dns": list(plan["dns"]), "paused": [], "devid": None,
+            "ifname": None, "mac": None, "replaced_routes": [], "resolv_conf": None,
+            "configured": False}
+
+
 def perms_for(domid: int) -> list:
     """Owner dom0, nobody else, read for the domain itself: a guest reads its
     own keys, cannot change them, and no other domain reads them."""
@@ -435,9 +446,7 @@ def up(ctx, netvm=None, ip=None, resolv_conf=DEFAULT_RESOLV_CONF) -> int:
     if ctx.dry_run:
         ctx.say(f"# {TAG} up (dry run: nothing is changed): dom0 {plan['ip']} via {nname} "
                 f"(domain {nid}), gateway {plan['gateway']}, DNS {' '.join(plan['dns'])}")
-    record = {"netvm": nname, "netvm_domid": nid, "ip": plan["ip"], "gateway": plan["gateway"],
-              "dns": plan["dns"], "paused": [], "devid": None, "ifname": None, "mac": None,
-              "replaced_routes": [], "resolv_conf": None, "configured": False}
+    record = new_record(plan)
     try:
         ctx.save(record)
         for domid, name in plan["pause"]:
