@@ -720,6 +720,19 @@ Exit status: 0 done (or nothing to do), 1 error (up rolled back).
 """
 
 
+KEYS_ENV_HELP = """
+
+\b
+Environment:
+  XENSTORED_PATH   XenStore socket (default /var/run/xenstored/socket)
+  VIF_ROUTE_QUBES_DEBUG=1    debug logging on stderr (like -v)
+
+\b
+Exit status: 0 written, 1 error (a one-line reason; nothing written when the
+input was bad).
+"""
+
+
 def _run(ctx_args, fn, *args):
     import click
 
@@ -802,7 +815,7 @@ def keys_command():
         "(qubes_ip from its vif's ip=, qubes_netmask, qubes_gateway, qubes_primary_dns, "
         "qubes_secondary_dns from its netvm, which qubes-setup-ip reads in the guest). "
         "Each key gets the permissions n0 rDOMID: owned by dom0, read by the domain "
-        "itself, by no other domain." + ENV_HELP),
+        "itself, by no other domain." + KEYS_ENV_HELP),
         context_settings={"help_option_names": ["-h", "--help"]})
     @click.version_option(package_name="vif-route-qubes", message="%(prog)s %(version)s")
     def group():
