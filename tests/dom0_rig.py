@@ -51,6 +51,9 @@ class Rig:
         st.update(kw)
         self.state_file.write_text(json.dumps(st))
 
+    def domains_list(self):
+        return json.loads(self.state_file.read_text())["domains"]
+
     def domains(self):
         return {d["name"]: d["state"] for d in json.loads(self.state_file.read_text())["domains"]}
 

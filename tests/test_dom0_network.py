@@ -226,6 +226,28 @@ def test_attach_timeout_rolls_back(rig, tmp_path):
     assert rig.d0("status").stdout.startswith("dom0 is not attached")
 
 
+def test_a_killed_up_is_undone_by_down(rig):
+    """up writes its record after every step: one killed right after pausing
+    a1 leaves a record that makes up refuse and down unpause a1."""
+    from vif_route_qubes import state
+
+    rec = D.new_record({"netvm": "netvm", "netvm_domid": 1, "ip": "10.137.0.2",
+                        "gateway": "10.137.0.1", "dns": ["10.139.1.1"]})
+    rec["paused"] = [[2, "a1"]]
+    state.save(str(rig.state_dir), D.RECORD, rec)
+    rig.set_state(domains=[dict(d, state="-bp---") if d["name"] == "a1" else d
+                           for d in rig.domains_list()])
+    r = rig.d0("up")
+    assert r.returncode == 1 and "an earlier up did not finish" in r.stderr and "down" in r.stderr
+    assert "paused because of it: a1 (2)" in rig.d0("status").stdout
+    r = rig.d0("down")
+    assert r.returncode == 0, r.stderr
+    assert "unpaused: a1 (2)" in r.stdout
+    assert [c for c in rig.xl_calls() if c[0] != "list"] == [["unpause", "2"]]
+    assert rig.domains() == {"Domain-0": "r-----", "netvm": "-b----", "a1": "-b----", "a2": "--p---"}
+    assert not (rig.state_dir / "dom0-network.json").exists()
+
+
 # ---------------------------------------------------------------- keys
 
 

@@ -437,6 +437,9 @@ def plan_up(ctx, netvm=None, ip=None):
 
 def up(ctx, netvm=None, ip=None, resolv_conf=DEFAULT_RESOLV_CONF) -> int:
     old = state.load(ctx.dir, RECORD)
+    if old is not None and not (old.get("configured") and old.get("resolv_conf")):
+        raise Failure(f"an earlier up did not finish (record {state.path(ctx.dir, RECORD)}): "
+                      f"run '{TAG} down' to undo what it did")
     if old is not None:
         ctx.say(f"dom0 is already attached to {old.get('netvm')} via {old.get('ifname') or '?'} "
                 f"({old.get('ip')}): nothing to do")
