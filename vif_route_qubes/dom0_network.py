@@ -363,11 +363,11 @@ def _batch(ctx, lines, check=True):
     return ctx.system.run(argv, data="".join(line + "\n" for line in lines), check=check)
 
 
-def _unpause(ctx, paused, existing=None):
+def _unpause(ctx, paused):
     """Unpause the recorded domains that are still the same domain (domid and
     name) and still paused; returns the ones that failed."""
     failed = []
-    now = {d.domid: d for d in (existing if existing is not None else xl_list(ctx.system))}
+    now = {d.domid: d for d in xl_list(ctx.system)}
     for domid, name in paused:
         cur = now.get(domid)
         if cur is None or cur.name != name:

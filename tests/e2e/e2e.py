@@ -498,6 +498,8 @@ def build_layer(cache: Path, base: Path, project: Path, vif_script: Path, dest: 
         st = Path(t)
         (st / "etc/xen/scripts").mkdir(parents=True)
         shutil.copy(vif_script, st / "etc/xen/scripts/vif-route-qubes")
+        (st / "etc/sysctl.d").mkdir(parents=True)
+        shutil.copy(project / "etc/sysctl.d/80-vif-route-qubes.conf", st / "etc/sysctl.d")
         for name in ("netvm-init", "appvm-init"):
             shutil.copy(HERE / "domu" / name, st / f"vrq-{name}")
         run(["chmod", "-R", "a+rX,u+w", str(st)])
@@ -505,7 +507,8 @@ def build_layer(cache: Path, base: Path, project: Path, vif_script: Path, dest: 
         for f in ("vrq-netvm-init", "vrq-appvm-init", "etc/xen/scripts/vif-route-qubes"):
             os.chmod(st / f, 0o755)
         pack_cpio(st, domu_extra, paths=["vrq-netvm-init", "vrq-appvm-init",
-                                         "etc/xen/scripts/vif-route-qubes"], level=3)
+                                         "etc/xen/scripts/vif-route-qubes",
+                                         "etc/sysctl.d/80-vif-route-qubes.conf"], level=3)
     with open(domu_dest, "wb") as f:
         for p in (parts[0], domu_extra):
             f.write(p.read_bytes())
