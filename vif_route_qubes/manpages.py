@@ -25,6 +25,8 @@ PROGRAMS = (
     ("vif-route-qubes", "vif_route_qubes.cli:vif_route_qubes"),
     ("qubes-setup-dnat-to-ns", "vif_route_qubes.dnat:command"),
     ("qubes-setup-ip", "vif_route_qubes.setup_ip:command"),
+    ("qvm-dom0-network-via-netvm", "vif_route_qubes.dom0_network:command"),
+    ("vif-route-qubes-keys", "vif_route_qubes.dom0_network:keys_command"),
 )
 
 # Programs whose argument-less call reaches click, so that click's

@@ -131,9 +131,28 @@ class XenStore:
         return self._collect(self._send(op, *args), what)
 
     # -- operations --------------------------------------------------------------
+    def _pipeline(self, requests):
+        """Send ``(key, op, args)`` requests; yield ``(key, reply slot)``, to
+        be collected in order.
+
+        Over xenstored's socket (dom0) all go out at once and the replies are
+        collected after: one round trip. Over the kernel's /dev/xen/xenbus (a
+        driver domain or a guest) one at a time: Linux queues a request with
+        its body still in the device file's single message buffer
+        (``xenbus_dev_request_and_reply``: ``iov_base = msg + 1``), and the
+        next write() overwrites that buffer before the xenbus thread has copied
+        it to the ring; xenstored then gets a mangled path and answers EINVAL
+        (seen under a real Xen in the e2e netvm)."""
+        if isinstance(self._conn, XenBusConnection):
+            for key, op, args in requests:
+                # lazily: the caller collects this reply before asking for the next
+                yield key, self._send(op, *args)
+        else:
+            yield from [(key, self._send(op, *args)) for key, op, args in requests]
+
     def read_many(self, paths) -> dict:
         """{path: value or None (absent)} in one round trip."""
-        pending = [(p, self._send(Op.READ, _enc(p) + NUL)) for p in paths]
+        pending = self._pipeline([(p, Op.READ, (_enc(p) + NUL,)) for p in paths])
         values = {}
         for path, rvar in pending:
             try:
@@ -149,7 +168,7 @@ class XenStore:
 
     def write_many(self, items) -> None:
         """Write ``(path, value)`` pairs, pipelined, in order."""
-        pending = [(p, self._send(Op.WRITE, _enc(p) + NUL, _enc(v))) for p, v in items]
+        pending = self._pipeline([(p, Op.WRITE, (_enc(p) + NUL, _enc(v))) for p, v in items])
         for path, rvar in pending:
             try:
                 self._collect(rvar, f"write {path}")

@@ -16,6 +16,8 @@ Environment:
   VRQ_E2E_VIF_SCRIPT hotplug drop-in to install as /etc/xen/scripts/vif-route-qubes
                      (default: <project>/hotplug/vif-route-qubes)
   VRQ_E2E_TIMEOUT    overall qemu timeout in seconds (default 600)
+  VRQ_E2E_FIREWALL   iptables|nft|auto: VIF_ROUTE_QUBES_FIREWALL in the netvm
+                     (default unset: the product's own default)
 """
 
 from __future__ import annotations
@@ -41,13 +43,14 @@ HERE = Path(__file__).resolve().parent
 SUITE = "bookworm"
 XEN_MAJOR = "4.17"
 # Bump to force a rebuild of the cached dom0 base when the recipe below changes.
-BASE_RECIPE = "dom0-base-v1"
+BASE_RECIPE = "dom0-base-v2"
 DEBOOTSTRAP_INCLUDE = "busybox,iproute2,kmod,python3,procps"
 DOM0_PACKAGES = [
     "xenstore-utils",
     "iptables",
     "conntrack",
     "python3-venv",
+    "nftables",  # the firewall's auto choice picks nft where nft exists
 ]
 # Kernel module trees (relative to lib/modules/VER/kernel) copied into dom0.
 DOM0_MODULE_DIRS = [
@@ -56,6 +59,7 @@ DOM0_MODULE_DIRS = [
     "crypto",
     "drivers/xen",
     "drivers/net/xen-netback",
+    "drivers/net/xen-netfront.ko",  # dom0 as a frontend (qvm-dom0-network-via-netvm), the netvm's uplink
     "drivers/net/dummy.ko",
     "drivers/net/veth.ko",
 ]
@@ -332,6 +336,22 @@ def build_dom0_base(cache: Path, kx: dict) -> Path:
     return d
 
 
+def build_domu_base(cache: Path, base: Path) -> Path:
+    """The root of the netvm and the AppVMs: dom0's base without its /e2e
+    payload (guest kernel and images) and without the project venv (the
+    project layer brings it), as one cached archive."""
+    img = cache / f"domu-{base.name}-v1.cpio.zst"
+    if img.exists():
+        return img
+    log("packing the netvm/AppVM root from the dom0 base")
+    tmp = img.with_suffix(".tmp")
+    run(f"cd '{base / 'root'}' && find . -mindepth 1 \\( -path ./e2e -o -path ./e2e-layer "
+        f"-o -path ./opt/vif-route-qubes -o -path ./tmp/e2e-wheels \\) -prune -o -print "
+        f"| LC_ALL=C sort | cpio -o -H newc --quiet -R 0:0 | zstd -q -T0 -10 > '{tmp}'")
+    tmp.rename(img)
+    return img
+
+
 # --------------------------------------------------------------------------
 # guest initramfs
 
@@ -427,7 +447,8 @@ def build_env(cache: Path, project: Path) -> Path:
     return py
 
 
-def build_layer(cache: Path, base: Path, project: Path, vif_script: Path, dest: Path) -> None:
+def build_layer(cache: Path, base: Path, project: Path, vif_script: Path, dest: Path,
+                domu_dest: Path) -> None:
     root = base / "root"
     venv = root / "opt" / "vif-route-qubes"
     wheels = root / "tmp" / "e2e-wheels"
@@ -459,6 +480,11 @@ def build_layer(cache: Path, base: Path, project: Path, vif_script: Path, dest: 
         if os.environ.get("VRQ_E2E_STANDIN") == "1":
             shutil.copy(HERE / "standin" / "qubes-setup-dnat-to-ns", st / "e2e" / "standin-dnat")
             env.append("DNAT_TOOL=/e2e/standin-dnat")
+        fw = os.environ.get("VRQ_E2E_FIREWALL", "")
+        if fw not in ("", "iptables", "nft", "auto"):
+            raise BuildError(f"VRQ_E2E_FIREWALL={fw!r}: expected iptables, nft or auto")
+        if fw:  # the netvm's backend (unset: the product's default, auto)
+            env.append(f"NETVM_FIREWALL={fw}")
         (st / "e2e" / "env").write_text("".join(e + "\n" for e in env))
         shutil.copy(vif_script, st / "etc/xen/scripts/vif-route-qubes")
         run(["chmod", "-R", "a+rX,u+w", str(st)])
@@ -466,6 +492,27 @@ def build_layer(cache: Path, base: Path, project: Path, vif_script: Path, dest: 
         os.chmod(st / "etc/xen/scripts/vif-route-qubes", 0o755)
         pack_cpio(st, parts[1], paths=["init", "e2e", "etc/xen/scripts/vif-route-qubes"],
                   level=3)
+    # the netvm's and AppVMs' layer: the same venv, their inits, the drop-in
+    domu_extra = dest.with_suffix(".domu")
+    with tempfile.TemporaryDirectory(dir=cache) as t:
+        st = Path(t)
+        (st / "etc/xen/scripts").mkdir(parents=True)
+        shutil.copy(vif_script, st / "etc/xen/scripts/vif-route-qubes")
+        (st / "etc/sysctl.d").mkdir(parents=True)
+        shutil.copy(project / "etc/sysctl.d/80-vif-route-qubes.conf", st / "etc/sysctl.d")
+        for name in ("netvm-init", "appvm-init"):
+            shutil.copy(HERE / "domu" / name, st / f"vrq-{name}")
+        run(["chmod", "-R", "a+rX,u+w", str(st)])
+        # the kernel runs rdinit= only when it is executable in the archive
+        for f in ("vrq-netvm-init", "vrq-appvm-init", "etc/xen/scripts/vif-route-qubes"):
+            os.chmod(st / f, 0o755)
+        pack_cpio(st, domu_extra, paths=["vrq-netvm-init", "vrq-appvm-init",
+                                         "etc/xen/scripts/vif-route-qubes",
+                                         "etc/sysctl.d/80-vif-route-qubes.conf"], level=3)
+    with open(domu_dest, "wb") as f:
+        for p in (parts[0], domu_extra):
+            f.write(p.read_bytes())
+    domu_extra.unlink()
     with open(dest, "wb") as f:
         for p in parts:
             f.write(p.read_bytes())
@@ -478,7 +525,8 @@ def build_layer(cache: Path, base: Path, project: Path, vif_script: Path, dest: 
 
 def prune(cache: Path, keep: set) -> None:
     """Drop images built from older inputs (a dom0 base tree is ~250 MB)."""
-    for pat in ("kernel-*", "dom0-base-*", "guest-*.cpio.zst", "wheels-deps*", "buildenv-*"):
+    for pat in ("kernel-*", "dom0-base-*", "guest-*.cpio.zst", "domu-*.cpio.zst", "wheels-deps*",
+                "buildenv-*"):
         for p in cache.glob(pat):
             if p.name not in keep | USED:
                 log(f"pruning stale {p.name}")
@@ -499,19 +547,27 @@ def build_all(cache: Path, project: Path, vif_script: Path, run_dir: Path) -> di
     kx = prepare_kernel_and_xen(cache)
     base = build_dom0_base(cache, kx)
     guest = build_guest(cache, kx)
+    domu_base = build_domu_base(cache, base)
     layer = run_dir / "layer.cpio.zst"
-    build_layer(cache, base, project, vif_script, layer)
-    # guest image goes to /e2e/guest.cpio.zst inside dom0: wrap it in a tiny cpio
+    domu_layer = run_dir / "domu-layer.cpio.zst"
+    build_layer(cache, base, project, vif_script, layer, domu_layer)
+    # guest images go to /e2e/guest.cpio.zst and /e2e/domu.cpio.zst (the
+    # netvm's and AppVMs' ramdisk: root + project layer) inside dom0: wrap
+    # them in a tiny cpio (already compressed: stored, not recompressed)
     with tempfile.TemporaryDirectory(dir=cache) as t:
         (Path(t) / "e2e").mkdir()
         shutil.copy(guest, Path(t) / "e2e" / "guest.cpio.zst")
+        with open(Path(t) / "e2e" / "domu.cpio.zst", "wb") as f:
+            for part in (domu_base, domu_layer):
+                with open(part, "rb") as p:
+                    shutil.copyfileobj(p, f)
         pack_cpio(Path(t), run_dir / "guest-layer.cpio.zst", level=1)
     initrd = run_dir / "dom0.img"
     with open(initrd, "wb") as f:
         for part in (base / "base.cpio.zst", run_dir / "guest-layer.cpio.zst", layer):
             with open(part, "rb") as p:
                 shutil.copyfileobj(p, f)
-    prune(cache, keep={kx["dir"].name, base.name, guest.name})
+    prune(cache, keep={kx["dir"].name, base.name, guest.name, domu_base.name})
     log(f"images ready in {time.time() - t0:.1f}s")
     return {"xen": kx["dir"] / "xen", "kernel": kx["dir"] / "vmlinuz", "initrd": initrd}
 
@@ -523,7 +579,8 @@ def boot(images: dict, logfile: Path, timeout: int) -> tuple[int, str]:
     xen_cmd = ("console=com1 com1=115200 dom0_mem=1024M,max:1024M loglvl=all "
                "guest_loglvl=all noreboot")
     dom0_cmd = "console=hvc0 earlyprintk=xen quiet"
-    cmd = [qemu, "-accel", "tcg,thread=multi", "-cpu", "qemu64,+svm", "-m", "3G", "-smp", "2",
+    # 4G: dom0 1024M, the netvm 800M and two AppVMs 448M each (ramfs roots)
+    cmd = [qemu, "-accel", "tcg,thread=multi", "-cpu", "qemu64,+svm", "-m", "4G", "-smp", "2",
            "-nographic", "-no-reboot", "-monitor", "none", "-serial", "stdio", "-nic", "none",
            "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
            "-kernel", str(images["xen"]), "-append", xen_cmd,

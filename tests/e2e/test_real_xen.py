@@ -32,6 +32,22 @@ CHECKS = (
        "bad-ip-create-fails", "bad-ip-hotplug-error", "bad-ip-nothing-left",
        "no-vrq-rules-left", "debug-log"]
 )
+# the seed's layout: a netvm driver domain, AppVMs behind it, dom0 attached
+# through it by qvm-dom0-network-via-netvm (dom0/netvm.sh, domu/*)
+NETVM_CHECKS = (
+    ["netvm-keys-written", "netvm-create", "netvm-dnat", "dom0-no-route-before-up",
+     "a1-create", "a2-create"]
+    + [f"{g}-{c}" for g in ("a1", "a2") for c in ("hotplug-in-netvm", "keys-perms", "no-script-in-dom0")]
+    + ["netvm-routing-table"]
+    + [f"appvm-{g}-{c}" for g in ("a1", "a2") for c in ("setup-ip", "keys-private", "reach-upstream", "dns")]
+    + ["appvm-a2-forged-source", "appvm-dns-upstream", "appvm-forged-dropped-in-netvm",
+       "dom0-up", "libxl-empty-hotplug-status", "appvms-paused-during-up", "a1-no-ticks-while-paused",
+       "dom0-reaches-upstream-after-up", "dom0-resolves-after-up", "dom0-status", "dom0-up-twice",
+       "netvm-routes-dom0", "dom0-down", "dom0-no-route-after-down", "dom0-resolv-restored",
+       "down-unpauses-only-its-own", "a1-ticks-after-down", "dom0-down-twice",
+       "netvm-clean-after-down", "netvm-clean-after-destroy", "netvm-no-route-after-destroy"]
+)
+CHECKS = CHECKS + NETVM_CHECKS
 CHECK_RE = re.compile(r"^E2E CHECK (\S+) (PASS|FAIL)\b ?(.*)$", re.M)
 
 

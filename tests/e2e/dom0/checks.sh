@@ -5,6 +5,9 @@
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 # the hotplug script inherits xl's environment: ask it to log argv + env
 export VIF_ROUTE_QUBES_DEBUG=1
+# the dom0-backend checks read iptables chains and counters: pin that
+# backend here (the netvm checks in netvm.sh run with the product's default)
+export VIF_ROUTE_QUBES_FIREWALL=iptables
 VENV=/opt/vif-route-qubes
 DNAT_TOOL=$VENV/bin/qubes-setup-dnat-to-ns
 [ -f /e2e/env ] && . /e2e/env
@@ -229,6 +232,11 @@ else
 fi
 note "xen-hotplug.log tail:"
 tail -n 15 /var/log/xen/xen-hotplug.log 2>/dev/null | sed 's/^/E2E HOTPLUG-LOG-TAIL /'
+
+note "dom0-backend checks done at +$(elapsed)s"
+
+# ---------------------------------------------------------------- 8. the netvm layout
+. /e2e/netvm.sh
 
 note "checks done at +$(elapsed)s"
 if [ $FAILED != 0 ]; then

@@ -1,0 +1,245 @@
+# The seed's layout, sourced by checks.sh after the dom0-backend checks:
+# a netvm driver domain (driver_domain=1, xl devd, our hotplug script and
+# qubes-setup-dnat-to-ns inside), two AppVMs behind it configured by
+# qubes-setup-ip, an "outside" network namespace in dom0 reached only
+# through the netvm, and qvm-dom0-network-via-netvm up/down.
+# Uses check/note/elapsed/FAILED from checks.sh.
+UPNET=198.51.100 UP=198.51.100.1 NGW=10.137.0.1
+A1=10.137.0.20 A2=10.137.0.21 FORGED2=10.137.0.98
+KEYS=$VENV/bin/vif-route-qubes-keys
+D0NET=$VENV/bin/qvm-dom0-network-via-netvm
+NLOG=/var/log/xen/console/guest-netvm.log
+unset VIF_ROUTE_QUBES_DEBUG VIF_ROUTE_QUBES_FIREWALL
+
+# what is left of the dom0-backend part must not give dom0 a way out
+ip link del dns0 2>/dev/null
+modprobe bridge; modprobe veth
+
+# ------------------------------------------------------- the outside world
+ip link add upbr type bridge && ip link set upbr up   # no address in dom0
+ip netns add up
+ip link add up0 type veth peer name eth0 netns up
+ip link set up0 master upbr up
+ip -n up link set lo up
+ip -n up addr add $UP/24 dev eth0
+ip -n up link set eth0 up
+ip -n up route add 10.137.0.0/24 via $UPNET.2   # the guests' range, routed (no NAT)
+ip netns exec up python3 /e2e/dns_responder.py $UP >/tmp/updns.log 2>&1 &
+ip netns exec up iptables -w -A INPUT -s $FORGED2 -p icmp -j ACCEPT
+ip netns exec up iptables -w -A INPUT -s $A2 -p icmp -j ACCEPT
+upcnt() { ip netns exec up iptables-save -c -t filter | grep -- "-A INPUT -s $1/32 -p icmp" | sed -n 's/^\[\([0-9]*\):.*/\1/p' | head -1; }
+
+snap() {  # n: ask the netvm for a snapshot, into /tmp/snap-n
+    xenstore-write /local/domain/$NID/e2e-req "$1"
+    i=0
+    while ! tr -d '\r' <$NLOG | grep -q "^NETVM SNAP $1 END" && [ $i -lt 90 ]; do sleep 1; i=$((i+1)); done
+    tr -d '\r' <$NLOG | sed -n "s/^NETVM SNAP $1 //p" >/tmp/snap-$1
+}
+section() { sed -n "/^== $2\$/,/^== /p" /tmp/snap-$1 | grep -v '^== '; }
+state_part() { sed '/^== hotplug-log$/,$d' /tmp/snap-$1; }  # without the logs (they name past vifs)
+wait_console() {  # domain pattern seconds
+    i=0
+    while ! tr -d '\r' </var/log/xen/console/guest-$1.log 2>/dev/null | grep -q "$2" && [ $i -lt $3 ]; do
+        sleep 1; i=$((i+1)); done
+    tr -d '\r' </var/log/xen/console/guest-$1.log 2>/dev/null | grep -q "$2"
+}
+state_of() { xl list "$1" 2>/dev/null | awk 'NR==2 {print $5}'; }
+ticks() { tr -d '\r' </var/log/xen/console/guest-$1.log 2>/dev/null | grep -c "^GUEST TICK"; }
+wait_connected() {  # frontend-domid
+    i=0
+    while [ "$(xenstore-read /local/domain/$NID/backend/vif/$1/0/hotplug-status 2>/dev/null)" != connected ] \
+          && [ $i -lt 120 ]; do sleep 0.5; i=$((i+1)); done
+    [ "$(xenstore-read /local/domain/$NID/backend/vif/$1/0/hotplug-status 2>/dev/null)" = connected ]
+}
+
+# ------------------------------------------------------- the netvm
+cat >/tmp/netvm.cfg <<CFG
+name = "netvm"
+type = "pv"
+kernel = "/e2e/vmlinux"
+ramdisk = "/e2e/domu.cpio.zst"
+extra = "console=hvc0 quiet rootfstype=ramfs rdinit=/vrq-netvm-init ${NETVM_FIREWALL:+e2e_firewall=$NETVM_FIREWALL}"
+memory = 800
+vcpus = 1
+driver_domain = 1
+on_crash = "destroy"
+vif = [ 'script=vif-bridge,bridge=upbr,mac=00:16:3e:5e:ed:01' ]
+CFG
+if timeout 200 xl create -p /tmp/netvm.cfg >/tmp/xl-netvm.log 2>&1; then
+    NID=$(xl domid netvm)
+    $KEYS netvm netvm --gateway $NGW --dns1 $DNS1 --dns2 $DNS2 >/tmp/keys-netvm.log 2>&1 \
+        || check netvm-keys-written FAIL "$(tr '\n' ' ' </tmp/keys-netvm.log)"
+    perms=$(xenstore-ls -p /local/domain/$NID 2>&1 | grep '^qubes_netvm_gateway ')
+    echo "$perms" | grep -q "(n0,r$NID)" && check netvm-keys-written PASS "$perms" \
+        || check netvm-keys-written FAIL "perms: $perms"
+    xl unpause netvm
+    check netvm-create PASS "xl create -p + keys + unpause at +$(elapsed)s, domid $NID"
+else
+    check netvm-create FAIL "$(tail -c 800 /tmp/xl-netvm.log | tr '\n' ' ')"
+    NID=none
+fi
+if wait_console netvm "^NETVM READY" 240; then
+    note "netvm ready at +$(elapsed)s"
+else
+    check netvm-ready FAIL "no NETVM READY: $(tail -c 1500 $NLOG 2>&1 | tr '\n' ' ')"
+fi
+tr -d '\r' <$NLOG | sed -n 's/^NETVM CHECK \([^ ]*\) \(PASS\|FAIL\) \?\(.*\)$/\1 \2 \3/p' |
+    while read -r n s d; do echo "E2E CHECK $n $s $d"; done
+tr -d '\r' <$NLOG | grep -q "^NETVM CHECK .* FAIL" && FAILED=1
+tr -d '\r' <$NLOG | grep -q "^NETVM CHECK" || FAILED=1
+
+# ------------------------------------------------------- dom0 before up
+if busybox ping -c 1 -W 2 $UP >/tmp/p0 2>&1; then
+    check dom0-no-route-before-up FAIL "dom0 reached $UP: $(ip -4 route | tr '\n' ';')"
+else
+    check dom0-no-route-before-up PASS "dom0 cannot reach $UP ($(tail -1 /tmp/p0)); routes: $(ip -4 route | tr '\n' ';')"
+fi
+
+# ------------------------------------------------------- two AppVMs behind it
+appvm_cfg() {  # name ip extra
+    cat >/tmp/$1.cfg <<CFG
+name = "$1"
+type = "pv"
+kernel = "/e2e/vmlinux"
+ramdisk = "/e2e/domu.cpio.zst"
+extra = "console=hvc0 quiet rootfstype=ramfs rdinit=/vrq-appvm-init e2e_name=$1 e2e_ip=$2 $3"
+memory = 448
+vcpus = 1
+on_crash = "destroy"
+vif = [ 'backend=netvm,script=vif-route-qubes,ip=$2' ]
+CFG
+}
+appvm_cfg a1 $A1 "e2e_dns=resolv"
+appvm_cfg a2 $A2 "e2e_dns=$DNS2 e2e_forged=$FORGED2"
+for g in a1 a2; do
+    if timeout 200 xl create -p /tmp/$g.cfg >/tmp/xl-$g.log 2>&1 && $KEYS guest $g >/tmp/keys-$g.log 2>&1 \
+            && xl unpause $g; then
+        check $g-create PASS "xl create -p, $(basename $KEYS) guest $g, unpause at +$(elapsed)s, domid $(xl domid $g)"
+    else
+        check $g-create FAIL "$(tail -c 600 /tmp/xl-$g.log /tmp/keys-$g.log | tr '\n' ' ')"
+    fi
+done
+A1ID=$(xl domid a1 2>/dev/null); A2ID=$(xl domid a2 2>/dev/null)
+for g in a1 a2; do
+    id=$(xl domid $g 2>/dev/null) || continue
+    if wait_connected $id; then
+        check $g-hotplug-in-netvm PASS "/local/domain/$NID/backend/vif/$id/0/hotplug-status=connected at +$(elapsed)s"
+    else
+        check $g-hotplug-in-netvm FAIL "hotplug-status='$(xenstore-read /local/domain/$NID/backend/vif/$id/0/hotplug-status 2>&1)' error='$(xenstore-read /local/domain/$NID/backend/vif/$id/0/hotplug-error 2>&1)'"
+    fi
+    p=$(xenstore-ls -p /local/domain/$id 2>&1 | grep '^qubes_ip ')
+    echo "$p" | grep -q "(n0,r$id)" && check $g-keys-perms PASS "$p" || check $g-keys-perms FAIL "$p"
+    grep -q "vif$id\.0" /var/log/xen/xen-hotplug.log 2>/dev/null \
+        && check $g-no-script-in-dom0 FAIL "dom0's hotplug log names vif$id.0" \
+        || check $g-no-script-in-dom0 PASS "dom0 ran no script for vif$id.0"
+done
+
+snap 1
+r=$(section 1 routes)
+miss=""
+echo "$r" | grep -q "^$A1 dev vif$A1ID.0 .*metric $((32752 - A1ID))" || miss="$miss $A1/32-on-vif$A1ID.0"
+echo "$r" | grep -q "^$A2 dev vif$A2ID.0 .*metric $((32752 - A2ID))" || miss="$miss $A2/32-on-vif$A2ID.0"
+echo "$r" | grep -q "^$UPNET.0/24 dev eth0" || miss="$miss uplink-network"
+echo "$r" | grep -q "^default via $UP dev eth0" || miss="$miss default"
+section 1 records | grep -q "vif$A1ID.0.json" || miss="$miss record-vif$A1ID.0"
+[ -z "$miss" ] && check netvm-routing-table PASS "$(echo "$r" | tr '\n' ';')" \
+    || check netvm-routing-table FAIL "missing:$miss; routes: $(echo "$r" | tr '\n' ';'); $(tr '\n' ';' </tmp/snap-1 | tail -c 600)"
+
+for g in a1 a2; do
+    if wait_console $g "^GUEST DONE" 240; then note "$g finished its checks at +$(elapsed)s"
+    else check $g-finished FAIL "no GUEST DONE: $(tail -c 1200 /var/log/xen/console/guest-$g.log 2>&1 | tr '\n' ' ')"; fi
+    tr -d '\r' </var/log/xen/console/guest-$g.log 2>/dev/null |
+        sed -n 's/^GUEST CHECK \([^ ]*\) \(PASS\|FAIL\) \?\(.*\)$/\1 \2 \3/p' |
+        while read -r n s d; do echo "E2E CHECK appvm-$n $s $d"; done
+    tr -d '\r' </var/log/xen/console/guest-$g.log 2>/dev/null | grep -q "^GUEST CHECK .* FAIL" && FAILED=1
+    tr -d '\r' </var/log/xen/console/guest-$g.log 2>/dev/null | grep -q "^GUEST CHECK" || FAILED=1
+done
+q=$(grep -c "query from 10.137.0.2[01] " /tmp/updns.log)
+grep -q "query from $A1 " /tmp/updns.log && grep -q "query from $A2 " /tmp/updns.log \
+    && check appvm-dns-upstream PASS "$q queries from $A1 and $A2 reached the resolver at $UP" \
+    || check appvm-dns-upstream FAIL "resolver log: $(tr '\n' ' ' </tmp/updns.log)"
+forged=$(upcnt $FORGED2); genuine=$(upcnt $A2)
+[ "${forged:-x}" = 0 ] && [ "${genuine:-0}" -gt 0 ] \
+    && check appvm-forged-dropped-in-netvm PASS "upstream saw 0 packets from $FORGED2, $genuine from $A2" \
+    || check appvm-forged-dropped-in-netvm FAIL "upstream saw '$forged' from $FORGED2, '$genuine' from $A2"
+
+# ------------------------------------------------------- up
+xl pause a2   # the administrator's: must stay paused after down
+cp /etc/resolv.conf /tmp/resolv.before 2>/dev/null || : >/tmp/resolv.before
+t1=$(cut -d' ' -f1 /proc/uptime)
+$D0NET up -v >/tmp/up.out 2>/tmp/up.err; rc=$?
+t2=$(cut -d' ' -f1 /proc/uptime)
+[ $rc = 0 ] && check dom0-up PASS "exit 0 in $(awk -v a=$t1 -v b=$t2 'BEGIN {printf "%.1f", b - a}')s: $(tr '\n' ' ' </tmp/up.out)" \
+    || check dom0-up FAIL "exit $rc: $(tail -c 1200 /tmp/up.err | tr '\n' ' ')"
+first=$(sed -n "s/.*right after attach: .*hotplug-status=\(.*\)$/\1/p" /tmp/up.err | head -1)
+case "$first" in
+    "''") check libxl-empty-hotplug-status PASS "right after xl network-attach: hotplug-status='' (libxl's guard against the driver-domain attach race)" ;;
+    "'connected'") check libxl-empty-hotplug-status PASS "already connected when first read (inconclusive about the guard)" ;;
+    *) check libxl-empty-hotplug-status FAIL "right after xl network-attach: hotplug-status=$first" ;;
+esac
+sa=$(state_of a1); sb=$(state_of a2)
+echo "$sa" | grep -q p && echo "$sb" | grep -q p \
+    && check appvms-paused-during-up PASS "a1 $sa, a2 $sb" || check appvms-paused-during-up FAIL "a1 '$sa', a2 '$sb'"
+n1=$(ticks a1); sleep 3; n2=$(ticks a1)
+[ "$n1" = "$n2" ] && check a1-no-ticks-while-paused PASS "$n1 ticks before and after 3 s" \
+    || check a1-no-ticks-while-paused FAIL "$n1 -> $n2 ticks"
+note "dom0 after up: $(ip -4 -o addr | awk '{print $2, $4}' | tr '\n' ';') routes: $(ip -4 route | tr '\n' ';')"
+if busybox ping -c 2 -W 3 $UP >/tmp/p1 2>&1; then
+    check dom0-reaches-upstream-after-up PASS "$(grep -m1 'bytes from' /tmp/p1)"
+else
+    check dom0-reaches-upstream-after-up FAIL "$(tr '\n' ' ' </tmp/p1)"
+fi
+if busybox nslookup e2e.example >/tmp/ns0 2>&1 && grep -q 192.0.2.123 /tmp/ns0; then
+    check dom0-resolves-after-up PASS "e2e.example -> 192.0.2.123 via $(grep nameserver /etc/resolv.conf | tr '\n' ' ')"
+else
+    check dom0-resolves-after-up FAIL "$(tr '\n' ' ' </tmp/ns0); resolv.conf: $(tr '\n' ' ' </etc/resolv.conf)"
+fi
+$D0NET status >/tmp/status.out 2>&1
+grep -q "a1 ($A1ID)" /tmp/status.out && ! grep -q "a2 ($A2ID)" /tmp/status.out \
+    && check dom0-status PASS "$(tr '\n' ' ' </tmp/status.out)" || check dom0-status FAIL "$(tr '\n' ' ' </tmp/status.out)"
+$D0NET up >/tmp/up2.out 2>&1 && grep -q "already attached" /tmp/up2.out \
+    && check dom0-up-twice PASS "$(tr '\n' ' ' </tmp/up2.out)" || check dom0-up-twice FAIL "$(tr '\n' ' ' </tmp/up2.out)"
+snap 2
+section 2 routes | grep -q "^10.137.0.2 dev vif0.0" && check netvm-routes-dom0 PASS "$(section 2 routes | grep vif0.0)" \
+    || check netvm-routes-dom0 FAIL "$(section 2 routes | tr '\n' ';')"
+
+# ------------------------------------------------------- down
+$D0NET down -v >/tmp/down.out 2>/tmp/down.err; rc=$?
+[ $rc = 0 ] && check dom0-down PASS "$(tr '\n' ' ' </tmp/down.out)" \
+    || check dom0-down FAIL "exit $rc: $(tail -c 1200 /tmp/down.err | tr '\n' ' ')"
+if busybox ping -c 1 -W 2 $UP >/tmp/p2 2>&1; then
+    check dom0-no-route-after-down FAIL "dom0 still reaches $UP: $(ip -4 route | tr '\n' ';')"
+else
+    check dom0-no-route-after-down PASS "dom0 cannot reach $UP; routes: $(ip -4 route | tr '\n' ';')"
+fi
+cmp -s /etc/resolv.conf /tmp/resolv.before && check dom0-resolv-restored PASS "/etc/resolv.conf as before up" \
+    || check dom0-resolv-restored FAIL "$(tr '\n' ' ' </etc/resolv.conf)"
+sa=$(state_of a1); sb=$(state_of a2)
+! echo "$sa" | grep -q p && echo "$sb" | grep -q p \
+    && check down-unpauses-only-its-own PASS "a1 $sa (running again), a2 $sb (paused before up, still paused)" \
+    || check down-unpauses-only-its-own FAIL "a1 '$sa', a2 '$sb'"
+n1=$(ticks a1); sleep 3; n2=$(ticks a1)
+[ "$n2" -gt "$n1" ] && check a1-ticks-after-down PASS "$n1 -> $n2 ticks in 3 s" \
+    || check a1-ticks-after-down FAIL "$n1 -> $n2 ticks"
+$D0NET down >/tmp/down2.out 2>&1 && grep -q "nothing to do" /tmp/down2.out \
+    && check dom0-down-twice PASS "$(tr '\n' ' ' </tmp/down2.out)" || check dom0-down-twice FAIL "$(tr '\n' ' ' </tmp/down2.out)"
+snap 3
+state_part 3 | grep -q "vif0\.0" && check netvm-clean-after-down FAIL "$(state_part 3 | grep 'vif0\.0' | tr '\n' ';')" \
+    || check netvm-clean-after-down PASS "no route, neighbour, link, record or rule of vif0.0 in the netvm"
+xl unpause a2
+
+# ------------------------------------------------------- xl destroy offline in the netvm
+timeout 120 xl destroy a1 >/tmp/xl-destroy-a1.log 2>&1 || check a1-destroy FAIL "$(tr '\n' ' ' </tmp/xl-destroy-a1.log)"
+i=0
+while xenstore-ls /local/domain/$NID/backend/vif/$A1ID >/dev/null 2>&1 && [ $i -lt 60 ]; do sleep 0.5; i=$((i+1)); done
+sleep 2
+snap 4
+state_part 4 | grep -q "vif$A1ID\.0" && check netvm-clean-after-destroy FAIL "$(state_part 4 | grep "vif$A1ID\.0" | tr '\n' ';')" \
+    || check netvm-clean-after-destroy PASS "no route, neighbour, link, record or rule of vif$A1ID.0 in the netvm"
+section 4 routes | grep -q "^$A1 " && check netvm-no-route-after-destroy FAIL "$(section 4 routes | grep "^$A1 ")" \
+    || check netvm-no-route-after-destroy PASS "no route to $A1 left"
+if [ $FAILED != 0 ]; then
+    tail -n 30 $NLOG | sed 's/^/E2E CONSOLE-netvm /'
+    for g in a1 a2; do tail -n 15 /var/log/xen/console/guest-$g.log 2>/dev/null | sed "s/^/E2E CONSOLE-$g /"; done
+    tail -n 20 /tmp/up.err /tmp/down.err 2>/dev/null | sed 's/^/E2E DOM0-NET /'
+fi
