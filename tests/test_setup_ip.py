@@ -561,30 +561,3 @@ def test_resolv_conf_replaced_atomically(xenstored, env, guest, tmp_path):
     assert resolv.stat().st_ino != old_inode
     assert resolv.read_text() == S.render_resolv(S.guest_net(values()))
     assert sorted(os.listdir(tmp_path)) == ["old-link", "resolv.conf"]
-
-
-# ----------------------------------------------------------------------------
-# The udev rule
-
-
-def test_udev_rule():
-    """Each rule line is udev syntax (KEY==/+= "value", comma separated) and
-    runs the installed console script for a xen-netfront interface."""
-    import re
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(root, "etc", "udev", "rules.d", "99-qubes-setup-ip.rules")
-    rules = [line for line in open(path).read().splitlines() if line.strip() and not line.startswith("#")]
-    assert len(rules) == 1
-    pairs = re.split(r'",\s*', rules[0].rstrip('"'))
-    parsed = [re.fullmatch(r'([A-Z]+(?:\{[A-Za-z_]+\})?)(==|!=|\+=|=|:=)"(.*)', p) for p in pairs]
-    assert all(parsed), pairs
-    keys = {(m.group(1), m.group(2)): m.group(3) for m in parsed}
-    assert keys == {
-        ("SUBSYSTEM", "=="): "net",
-        ("ACTION", "=="): "add",
-        ("SUBSYSTEMS", "=="): "xen",  # frontend bus; netback's driver "vif" is on xen-backend
-        ("DRIVERS", "=="): "vif",
-        ("RUN", "+="): "/opt/vif-route-qubes/bin/qubes-setup-ip $name",
-    }
-    assert "qubes-setup-ip = vif_route_qubes.setup_ip:main" in open(os.path.join(root, "setup.cfg")).read()
