@@ -586,6 +586,80 @@ def _steps(link, env, steps, tmp_path):
     return [json.loads(line) for line in res.stdout.splitlines()]
 
 
+# The stand-in, for machines without systemd-resolved and dbus-daemon (CI
+# must not install systemd-resolved: its postinst replaces the host's
+# /etc/resolv.conf). What stands in: for "resolved is running", a listener
+# on /run/systemd/resolve/io.systemd.Resolve (on a private tmpfs); for
+# resolved itself, a ``resolvectl`` first on PATH that records its argv.
+# It shows what qubes-setup-ip asks for and when; that resolved then
+# answers through its stub is the real-resolved test's part.
+STANDIN = r"""
+import os, socket, subprocess, sys, threading
+steps = sys.argv[1:]
+subprocess.run(["mount", "-t", "tmpfs", "tmpfs", "/run/systemd"], check=True)
+os.makedirs("/run/systemd/resolve")
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+srv.bind("/run/systemd/resolve/io.systemd.Resolve")
+srv.listen(8)
+def serve():
+    while True:
+        conn, _ = srv.accept()
+        conn.close()
+threading.Thread(target=serve, daemon=True).start()
+for step in steps:
+    res = subprocess.run(step.split("\x1f"), capture_output=True, text=True)
+    print(res.returncode, repr(res.stderr), flush=True)
+"""
+
+RESOLVECTL = """#!/bin/sh
+# stand-in resolvectl: records its argv, one line per call
+printf '%s\\n' "$*" >> {log}
+"""
+
+
+def test_resolved_hand_off_with_a_stand_in(xenstored, env, link, tmp_path):
+    put(xenstored, **GOOD, qubes_ip6=GUEST_IP6, qubes_gateway6=GATEWAY6,
+        qubes_primary_dns6="fd09:24ef:4179::a89:53")
+    bindir, calls = tmp_path / "bin", tmp_path / "resolvectl.calls"
+    bindir.mkdir()
+    (bindir / "resolvectl").write_text(RESOLVECTL.format(log=calls))
+    (bindir / "resolvectl").chmod(0o755)
+    stub = tmp_path / "stub-resolv.conf"
+    stub.symlink_to("/run/systemd/resolve/stub-resolv.conf")
+    plain = tmp_path / "resolv.conf"
+    plain.write_text("nameserver 192.0.2.53\n")
+    env = dict(env, PATH=f"{bindir}:{env['PATH']}")
+    sep = "\x1f"
+    steps = [sep.join([SCRIPT, "-v", "--resolv-conf", str(stub), "eth0"]),
+             sep.join([SCRIPT, "--resolv-conf", str(plain), "eth0"]),
+             sep.join([SCRIPT, "remove", "eth0"])]
+    res = link.guest.exec(["unshare", "-m", "--propagation", "private", PY, "-c", STANDIN, *steps],
+                          env=env, check=False, timeout=60)
+    assert res.returncode == 0, res.stderr
+    codes = [line.split(" ", 1) for line in res.stdout.splitlines()]
+    assert [c for c, _ in codes] == ["0", "0", "0"], codes
+    assert "also to systemd-resolved" in codes[0][1]
+    assert stub.is_symlink()  # resolved's stub is left as it is
+    assert plain.read_text().splitlines()[1:] == [
+        f"nameserver {DNS1}", f"nameserver {DNS2}", "nameserver fd09:24ef:4179::a89:53"]
+    assert calls.read_text().splitlines() == [
+        f"dns eth0 {DNS1} {DNS2} fd09:24ef:4179::a89:53",
+        f"dns eth0 {DNS1} {DNS2} fd09:24ef:4179::a89:53",  # every run: resolved may have restarted
+        "revert eth0",
+    ]
+    # without resolved running (no listener: the host's /run), resolvectl
+    # is never called and resolv.conf is written as always
+    calls.unlink()
+    assert setup_ip(link.guest, env, "--resolv-conf", str(plain), "eth0").returncode == 0
+    assert not calls.exists()
+    # disable-dns-server: resolved is not asked either
+    put(xenstored, **{"disable-dns-server": "1"})
+    res = link.guest.exec(["unshare", "-m", "--propagation", "private", PY, "-c", STANDIN,
+                           sep.join([SCRIPT, "--resolv-conf", str(plain), "eth0"])], env=env, check=False)
+    assert res.returncode == 0 and res.stdout.startswith("0 "), res.stdout + res.stderr
+    assert not calls.exists()
+
+
 @pytest.mark.skipif(not HAVE_RESOLVED, reason="systemd-resolved, dbus-daemon or resolvectl not installed")
 def test_real_resolved_gets_the_servers_and_the_stub_reaches_dns1(xenstored, env, link, tmp_path):
     """With resolved running, qubes-setup-ip hands DNS1/DNS2 to it for eth0
