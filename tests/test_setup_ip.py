@@ -561,3 +561,35 @@ def test_resolv_conf_replaced_atomically(xenstored, env, guest, tmp_path):
     assert resolv.stat().st_ino != old_inode
     assert resolv.read_text() == S.render_resolv(S.guest_net(values()))
     assert sorted(os.listdir(tmp_path)) == ["old-link", "resolv.conf"]
+
+
+# ----------------------------------------------------------------------------
+# Property: whatever XenStore holds, guest_net refuses it with one line or
+# plans only safe tokens (nothing unchecked reaches an ip batch line or
+# resolv.conf).
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_TEXT = st.one_of(st.none(), st.text(max_size=40), st.sampled_from(
+    ["10.137.0.12", "10.137.0.1", "255.255.255.0", "fd00::5", "1", "0", "yes", "", " ", "10.0.0.1\nx"]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.fixed_dictionaries({k: _TEXT for k in S.KEYS}))
+def test_any_xenstore_values_are_refused_or_render_safely(vals):
+    import re
+
+    try:
+        net = S.guest_net(vals)
+    except Failure as exc:
+        assert "\n" not in str(exc) and str(exc)
+        return
+    if net is None:
+        return
+    safe = re.compile(r"[A-Za-z0-9:./ -]+")
+    for ipv6 in (True, False):
+        for line in S.render_batch(net, "eth0", ipv6):
+            assert safe.fullmatch(line), line
+    for line in S.render_resolv(net).splitlines()[1:]:
+        assert safe.fullmatch(line), line
+    assert all(safe.fullmatch(a) for a in S.resolvectl_argv(net, "eth0"))
