@@ -186,6 +186,10 @@ def test_proc_route_parsing_and_in_place():
     stale_pin = pinned | {(other, S.GATEWAY_MAC)}
     assert not S.in_place(net, cur._replace(neighbours=stale_pin), True)  # an old gateway's pin
     assert S.stale_neighbours(net, cur._replace(neighbours=stale_pin), True) == (other,)
+    # ... and its host route, known as ours by that pin
+    old_route = r4 | {(other, ipaddress.ip_address("255.255.255.255"), any4, 0)}
+    assert S.stale_routes(net, cur._replace(neighbours=stale_pin, routes4=old_route), True) == ("10.137.0.99/32",)
+    assert S.stale_routes(net, cur._replace(routes4=old_route), True) == ()  # not pinned: not known as ours
     # someone else's permanent entry (another MAC) is not ours to remove
     assert S.in_place(net, cur._replace(neighbours=pinned | {(other, "00:16:3e:00:00:01")}), True)
     unpinned = net._replace(gateway_mac=None)

@@ -210,17 +210,24 @@ def test_pin_switch_converges_and_ipv6_gateway_is_pinned(xenstored, env, link, t
     r = str(tmp_path / "r")
     assert setup_ip(link.guest, env, "--resolv-conf", r).returncode == 0
     assert neighbour(link.guest, GATEWAY6) == f"{GATEWAY6} lladdr {S.GATEWAY_MAC} PERMANENT"
-    # the option switches pinning off: both entries go, the routes stay
-    res = setup_ip(link.guest, env, "--no-pin-gateway-mac", "--resolv-conf", r)
-    assert res.returncode == 0, res.stderr
-    assert "PERMANENT" not in link.guest.ip("neigh", "show", "dev", "eth0").stdout
-    assert link.guest.ip("route", "show", "default").stdout.startswith(f"default via {GATEWAY} dev eth0")
-    # and back on; a changed gateway leaves no pin for the old one behind
+    # a changed gateway leaves neither a pin nor a host route for the old one
     put(xenstored, qubes_gateway="10.137.0.2")
     assert setup_ip(link.guest, env, "--resolv-conf", r).returncode == 0
     perm = link.guest.ip("neigh", "show", "nud", "permanent", "dev", "eth0").stdout
     assert sorted(x.strip() for x in perm.splitlines()) == sorted([
         f"10.137.0.2 lladdr {S.GATEWAY_MAC} PERMANENT", f"{GATEWAY6} lladdr {S.GATEWAY_MAC} PERMANENT"])
+    routes = [x.strip() for x in link.guest.ip("route", "show", "dev", "eth0").stdout.splitlines()]
+    assert sorted(routes) == ["10.137.0.2 scope link", "default via 10.137.0.2 onlink"]
+    # the option switches pinning off: both entries go, the routes stay
+    res = setup_ip(link.guest, env, "--no-pin-gateway-mac", "--resolv-conf", r)
+    assert res.returncode == 0, res.stderr
+    assert "PERMANENT" not in link.guest.ip("neigh", "show", "dev", "eth0").stdout
+    routes = [x.strip() for x in link.guest.ip("route", "show", "dev", "eth0").stdout.splitlines()]
+    assert sorted(routes) == ["10.137.0.2 scope link", "default via 10.137.0.2 onlink"]
+    assert f"default via {GATEWAY6} dev eth0" in link.guest.ip("-6", "route", "show").stdout
+    # and back on
+    assert setup_ip(link.guest, env, "--resolv-conf", r).returncode == 0
+    assert neighbour(link.guest, "10.137.0.2") == f"10.137.0.2 lladdr {S.GATEWAY_MAC} PERMANENT"
     # someone else's permanent entry (another MAC) is left alone
     link.guest.ip("neigh", "replace", "10.137.0.99", "lladdr", ATTACKER_MAC, "nud", "permanent", "dev", "eth0")
     res = setup_ip(link.guest, env, "-v", "--resolv-conf", r)
@@ -438,6 +445,32 @@ def test_bind_mounted_resolv_conf_is_written_in_place(xenstored, env, link, tmp_
     # a second run inside a mount namespace again: unchanged, not rewritten
     res = _in_mount_ns(link.guest, f"mount --bind {source} {target}\n{SCRIPT} -v --resolv-conf {target}\n", env)
     assert res.returncode == 0 and "unchanged" in res.stderr, res.stderr
+
+
+# The mount table did not predict the mount point (here: the check is
+# made to say no): the refused rename falls back to the descriptor opened
+# beforehand, and the file is still written in place.
+UNPREDICTED = r"""
+import subprocess, sys
+from vif_route_qubes import setup_ip as S
+source, target = sys.argv[1:3]
+subprocess.run(["mount", "--bind", source, target], check=True)
+S.is_mount_point = lambda path: False
+print(S.write_resolv_conf(S.System(), target, "nameserver 10.139.1.1\n"))
+"""
+
+
+def test_refused_rename_falls_back_to_in_place(link, tmp_path):
+    source = tmp_path / "source.conf"
+    source.write_text("nameserver 192.0.2.53\n")
+    target = tmp_path / "resolv.conf"
+    target.write_text("")
+    res = link.guest.exec(["unshare", "-m", "--propagation", "private", PY, "-c", UNPREDICTED,
+                           str(source), str(target)], check=False)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "in place"
+    assert source.read_text() == "nameserver 10.139.1.1\n"
+    assert sorted(os.listdir(tmp_path)) == ["resolv.conf", "source.conf"]  # no temporary file left
 
 
 def test_read_only_bind_mount_fails_before_the_network_is_touched(xenstored, env, link, tmp_path):

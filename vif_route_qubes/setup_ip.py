@@ -462,14 +462,24 @@ def stale_neighbours(net: GuestNet, current: Current, ipv6: bool) -> tuple:
 
 
 def stale_routes(net: GuestNet, current: Current, ipv6: bool) -> tuple:
-    """Default routes via the plan's gateways when disable-default-route is
-    set (they were made by an earlier run): ``route del`` arguments."""
+    """``route del`` arguments for routes an earlier run made that the plan
+    no longer has: the host route to an old gateway (known as ours by its
+    pinned entry, which :func:`stale_neighbours` removes too), and default
+    routes via the plan's gateways when disable-default-route is set."""
     import ipaddress
 
-    if net.default_route:
-        return ()
     out = []
     any4, any6 = ipaddress.IPv4Address(0), ipaddress.IPv6Address(0)
+    host4 = ipaddress.IPv4Address("255.255.255.255")
+    for old in stale_neighbours(net, current, ipv6):
+        if old in (net.gateway, net.gateway6):
+            continue  # still a gateway, only no longer pinned: its route stays
+        if old.version == 4 and (old, host4, any4, 0) in current.routes4:
+            out.append(f"{old}/32")
+        elif old.version == 6 and any(d == old and p == 128 and h == any6 for d, p, h, _ in current.routes6):
+            out.append(f"{old}/128")
+    if net.default_route:
+        return tuple(out)
     if net.gateway is not None and any(d == any4 and m == any4 and g == net.gateway for d, m, g, _ in current.routes4):
         out.append(f"default via {net.gateway}")
     if ipv6 and net.gateway6 is not None and any(
