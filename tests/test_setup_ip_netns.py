@@ -180,11 +180,11 @@ def test_pinned_gateway_ignores_forged_arp(xenstored, env, link, tmp_path):
     assert link.guest.ip("-d", "link", "show", "eth0").stdout.count(" group 1 ") == 1
     with UdpSink(link.gw, OUTSIDE, 9999) as real, UdpSink(link.attacker, OUTSIDE, 9999) as fake:
         assert udp_send(link.guest, OUTSIDE, 9999, "before").returncode == 0
-        assert real.got("before")
+        assert real.got("before", 3)
         forge_arp(link)
         assert neighbour(link.guest, GATEWAY) == f"{GATEWAY} lladdr {S.GATEWAY_MAC} PERMANENT"
         assert udp_send(link.guest, OUTSIDE, 9999, "after").returncode == 0
-        assert real.got("after")
+        assert real.got("after", 3)
         assert fake.collect(0.3) == []  # the attacker saw nothing, before or after
 
 
@@ -197,12 +197,12 @@ def test_without_the_pin_the_same_forgery_redirects_traffic(xenstored, env, link
     assert res.returncode == 0, res.stderr
     with UdpSink(link.gw, OUTSIDE, 9999) as real, UdpSink(link.attacker, OUTSIDE, 9999) as fake:
         assert udp_send(link.guest, OUTSIDE, 9999, "before").returncode == 0
-        assert real.got("before")
+        assert real.got("before", 3)
         assert "PERMANENT" not in neighbour(link.guest, GATEWAY)
         forge_arp(link)
         assert ATTACKER_MAC in neighbour(link.guest, GATEWAY)
         assert udp_send(link.guest, OUTSIDE, 9999, "after").returncode == 0
-        assert fake.got("after")
+        assert fake.got("after", 3)
 
 
 def test_pin_switch_converges_and_ipv6_gateway_is_pinned(xenstored, env, link, tmp_path):
@@ -254,7 +254,7 @@ def test_disable_default_route(xenstored, env, link, tmp_path):
     # a real packet: the gateway itself is reachable, the outside is not
     with UdpSink(link.gw, GATEWAY, 9998) as gw, UdpSink(link.gw, OUTSIDE, 9999) as out:
         assert udp_send(link.guest, GATEWAY, 9998, "to-gw").returncode == 0
-        assert gw.got("to-gw")
+        assert gw.got("to-gw", 3)
         sent = udp_send(link.guest, OUTSIDE, 9999, "to-outside")
         assert sent.returncode != 0 and "Network is unreachable" in sent.stderr
         assert out.collect(0.3) == []
@@ -315,7 +315,7 @@ def test_remove_takes_the_link_down_and_forgets_everything(xenstored, env, link,
     assert setup_ip(link.guest, env, "--resolv-conf", str(tmp_path / "r"), "eth0").returncode == 0
     with UdpSink(link.gw, OUTSIDE, 9999) as out:
         assert udp_send(link.guest, OUTSIDE, 9999, "up").returncode == 0
-        assert out.got("up")
+        assert out.got("up", 3)
         res = setup_ip(link.guest, env, "-v", "remove", "eth0")
         assert res.returncode == 0, res.stderr
         assert "eth0: removed" in res.stderr
