@@ -114,7 +114,8 @@ def test_render_batch_golden():
     net = S.guest_net(values())
     assert "".join(line + "\n" for line in S.render_batch(net, "eth0")) == (
         "addr replace 10.137.0.12/32 dev eth0\n"
-        "link set dev eth0 up\n"
+        "link set dev eth0 up group 1\n"
+        "neigh replace 10.137.0.1 lladdr fe:ff:ff:ff:ff:ff nud permanent dev eth0\n"
         "route replace 10.137.0.1/32 dev eth0 scope link\n"
         "route replace default via 10.137.0.1 dev eth0 onlink\n"
     )
@@ -127,19 +128,21 @@ def test_render_batch_golden_ipv6_and_stale():
         "addr replace 10.137.0.12/24 dev eth1",
         "addr replace fd09:24ef:4179::a89:c/128 dev eth1 nodad",
         "addr del 10.137.0.5/32 dev eth1",
-        "link set dev eth1 up",
+        "link set dev eth1 up group 1",
+        "neigh replace 10.137.0.1 lladdr fe:ff:ff:ff:ff:ff nud permanent dev eth1",
+        "neigh replace fd09:24ef:4179::a89:1 lladdr fe:ff:ff:ff:ff:ff nud permanent dev eth1",
         "route replace 10.137.0.1/32 dev eth1 scope link",
         "route replace default via 10.137.0.1 dev eth1 onlink",
         "route replace fd09:24ef:4179::a89:1/128 dev eth1",
         "route replace ::/0 via fd09:24ef:4179::a89:1 dev eth1 onlink",
     ]
     # IPv6 disabled on the interface: nothing IPv6 is attempted
-    assert not any(":" in line for line in S.render_batch(net, "eth1", ipv6=False))
+    assert not any("fd09:" in line or "::/0" in line for line in S.render_batch(net, "eth1", ipv6=False))
 
 
 def test_render_batch_without_gateway():
     net = S.guest_net(values(qubes_gateway=None))
-    assert S.render_batch(net, "eth0") == ["addr replace 10.137.0.12/32 dev eth0", "link set dev eth0 up"]
+    assert S.render_batch(net, "eth0") == ["addr replace 10.137.0.12/32 dev eth0", "link set dev eth0 up group 1"]
 
 
 def test_render_resolv_golden():
@@ -171,19 +174,125 @@ def test_proc_route_parsing_and_in_place():
     gw6 = ipaddress.ip_address("fd09:24ef:4179::a89")
     assert (gw6, 128, ipaddress.ip_address("::"), 1024) in r6
     net = S.guest_net(values())
-    cur = S.Current(up=True, addresses=("10.137.0.12/32",), routes4=r4, routes6=r6)
+    pinned = frozenset({(gw, S.GATEWAY_MAC)})
+    cur = S.Current(up=True, addresses=("10.137.0.12/32",), routes4=r4, routes6=r6, group="1", neighbours=pinned)
     assert S.in_place(net, cur, True)
-    assert not S.in_place(net, S.Current(False, cur.addresses, r4, r6), True)  # link down
-    assert not S.in_place(net, S.Current(True, ("10.137.0.12/24",), r4, r6), True)  # other prefix
-    assert S.stale_addresses(net, S.Current(True, ("10.137.0.12/24", "10.137.0.12/32"), r4, r6), True) == (
+    assert not S.in_place(net, cur._replace(up=False), True)  # link down
+    assert not S.in_place(net, cur._replace(addresses=("10.137.0.12/24",)), True)  # other prefix
+    assert not S.in_place(net, cur._replace(group="0"), True)  # not in the uplink group
+    assert not S.in_place(net, cur._replace(neighbours=frozenset()), True)  # gateway MAC not pinned
+    assert not S.in_place(net, cur._replace(neighbours=frozenset({(gw, "00:16:3e:00:00:01")})), True)
+    other = ipaddress.ip_address("10.137.0.99")
+    stale_pin = pinned | {(other, S.GATEWAY_MAC)}
+    assert not S.in_place(net, cur._replace(neighbours=stale_pin), True)  # an old gateway's pin
+    assert S.stale_neighbours(net, cur._replace(neighbours=stale_pin), True) == (other,)
+    # ... and its host route, known as ours by that pin
+    old_route = r4 | {(other, ipaddress.ip_address("255.255.255.255"), any4, 0)}
+    assert S.stale_routes(net, cur._replace(neighbours=stale_pin, routes4=old_route), True) == ("10.137.0.99/32",)
+    assert S.stale_routes(net, cur._replace(routes4=old_route), True) == ()  # not pinned: not known as ours
+    # someone else's permanent entry (another MAC) is not ours to remove
+    assert S.in_place(net, cur._replace(neighbours=pinned | {(other, "00:16:3e:00:00:01")}), True)
+    unpinned = net._replace(gateway_mac=None)
+    assert not S.in_place(unpinned, cur, True) and S.stale_neighbours(unpinned, cur, True) == (gw,)
+    assert S.in_place(unpinned, cur._replace(neighbours=frozenset()), True)
+    assert S.stale_addresses(net, cur._replace(addresses=("10.137.0.12/24", "10.137.0.12/32")), True) == (
         "10.137.0.12/24",)
-    assert not S.in_place(net, S.Current(True, cur.addresses, S._routes4(PROC_ROUTE, "eth1"), r6), True)
+    assert not S.in_place(net, cur._replace(routes4=S._routes4(PROC_ROUTE, "eth1")), True)
+    # disable-default-route: the default route is what is stale now
+    noroute = S.guest_net(values(**{"disable-default-route": "1"}))
+    assert not S.in_place(noroute, cur, True)
+    assert S.stale_routes(noroute, cur, True) == ("default via 10.137.0.1",)
+    host_only = frozenset(r for r in r4 if r[0] != ipaddress.ip_address("0.0.0.0"))
+    assert S.in_place(noroute, cur._replace(routes4=host_only), True)
     net6 = S.guest_net(values(qubes_ip6="fd09:24ef:4179::a89:c", qubes_gateway6="fd09:24ef:4179::a89"))
     both = ("10.137.0.12/32", "fd09:24ef:4179::a89:c/128")
-    assert S.in_place(net6, S.Current(True, both, r4, r6), True)
-    assert not S.in_place(net6, S.Current(True, both, r4, frozenset()), True)
+    pinned6 = pinned | {(gw6, S.GATEWAY_MAC)}
+    cur6 = cur._replace(addresses=both, neighbours=pinned6)
+    assert S.in_place(net6, cur6, True)
+    assert not S.in_place(net6, cur6._replace(routes6=frozenset()), True)
+    assert not S.in_place(net6, cur6._replace(neighbours=pinned), True)  # IPv6 gateway not pinned
     # with IPv6 disabled the IPv6 half is not wanted, and its address is stale
-    assert S.stale_addresses(net6, S.Current(True, both, r4, r6), False) == ("fd09:24ef:4179::a89:c/128",)
+    assert S.stale_addresses(net6, cur6, False) == ("fd09:24ef:4179::a89:c/128",)
+
+
+def test_probe_output_parsing():
+    """``ip -j -batch`` prints one JSON array per command, back to back."""
+    text = ('[{"ifname":"eth0","flags":["BROADCAST","UP"],"group":"1","addr_info":['
+            '{"family":"inet","local":"10.137.0.12","prefixlen":32,"scope":"global"},'
+            '{"family":"inet6","local":"fe80::1","prefixlen":64,"scope":"link"},'
+            '{"family":"inet6","local":"2001:db8::5","prefixlen":64,"scope":"global","dynamic":true}]}]\n'
+            '[{"dst":"10.137.0.1","lladdr":"fe:ff:ff:ff:ff:ff","state":["PERMANENT"]},'
+            '{"dst":"10.137.0.7","state":["FAILED"]}]\n')
+
+    class Done:
+        def wait(self):
+            return type("R", (), {"stdout": text})()
+
+    cur = S.probe_result(Done(), "eth0")
+    assert cur.up and cur.group == "1" and cur.addresses == ("10.137.0.12/32",)
+    assert cur.neighbours == {(ipaddress.ip_address("10.137.0.1"), "fe:ff:ff:ff:ff:ff")}
+
+
+@pytest.mark.parametrize("over,reason", [
+    ({"disable-default-route": "maybe"}, "disable-default-route: 'maybe' is not a switch value"),
+    ({"disable-dns-server": "2"}, "disable-dns-server: '2' is not a switch value"),
+    ({"qubes_primary_dns6": "10.139.1.1", **V6}, "qubes_primary_dns6: 10.139.1.1 is not an IPv6 address"),
+    ({"qubes_secondary_dns6": "fd00::1 fd00::2", **V6}, "more than one address"),
+    ({"qubes_primary_dns6": "nameserver"}, "qubes_primary_dns6"),  # checked even without qubes_ip6
+    ({"qubes_gateway6": "fd09:24ef:4179::a89:c", "qubes_ip6": "fd09:24ef:4179::a89:c"}, "own address"),
+])
+def test_guest_net_refuses_new_keys(over, reason):
+    with pytest.raises(Failure) as exc:
+        S.guest_net(values(**over))
+    assert reason in str(exc.value) and "\n" not in str(exc.value)
+
+
+def test_switches_and_dns6_plan():
+    dns6 = {"qubes_primary_dns6": "fd09:24ef:4179::a89:53", "qubes_secondary_dns6": "fd09:24ef:4179::a89:54"}
+    net = S.guest_net(values(**V6, **dns6))
+    assert [str(a) for a in S.nameservers(net)] == [
+        "10.139.1.1", "10.139.1.2", "fd09:24ef:4179::a89:53", "fd09:24ef:4179::a89:54"]
+    assert S.render_resolv(net).splitlines()[1:] == [
+        "nameserver 10.139.1.1", "nameserver 10.139.1.2",
+        "nameserver fd09:24ef:4179::a89:53", "nameserver fd09:24ef:4179::a89:54"]
+    assert S.resolvectl_argv(net, "eth0") == [
+        "resolvectl", "dns", "eth0", "10.139.1.1", "10.139.1.2", "fd09:24ef:4179::a89:53", "fd09:24ef:4179::a89:54"]
+    # without an IPv6 address of its own the guest cannot reach IPv6 nameservers
+    assert S.guest_net(values(**dns6)).dns6 == ()
+    assert S.without_ipv6(net).dns6 == () and S.without_ipv6(net).ip6 is None
+    for on in ("1", "true", "yes", " ON "):
+        off_dns = S.guest_net(values(**V6, **dns6, **{"disable-dns-server": on}))
+        assert off_dns.configure_dns is False and S.nameservers(off_dns) == ()
+    for off in ("0", "", "no", None):
+        assert S.guest_net(values(**{"disable-dns-server": off})).configure_dns is True
+    noroute = S.guest_net(values(**V6, **{"disable-default-route": "1"}))
+    lines = S.render_batch(noroute, "eth0")
+    assert "route replace 10.137.0.1/32 dev eth0 scope link" in lines
+    assert "route replace fd09:24ef:4179::a89:1/128 dev eth0" in lines
+    assert not any("default" in line or "::/0" in line for line in lines)
+    assert S.render_batch(noroute, "eth0", stale_routes=("default via 10.137.0.1",))[-3] == (
+        "route del default via 10.137.0.1 dev eth0")
+    nopin = S.guest_net(values(**{"disable-gateway-mac-pin": "1"}))
+    assert nopin.gateway_mac is None
+    assert not any(line.startswith("neigh replace") for line in S.render_batch(nopin, "eth0"))
+    assert "neigh del 10.137.0.1 dev eth0" in S.render_batch(nopin, "eth0", stale_neigh=("10.137.0.1",))
+
+
+def test_render_remove_golden():
+    assert S.render_remove("eth0") == [
+        "link set dev eth0 down group 0",
+        "addr flush dev eth0 scope global",
+        "neigh flush dev eth0 nud permanent",
+        "route flush dev eth0 table all",
+    ]
+
+
+@pytest.mark.parametrize("words,expected", [
+    ([], ("add", None)), (["eth1"], ("add", "eth1")), (["add"], ("add", None)),
+    (["remove"], ("remove", None)), (["remove", "eth1"], ("remove", "eth1")), (["add", "eth2"], ("add", "eth2")),
+])
+def test_split_words(words, expected):
+    assert S.split_words(words) == expected
 
 
 # ----------------------------------------------------------------------------
@@ -459,27 +568,32 @@ def test_resolv_conf_replaced_atomically(xenstored, env, guest, tmp_path):
 
 
 # ----------------------------------------------------------------------------
-# The udev rule
+# Property: whatever XenStore holds, guest_net refuses it with one line or
+# plans only safe tokens (nothing unchecked reaches an ip batch line or
+# resolv.conf).
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_TEXT = st.one_of(st.none(), st.text(max_size=40), st.sampled_from(
+    ["10.137.0.12", "10.137.0.1", "255.255.255.0", "fd00::5", "1", "0", "yes", "", " ", "10.0.0.1\nx"]))
 
 
-def test_udev_rule():
-    """Each rule line is udev syntax (KEY==/+= "value", comma separated) and
-    runs the installed console script for a xen-netfront interface."""
+@settings(max_examples=300, deadline=None)
+@given(st.fixed_dictionaries({k: _TEXT for k in S.KEYS}))
+def test_any_xenstore_values_are_refused_or_render_safely(vals):
     import re
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    path = os.path.join(root, "etc", "udev", "rules.d", "99-qubes-setup-ip.rules")
-    rules = [line for line in open(path).read().splitlines() if line.strip() and not line.startswith("#")]
-    assert len(rules) == 1
-    pairs = re.split(r'",\s*', rules[0].rstrip('"'))
-    parsed = [re.fullmatch(r'([A-Z]+(?:\{[A-Za-z_]+\})?)(==|!=|\+=|=|:=)"(.*)', p) for p in pairs]
-    assert all(parsed), pairs
-    keys = {(m.group(1), m.group(2)): m.group(3) for m in parsed}
-    assert keys == {
-        ("SUBSYSTEM", "=="): "net",
-        ("ACTION", "=="): "add",
-        ("SUBSYSTEMS", "=="): "xen",  # frontend bus; netback's driver "vif" is on xen-backend
-        ("DRIVERS", "=="): "vif",
-        ("RUN", "+="): "/opt/vif-route-qubes/bin/qubes-setup-ip $name",
-    }
-    assert "qubes-setup-ip = vif_route_qubes.setup_ip:main" in open(os.path.join(root, "setup.cfg")).read()
+    try:
+        net = S.guest_net(vals)
+    except Failure as exc:
+        assert "\n" not in str(exc) and str(exc)
+        return
+    if net is None:
+        return
+    safe = re.compile(r"[A-Za-z0-9:./ -]+")
+    for ipv6 in (True, False):
+        for line in S.render_batch(net, "eth0", ipv6):
+            assert safe.fullmatch(line), line
+    for line in S.render_resolv(net).splitlines()[1:]:
+        assert safe.fullmatch(line), line
+    assert all(safe.fullmatch(a) for a in S.resolvectl_argv(net, "eth0"))

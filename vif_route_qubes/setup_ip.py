@@ -1,31 +1,49 @@
 """qubes-setup-ip: the guest side of Qubes' routed networking.
 
-udev runs it in a guest when a Xen network interface (xen-netfront) appears
-(etc/udev/rules.d/99-qubes-setup-ip.rules). It reads the guest's own
-configuration from its XenStore home in one round trip and makes the
-interface look like the plan says:
+systemd runs it in a guest when a Xen network interface (xen-netfront)
+appears: udev's rule (etc/udev/rules.d/99-qubes-setup-ip.rules) pulls in
+``qubes-setup-ip@IFACE.service``, whose start is ``qubes-setup-ip add IFACE``
+and whose stop (the interface went away) is ``qubes-setup-ip remove IFACE``.
+``add`` reads the guest's own configuration from its XenStore home in one
+round trip and makes the interface look like the plan says:
 
-* the address (``/32`` for Qubes' usual netmask 255.255.255.255), link up;
+* the address (``/32`` for Qubes' usual netmask 255.255.255.255), link up,
+  the link in interface group 1 ("the uplink", for firewall rules);
+* a permanent neighbour entry for the gateway with the backend's MAC
+  ``fe:ff:ff:ff:ff:ff`` (what netback gives every vif), so nothing else on
+  the link can answer ARP / neighbour discovery for the gateway;
 * a host route to the gateway and the default route via it (``onlink``: the
   gateway is not inside a /32, the netvm answers ARP for it on the vif);
-* IPv6 address and routes when ``qubes_ip6`` is given;
-* ``/etc/resolv.conf`` naming the two virtual nameservers DNS1/DNS2 (the
-  netvm DNATs them to the real ones), written atomically;
+* IPv6 address, neighbour entry and routes when ``qubes_ip6`` is given;
+* ``/etc/resolv.conf`` naming the virtual nameservers DNS1/DNS2 (the netvm
+  DNATs them to the real ones), then the IPv6 ones; written atomically, or
+  in place when it is a mount point; and, when systemd-resolved is running,
+  the same servers handed to it for the interface (``resolvectl dns``);
 * the change hook (``/rw/config/qubes-ip-change-hook``), only when something
   actually changed, so a re-run (udev "change", a manual run) is silent.
 
 Plan, then apply: :func:`guest_net` validates the XenStore values into plain
-data, :func:`render_batch` / :func:`render_resolv` turn it into text, and
-:func:`run` applies that with one ``ip -batch -`` (``replace`` verbs, so a
-re-run is harmless) and one rename. Whether anything changes is decided from
-one read-only probe (``ip -j addr show``) and ``/proc/net/*route``; when the
-interface is already as planned no batch runs at all.
+data, :func:`render_batch` / :func:`render_resolv` / :func:`render_remove`
+turn it into text, and :func:`run` applies that with one ``ip -batch -``
+(``replace`` verbs, so a re-run is harmless) and one rename. Whether
+anything changes is decided from one read-only probe (``ip -j -batch -``:
+addresses and neighbours) and ``/proc/net/*route``; when the interface is
+already as planned no batch runs at all.
 
-``main()`` takes the fast path (no click import) for udev's plain call
-``qubes-setup-ip [INTERFACE]``; options go through click, into the same
+Public, importable without click (dom0's attached interface is configured
+"like a guest's" with these): :data:`KEYS`, :class:`GuestNet`,
+:func:`guest_net`, :func:`render_batch`, :func:`render_resolv`,
+:func:`render_remove`, :func:`resolvectl_argv`, :class:`Current`,
+:func:`probe`, :func:`stale_addresses`, :func:`stale_neighbours`,
+:func:`in_place`, :func:`write_resolv_conf`, :func:`resolved_running`,
 :func:`run`.
+
+``main()`` takes the fast path (no click import) for the plain calls
+``qubes-setup-ip [add|remove] [INTERFACE]``; options go through click, into
+the same :func:`run`.
 """
 
+import errno
 import os
 import sys
 from collections import namedtuple
@@ -40,14 +58,43 @@ DEFAULT_INTERFACE = "eth0"
 DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
 DEFAULT_HOOK = "/rw/config/qubes-ip-change-hook"
 DEFAULT_NETMASK = "255.255.255.255"
+# xen-netback gives every backend vif this MAC (drivers/net/xen-netback:
+# "fe:ff:ff:ff:ff:ff", so the guest's own MAC never appears twice on the
+# link); it is the only MAC the gateway legitimately has.
+GATEWAY_MAC = "fe:ff:ff:ff:ff:ff"
+# Interface group of the uplink, as Qubes sets it: firewall rules can say
+# "iifgroup 1" / "-m devgroup --src-group 1" without knowing the name.
+UPLINK_GROUP = "1"
+# systemd-resolved's Varlink socket. A connect() succeeds only while
+# resolved is running: cheaper than asking systemctl or D-Bus (the
+# directory itself survives a stop: RuntimeDirectoryPreserve=yes).
+RESOLVED_SOCKET = "/run/systemd/resolve/io.systemd.Resolve"
+RESOLVED_DIR = "/run/systemd/resolve/"
+ACTIONS = ("add", "remove")
+
+# Per-guest switches (XenStore keys under the guest's home, Qubes' service
+# names): "1" (or true/yes/on) turns the feature off.
+SWITCH_NO_DEFAULT_ROUTE = "disable-default-route"
+SWITCH_NO_DNS = "disable-dns-server"
+SWITCH_NO_MAC_PIN = "disable-gateway-mac-pin"
 
 # Relative keys: resolved under the guest's own /local/domain/<domid>.
 KEYS = (
     "qubes_ip", "qubes_netmask", "qubes_gateway", "qubes_primary_dns",
     "qubes_secondary_dns", "qubes_ip6", "qubes_gateway6",
+    "qubes_primary_dns6", "qubes_secondary_dns6",
+    SWITCH_NO_DEFAULT_ROUTE, SWITCH_NO_DNS, SWITCH_NO_MAC_PIN,
 )
 
 ENV_HELP = """
+
+\b
+Actions:
+  add (default)    configure INTERFACE from XenStore
+  remove           take INTERFACE down and remove what add configured
+                   (address, routes, pinned gateway MAC, group; resolved's
+                   servers for it); resolv.conf is left as it is
+A single word add or remove is the action (INTERFACE then as below).
 
 \b
 Environment:
@@ -63,22 +110,44 @@ Environment:
 XenStore keys read (relative to this domain's home, one round trip):
   qubes_ip             IPv4 address; absent: nothing to do (exit 0)
   qubes_netmask        netmask (default 255.255.255.255, i.e. /32)
-  qubes_gateway        gateway: host route + default route via it (onlink)
+  qubes_gateway        gateway: pinned MAC, host route, default route (onlink)
   qubes_primary_dns    DNS1 (default: the gateway)
   qubes_secondary_dns  DNS2 (optional)
   qubes_ip6            optional IPv6 address (/128)
-  qubes_gateway6       optional IPv6 gateway: host route + default route
+  qubes_gateway6       optional IPv6 gateway: pinned MAC, host route, default
+  qubes_primary_dns6   optional IPv6 DNS1 (written after the IPv4 ones; used
+  qubes_secondary_dns6 optional IPv6 DNS2  only with qubes_ip6)
+  disable-default-route  1: no default routes (the gateway routes stay)
+  disable-dns-server     1: leave resolv.conf and systemd-resolved alone
+  disable-gateway-mac-pin  1: no permanent neighbour entry for the gateways
+                         (a backend with a custom MAC; like --no-pin-gateway-mac)
 
 \b
-Exit status: 0 configured (or nothing to do), 1 error (nothing changed when
-the input was bad).
+Files:
+  /etc/resolv.conf     written atomically (rename); in place when it is a
+                       mount point (containers, ip netns exec); left alone
+                       when systemd-resolved runs and it points into
+                       /run/systemd/resolve/
+  /run/systemd/resolve/io.systemd.Resolve  resolved running: resolvectl dns
+  /rw/config/qubes-ip-change-hook          run after a change
+
+\b
+Exit status: 0 configured, removed or nothing to do; 1 error (nothing
+changed when the input was bad); 2 usage error (unknown option, extra
+argument).
 """
 
 
 # The guest's network configuration, validated. (namedtuple, not a
 # dataclass: ``dataclasses`` pulls in ``inspect`` and ``ast``, a few ms of a
 # run whose whole budget is start-up time.)
-GuestNet = namedtuple("GuestNet", "ip prefix gateway dns ip6 gateway6", defaults=(None, (), None, None))
+#   dns, dns6      nameserver addresses, IPv4 then IPv6 (dns6 only with ip6)
+#   default_route  False: disable-default-route
+#   configure_dns  False: disable-dns-server (resolv.conf, resolved untouched)
+#   gateway_mac    the MAC pinned for the gateways, None: not pinned
+GuestNet = namedtuple(
+    "GuestNet", "ip prefix gateway dns ip6 gateway6 dns6 default_route configure_dns gateway_mac",
+    defaults=(None, (), None, None, (), True, True, GATEWAY_MAC))
 
 
 # ----------------------------------------------------------------------------
@@ -115,11 +184,45 @@ def _address(value, what, version):
     return addr
 
 
-def _nameserver(value, what):
+def _nameserver(value, what, version=None):
     found = validate.addresses(value, what)
     if len(found) != 1:
         raise Failure(f"{what}: {value.strip()[:60]!r} is more than one address")
+    if version is not None and found[0].version != version:
+        raise Failure(f"{what}: {found[0]} is not an IPv{version} address")
     return found[0]
+
+
+_ON = ("1", "true", "yes", "on")
+_OFF = ("", "0", "false", "no", "off")
+
+
+def switch(value, what: str) -> bool:
+    """A switch key: absent/0/false/no/off -> False, 1/true/yes/on -> True;
+    anything else is refused rather than guessed."""
+    if value is None:
+        return False
+    text = value.strip().lower()
+    if text in _ON:
+        return True
+    if text in _OFF:
+        return False
+    raise Failure(f"XenStore {what}: {value.strip()[:40]!r} is not a switch value (1 or 0)")
+
+
+def _dns_pair(values, primary_key, secondary_key, version, default=None):
+    dns = []
+    primary = values.get(primary_key)
+    if primary not in (None, ""):
+        dns.append(_nameserver(primary, f"XenStore {primary_key}", version))
+    elif default is not None:
+        dns.append(default)
+    secondary = values.get(secondary_key)
+    if secondary not in (None, ""):
+        second = _nameserver(secondary, f"XenStore {secondary_key}", version)
+        if second not in dns:
+            dns.append(second)
+    return tuple(dns)
 
 
 def guest_net(values: dict):
@@ -140,51 +243,97 @@ def guest_net(values: dict):
     gw = validate.gateway(values.get("qubes_gateway"), "XenStore qubes_gateway", 4)
     if gw is not None and gw == ip:
         raise Failure(f"XenStore qubes_gateway: {gw} is the guest's own address")
-    dns = []
-    primary = values.get("qubes_primary_dns")
-    if primary not in (None, ""):
-        dns.append(_nameserver(primary, "XenStore qubes_primary_dns"))
-    elif gw is not None:
-        dns.append(gw)
-    secondary = values.get("qubes_secondary_dns")
-    if secondary not in (None, ""):
-        second = _nameserver(secondary, "XenStore qubes_secondary_dns")
-        if second not in dns:
-            dns.append(second)
+    dns = _dns_pair(values, "qubes_primary_dns", "qubes_secondary_dns", 4, default=gw)
     ip6 = validate.gateway(values.get("qubes_ip6"), "XenStore qubes_ip6", 6)
     gw6 = validate.gateway(values.get("qubes_gateway6"), "XenStore qubes_gateway6", 6)
     if gw6 is not None and ip6 is None:
         raise Failure("XenStore qubes_gateway6 is set but qubes_ip6 is not")
-    return GuestNet(ip=ip, prefix=prefix, gateway=gw, dns=tuple(dns), ip6=ip6, gateway6=gw6)
+    if gw6 is not None and gw6 == ip6:
+        raise Failure(f"XenStore qubes_gateway6: {gw6} is the guest's own address")
+    # Validated even without qubes_ip6 (a typo is reported, not hidden), but
+    # used only with it: a guest without an IPv6 address cannot reach them.
+    dns6 = _dns_pair(values, "qubes_primary_dns6", "qubes_secondary_dns6", 6)
+    no_route = switch(values.get(SWITCH_NO_DEFAULT_ROUTE), SWITCH_NO_DEFAULT_ROUTE)
+    no_dns = switch(values.get(SWITCH_NO_DNS), SWITCH_NO_DNS)
+    no_pin = switch(values.get(SWITCH_NO_MAC_PIN), SWITCH_NO_MAC_PIN)
+    return GuestNet(
+        ip=ip, prefix=prefix, gateway=gw, dns=() if no_dns else dns, ip6=ip6, gateway6=gw6,
+        dns6=() if no_dns or ip6 is None else dns6, default_route=not no_route,
+        configure_dns=not no_dns, gateway_mac=None if no_pin else GATEWAY_MAC)
 
 
-def render_batch(net: GuestNet, ifname: str, ipv6: bool = True, stale=()) -> list:
+def without_ipv6(net: GuestNet) -> GuestNet:
+    """The plan for an interface with IPv6 disabled: nothing IPv6 at all."""
+    return net._replace(ip6=None, gateway6=None, dns6=())
+
+
+def nameservers(net: GuestNet) -> tuple:
+    """All nameservers in resolver order: IPv4 first (what every guest
+    has), then IPv6."""
+    return tuple(net.dns) + tuple(net.dns6)
+
+
+def render_batch(net: GuestNet, ifname: str, ipv6: bool = True, stale=(), stale_neigh=(), stale_routes=()) -> list:
     """``ip -batch`` lines. Address first, then stale addresses out (after
     the new one is in, so the interface is never without one), then link up
-    (IPv4 routes on a down link fail with ENETDOWN), then routes."""
+    (IPv4 routes on a down link fail with ENETDOWN) in the uplink group,
+    then the gateway's pinned MAC (before any route can send to it, so the
+    first packet already goes to the real gateway), then routes.
+    ``stale_neigh`` are addresses whose pinned entries go; ``stale_routes``
+    are ``route del`` arguments (a default route the plan no longer has)."""
     n = ifname
+    if not ipv6:
+        net = without_ipv6(net)
     lines = [f"addr replace {net.ip}/{net.prefix} dev {n}"]
-    if net.ip6 is not None and ipv6:
+    if net.ip6 is not None:
         # The address is dom0's to give and unique by construction; DAD would
         # only keep it unusable for a second after every boot.
         lines.append(f"addr replace {net.ip6}/128 dev {n} nodad")
     lines += [f"addr del {a} dev {n}" for a in stale]
-    lines.append(f"link set dev {n} up")
+    lines.append(f"link set dev {n} up group {UPLINK_GROUP}")
+    lines += [f"neigh del {a} dev {n}" for a in stale_neigh]
+    if net.gateway_mac:
+        for gw in (net.gateway, net.gateway6):
+            if gw is not None:
+                lines.append(f"neigh replace {gw} lladdr {net.gateway_mac} nud permanent dev {n}")
+    lines += [f"route del {r} dev {n}" for r in stale_routes]
     if net.gateway is not None:
         lines.append(f"route replace {net.gateway}/32 dev {n} scope link")
-        lines.append(f"route replace default via {net.gateway} dev {n} onlink")
-    if net.gateway6 is not None and ipv6:
+        if net.default_route:
+            lines.append(f"route replace default via {net.gateway} dev {n} onlink")
+    if net.gateway6 is not None:
         lines.append(f"route replace {net.gateway6}/128 dev {n}")
-        # "::/0", not "default": a batch line cannot carry -6, the prefix
-        # tells ip the family.
-        lines.append(f"route replace ::/0 via {net.gateway6} dev {n} onlink")
+        if net.default_route:
+            # "::/0", not "default": a batch line cannot carry -6, the prefix
+            # tells ip the family.
+            lines.append(f"route replace ::/0 via {net.gateway6} dev {n} onlink")
     return lines
 
 
+def render_remove(ifname: str) -> list:
+    """``ip -batch`` lines of ``remove``: link down first (no packet leaves
+    through a half-removed uplink from here on; the kernel drops the
+    routes, neighbour entries and, unless keep_addr_on_down, the IPv6
+    addresses with it), then flushes of what it keeps or what a sysctl may
+    have kept: global addresses, permanent neighbour entries, routes in any
+    table; the uplink group back to the default. Flushes succeed on an empty
+    list, so the batch holds whatever the link had left."""
+    n = ifname
+    return [f"link set dev {n} down group 0", f"addr flush dev {n} scope global",
+            f"neigh flush dev {n} nud permanent", f"route flush dev {n} table all"]
+
+
 def render_resolv(net: GuestNet) -> str:
-    lines = ["# Written by qubes-setup-ip from XenStore (qubes_primary_dns, qubes_secondary_dns)."]
-    lines += [f"nameserver {a}" for a in net.dns]
+    lines = ["# Written by qubes-setup-ip from XenStore (qubes_primary_dns, qubes_secondary_dns"
+             + (", qubes_primary_dns6, qubes_secondary_dns6)." if net.dns6 else ").")]
+    lines += [f"nameserver {a}" for a in nameservers(net)]
     return "\n".join(lines) + "\n"
+
+
+def resolvectl_argv(net: GuestNet, ifname: str) -> list:
+    """Hand the nameservers to systemd-resolved for this link: a guest whose
+    resolv.conf is resolved's stub (127.0.0.53) then still asks DNS1/DNS2."""
+    return ["resolvectl", "dns", ifname, *map(str, nameservers(net))]
 
 
 # ----------------------------------------------------------------------------
@@ -193,8 +342,10 @@ def render_resolv(net: GuestNet) -> str:
 
 # What the interface has now: ``up``; ``addresses`` ("10.137.0.12/32", ...,
 # scope global, not dynamic); ``routes4`` {(dest, mask, gateway, metric)} and
-# ``routes6`` {(dest, plen, nexthop, metric)} of this interface.
-Current = namedtuple("Current", "up addresses routes4 routes6")
+# ``routes6`` {(dest, plen, nexthop, metric)} of this interface; ``group``
+# (as ``ip`` prints it); ``neighbours`` {(address, lladdr)} of the permanent
+# entries on it.
+Current = namedtuple("Current", "up addresses routes4 routes6 group neighbours", defaults=("0", frozenset()))
 
 
 def _hex4(text):
@@ -228,29 +379,54 @@ def probe(s: System, ifname: str) -> Current:
     return probe_result(probe_start(s, ifname), ifname)
 
 
+PROBE_BATCH = "addr show dev {n}\nneigh show dev {n} nud permanent\n"
+
+
 def probe_start(s: System, ifname: str):
-    """Start the read-only ``ip`` probe; it runs while XenStore is read."""
-    return s.start(["ip", "-j", "addr", "show", "dev", ifname], readonly=True)
+    """Start the read-only ``ip`` probe (addresses and link, permanent
+    neighbours: one process); it runs while XenStore is read."""
+    return s.start(["ip", "-j", "-batch", "-"], PROBE_BATCH.format(n=ifname), readonly=True)
+
+
+def _json_arrays(text: str) -> list:
+    """``ip -j -batch`` prints one JSON array per command, back to back."""
+    import json
+
+    decoder, out, i = json.JSONDecoder(), [], 0
+    while True:
+        while i < len(text) and text[i].isspace():
+            i += 1
+        if i >= len(text):
+            return out
+        value, i = decoder.raw_decode(text, i)
+        out.append(value)
 
 
 def probe_result(started, ifname: str) -> Current:
-    import json
+    import ipaddress
 
     res = started.wait()
     try:
-        link = json.loads(res.stdout)[0]
+        arrays = _json_arrays(res.stdout)
+        link, neigh = arrays[0][0], arrays[1]
     except (ValueError, IndexError):
-        raise Failure(f"ip -j addr show dev {ifname}: unexpected output") from None
+        raise Failure(f"ip -j -batch (addr show, neigh show dev {ifname}): unexpected output") from None
     addresses = tuple(
         f"{a['local']}/{a['prefixlen']}"
         for a in link.get("addr_info", ())
         if a.get("scope") == "global" and a.get("family") in ("inet", "inet6") and not a.get("dynamic")
+    )
+    neighbours = frozenset(
+        (ipaddress.ip_address(e["dst"]), e.get("lladdr", "").lower())
+        for e in neigh if "dst" in e and "PERMANENT" in e.get("state", ())
     )
     return Current(
         up="UP" in link.get("flags", ()),
         addresses=addresses,
         routes4=_routes4(System.read("/proc/net/route", ""), ifname),
         routes6=_routes6(System.read("/proc/net/ipv6_route", ""), ifname),
+        group=str(link.get("group", "")),
+        neighbours=neighbours,
     )
 
 
@@ -270,11 +446,57 @@ def stale_addresses(net: GuestNet, current: Current, ipv6: bool) -> tuple:
     return tuple(stale)
 
 
+def _wanted_neighbours(net: GuestNet, ipv6: bool) -> set:
+    if not net.gateway_mac:
+        return set()
+    gws = [net.gateway] + ([net.gateway6] if ipv6 else [])
+    return {(gw, net.gateway_mac) for gw in gws if gw is not None}
+
+
+def stale_neighbours(net: GuestNet, current: Current, ipv6: bool) -> tuple:
+    """Pinned entries (permanent, the backend MAC) for an address that is no
+    longer a gateway of the plan (a changed qubes_gateway, pinning switched
+    off): they would keep a stale answer for that address forever."""
+    wanted = {addr for addr, _ in _wanted_neighbours(net, ipv6)}
+    return tuple(sorted((a for a, mac in current.neighbours if mac == GATEWAY_MAC and a not in wanted), key=str))
+
+
+def stale_routes(net: GuestNet, current: Current, ipv6: bool) -> tuple:
+    """``route del`` arguments for routes an earlier run made that the plan
+    no longer has: the host route to an old gateway (known as ours by its
+    pinned entry, which :func:`stale_neighbours` removes too), and default
+    routes via the plan's gateways when disable-default-route is set."""
+    import ipaddress
+
+    out = []
+    any4, any6 = ipaddress.IPv4Address(0), ipaddress.IPv6Address(0)
+    host4 = ipaddress.IPv4Address("255.255.255.255")
+    for old in stale_neighbours(net, current, ipv6):
+        if old in (net.gateway, net.gateway6):
+            continue  # still a gateway, only no longer pinned: its route stays
+        if old.version == 4 and (old, host4, any4, 0) in current.routes4:
+            out.append(f"{old}/32")
+        elif old.version == 6 and any(d == old and p == 128 and h == any6 for d, p, h, _ in current.routes6):
+            out.append(f"{old}/128")
+    if net.default_route:
+        return tuple(out)
+    if net.gateway is not None and any(d == any4 and m == any4 and g == net.gateway for d, m, g, _ in current.routes4):
+        out.append(f"default via {net.gateway}")
+    if ipv6 and net.gateway6 is not None and any(
+            d == any6 and p == 0 and h == net.gateway6 for d, p, h, _ in current.routes6):
+        out.append(f"::/0 via {net.gateway6}")
+    return tuple(out)
+
+
 def in_place(net: GuestNet, current: Current, ipv6: bool) -> bool:
     """Whether the interface already is exactly as the batch would make it."""
     import ipaddress
 
-    if not current.up or stale_addresses(net, current, ipv6):
+    if not current.up or current.group != UPLINK_GROUP or stale_addresses(net, current, ipv6):
+        return False
+    if stale_neighbours(net, current, ipv6) or stale_routes(net, current, ipv6):
+        return False
+    if not _wanted_neighbours(net, ipv6) <= current.neighbours:
         return False
     have = set(current.addresses)
     if f"{net.ip}/{net.prefix}" not in have:
@@ -283,7 +505,7 @@ def in_place(net: GuestNet, current: Current, ipv6: bool) -> bool:
     if net.gateway is not None:
         host = (net.gateway, ipaddress.IPv4Address("255.255.255.255"), any4, 0)
         default = (any4, any4, net.gateway, 0)
-        if host not in current.routes4 or default not in current.routes4:
+        if host not in current.routes4 or (net.default_route and default not in current.routes4):
             return False
     if net.ip6 is not None and ipv6:
         if f"{net.ip6}/128" not in have:
@@ -294,38 +516,155 @@ def in_place(net: GuestNet, current: Current, ipv6: bool) -> bool:
             # the kernel reports a route without metric as 1024 for IPv6
             if not any(d == net.gateway6 and p == 128 and h == any6 for d, p, h, _ in r):
                 return False
-            if not any(d == any6 and p == 0 and h == net.gateway6 for d, p, h, _ in r):
+            if net.default_route and not any(d == any6 and p == 0 and h == net.gateway6 for d, p, h, _ in r):
                 return False
     return True
 
 
+def resolved_running(socket_path: str = RESOLVED_SOCKET) -> bool:
+    """systemd-resolved is running: its Varlink socket accepts a connection
+    (microseconds; no process, no D-Bus)."""
+    import socket
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(0.5)
+        sock.connect(socket_path)
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+def points_into_resolved(path: str) -> bool:
+    """resolv.conf is a symlink to one of resolved's files (its stub, or its
+    list of upstreams): resolved serves it, so it stays as it is."""
+    try:
+        target = os.readlink(path)
+    except OSError:
+        return False
+    target = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)), target))
+    return (target + "/").startswith(RESOLVED_DIR) or target.startswith(RESOLVED_DIR)
+
+
 # ----------------------------------------------------------------------------
-# Apply
+# resolv.conf
 
 
-def _prepare_file(s: System, path: str, text: str):
-    """Write ``text`` to a temporary file next to ``path`` (same file
-    system, so the rename is atomic: a resolver never reads half a file).
-    Returns the temporary name; done before anything else changes, so an
-    unwritable directory fails the run with nothing changed."""
-    import tempfile
+def _unescape_mountinfo(field: str) -> str:
+    # /proc/self/mountinfo escapes space, tab, newline and backslash as \ooo
+    import re
 
-    directory = os.path.dirname(os.path.abspath(path))
-    s.fault_point(["write", path])
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=".qubes-setup-ip.", dir=directory)
-    except OSError as exc:
-        raise Failure(f"cannot write {path}: {exc.strerror}") from None
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-    except OSError as exc:
-        _discard(tmp)
-        raise Failure(f"cannot write {path}: {exc.strerror}") from None
-    return tmp
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def is_mount_point(path: str) -> bool:
+    """Whether ``path`` itself is a mount point (a file bind-mounted over
+    resolv.conf by a container runtime or ``ip netns exec``). rename() onto
+    it fails with EBUSY, so it can only be written in place."""
+    canonical = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
+    text = System.read("/proc/self/mountinfo", "")
+    for line in text.splitlines():
+        fields = line.split(" ")
+        if len(fields) > 4 and _unescape_mountinfo(fields[4]) == canonical:
+            return True
+    return False
+
+
+class ResolvWrite:
+    """A resolv.conf write, prepared before the network is touched.
+
+    Normally a temporary file next to the target (same file system, so the
+    rename is atomic: a resolver never reads half a file). When the target
+    is a mount point, rename() cannot replace it (EBUSY, or EXDEV across
+    file systems): the file is then written in place, truncate + write +
+    fsync, through a descriptor opened now, so an unwritable file fails the
+    run before anything changed. The descriptor is also opened for a plain
+    file when possible, as the fallback for a refusal that the mount table
+    did not predict.
+    """
+
+    def __init__(self, s: System, path: str, text: str):
+        self.path, self.text = path, text
+        self.tmp = self.fd = None
+        self.mounted = is_mount_point(path)
+        s.fault_point(["write", path])
+        opened = None
+        try:
+            # O_NOFOLLOW: through a symlink (resolved's stub) we would write
+            # into someone else's file; a symlink is replaced instead.
+            self.fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as exc:
+            opened = exc
+        if self.mounted:
+            if self.fd is None:
+                raise Failure(f"cannot write {path} (a mount point, written in place): {opened.strerror}")
+            return
+        try:
+            self.tmp = self._temporary()
+        except BaseException:
+            self.close()
+            raise
+
+    def _temporary(self):
+        import tempfile
+
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=".qubes-setup-ip.", dir=directory)
+        except OSError as exc:
+            raise Failure(f"cannot write {self.path}: {exc.strerror}") from None
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(self.text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, 0o644)
+        except OSError as exc:
+            _discard(tmp)
+            raise Failure(f"cannot write {self.path}: {exc.strerror}") from None
+        return tmp
+
+    def commit(self) -> str:
+        """Put the text in place; returns how ("renamed" / "in place")."""
+        try:
+            if self.tmp is not None:
+                try:
+                    os.replace(self.tmp, self.path)
+                    self.tmp = None
+                    return "renamed"
+                except OSError as exc:
+                    if exc.errno not in (errno.EBUSY, errno.EXDEV) or self.fd is None:
+                        raise Failure(f"cannot write {self.path}: {exc.strerror}") from None
+            self._in_place()
+            return "in place"
+        finally:
+            self.close()
+
+    def _in_place(self):
+        data = self.text.encode()
+        try:
+            os.ftruncate(self.fd, 0)
+            done = 0
+            while done < len(data):
+                done += os.pwrite(self.fd, data[done:], done)
+            os.fsync(self.fd)
+        except OSError as exc:
+            raise Failure(f"cannot write {self.path} in place: {exc.strerror}") from None
+
+    def close(self):
+        if self.tmp is not None:
+            _discard(self.tmp)
+            self.tmp = None
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+def write_resolv_conf(s: System, path: str, text: str) -> str:
+    """Prepare and commit in one go (for callers with nothing in between)."""
+    return ResolvWrite(s, path, text).commit()
 
 
 def _discard(tmp):
@@ -333,6 +672,10 @@ def _discard(tmp):
         os.unlink(tmp)
     except OSError:
         pass
+
+
+# ----------------------------------------------------------------------------
+# Apply
 
 
 def _run_hook(s: System, log: Log, hook: str):
@@ -346,13 +689,27 @@ def _run_hook(s: System, log: Log, hook: str):
         log.warning(f"hook {hook} failed (ignored): {exc}")
 
 
-def run(interface=None, env=None, dry_run=False, resolv_conf=None, hook=None, log=None, out=None) -> int:
-    """One run -> exit status (0 configured / nothing to do, 1 failed)."""
+def _which(prog: str, env) -> bool:
+    import shutil
+
+    path = env.get("PATH") or os.defpath
+    return shutil.which(prog, path=path + ":/usr/sbin:/usr/bin:/sbin:/bin") is not None
+
+
+def run(interface=None, env=None, dry_run=False, resolv_conf=None, hook=None, log=None, out=None,
+        action="add", pin_gateway_mac=True) -> int:
+    """One run -> exit status (0 configured / removed / nothing to do, 1 failed)."""
     env = os.environ if env is None else env
     log = log or Log(TAG, env)
+    if dry_run:
+        log.stderr_only = True  # a dry run leaves no trace in syslog or the hotplug log
     s = System(dry_run=dry_run, out=out, log=log, env=env)
     try:
-        return _run(s, log, interface, env, resolv_conf, hook)
+        if action == "remove":
+            return _remove(s, log, interface, env)
+        if action != "add":
+            raise Failure(f"action: {action!r} is not add or remove")
+        return _run(s, log, interface, env, resolv_conf, hook, pin_gateway_mac)
     except Failure as exc:
         log.error(str(exc))
         return 1
@@ -360,9 +717,13 @@ def run(interface=None, env=None, dry_run=False, resolv_conf=None, hook=None, lo
         log.close()
 
 
-def _run(s, log, interface, env, resolv_conf, hook) -> int:
+def _interface(interface, env):
     name = interface or env.get("INTERFACE") or DEFAULT_INTERFACE
-    name = validate.ifname(name, "interface")
+    return validate.ifname(name, "interface")
+
+
+def _run(s, log, interface, env, resolv_conf, hook, pin_gateway_mac) -> int:
+    name = _interface(interface, env)
     resolv_conf = resolv_conf or env.get("QUBES_SETUP_IP_RESOLV_CONF") or DEFAULT_RESOLV_CONF
     hook = hook if hook is not None else (env.get("QUBES_SETUP_IP_HOOK") or DEFAULT_HOOK)
 
@@ -383,51 +744,92 @@ def _run(s, log, interface, env, resolv_conf, hook) -> int:
     if net is None:
         log.info(f"{name}: no qubes_ip in XenStore, nothing to configure")
         return 0
+    if not pin_gateway_mac:
+        net = net._replace(gateway_mac=None)
     if not exists:
         raise Failure(f"interface {name} does not exist")
     ipv6 = System.ipv6_enabled(name)
     if net.ip6 is not None and not ipv6:
         log.info(f"IPv6 is disabled on {name}: qubes_ip6 {net.ip6} is not configured")
+        net = without_ipv6(net)
 
-    batch = render_batch(net, name, ipv6, stale_addresses(net, current, ipv6))
+    batch = render_batch(net, name, ipv6, stale_addresses(net, current, ipv6),
+                         stale_neighbours(net, current, ipv6), stale_routes(net, current, ipv6))
     link_changes = not in_place(net, current, ipv6)
-    text = render_resolv(net) if net.dns else None
-    if text is None:
+
+    # DNS: resolv.conf, and systemd-resolved when it runs. Decided (and the
+    # file prepared) before the network is touched.
+    resolved = net.configure_dns and bool(nameservers(net)) and resolved_running()
+    text = None
+    if not net.configure_dns:
+        log.info(f"{SWITCH_NO_DNS} is set: resolv.conf and systemd-resolved left alone")
+    elif not nameservers(net):
         log.info("no nameserver (neither qubes_primary_dns nor qubes_gateway): resolv.conf left alone")
+    elif resolved and points_into_resolved(resolv_conf):
+        log.debug(f"{resolv_conf} points into {RESOLVED_DIR}: resolved serves it, not rewritten")
+    else:
+        text = render_resolv(net)
     dns_changes = text is not None and System.read(resolv_conf) != text
+    if resolved and not s.dry_run and not _which("resolvectl", env):
+        raise Failure("systemd-resolved is running but resolvectl is not on PATH (install systemd-resolved)")
 
     if s.dry_run:
         print(f"# {TAG} {name} (dry run: nothing is changed)", file=s.out)
-    tmp = None
+    pending = None
     try:
         if dns_changes and not s.dry_run:
-            tmp = _prepare_file(s, resolv_conf, text)
+            pending = ResolvWrite(s, resolv_conf, text)
         if link_changes:
             s.run(["ip", "-batch", "-"], "".join(line + "\n" for line in batch))
         else:
-            s.note(f"{name} already has its address and routes: no ip batch to run")
+            s.note(f"{name} already has its address, routes and pinned gateway: no ip batch to run")
         if dns_changes:
             if s.dry_run:
-                print(f"$ write {resolv_conf} (temporary file + rename) <<'EOF'\n{text}EOF", file=s.out)
+                how = ("in place: a mount point, truncate + write + fsync" if is_mount_point(resolv_conf)
+                       else "temporary file + rename")
+                print(f"$ write {resolv_conf} ({how}) <<'EOF'\n{text}EOF", file=s.out)
             else:
-                try:
-                    os.replace(tmp, resolv_conf)
-                except OSError as exc:
-                    raise Failure(f"cannot write {resolv_conf}: {exc.strerror}") from None
-                tmp = None
+                how = pending.commit()
+                pending = None
+                log.debug(f"{resolv_conf} written ({how})")
         elif text is not None:
-            s.note(f"{resolv_conf} already names {' '.join(map(str, net.dns))}: not rewritten")
+            s.note(f"{resolv_conf} already names {' '.join(map(str, nameservers(net)))}: not rewritten")
     finally:
-        if tmp:
-            _discard(tmp)
+        if pending is not None:
+            pending.close()
+    if resolved:
+        # Every run: resolved forgets a link's servers when it restarts or
+        # the link is re-created; setting them again is idempotent.
+        s.run(resolvectl_argv(net, name))
 
     what = f"{net.ip}/{net.prefix}" + (f" via {net.gateway}" if net.gateway else "")
-    what += f" {net.ip6}/128" if net.ip6 is not None and ipv6 else ""
+    what += f" {net.ip6}/128" if net.ip6 is not None else ""
+    if not net.default_route:
+        what += " (no default route)"
     if link_changes or dns_changes:
-        log.info(f"{name}: configured {what}, nameservers {' '.join(map(str, net.dns)) or 'none'}")
+        log.info(f"{name}: configured {what}, nameservers {' '.join(map(str, nameservers(net))) or 'none'}"
+                 + (" (also to systemd-resolved)" if resolved else ""))
         _run_hook(s, log, hook)
     else:
         log.info(f"{name}: unchanged ({what})")
+    return 0
+
+
+def _remove(s, log, interface, env) -> int:
+    name = _interface(interface, env)
+    if not s.iface_exists(name):
+        # udev's remove comes after the kernel dropped the interface: its
+        # addresses, routes and neighbour entries went with it.
+        log.info(f"{name}: gone, nothing left to remove")
+        return 0
+    if s.dry_run:
+        print(f"# {TAG} remove {name} (dry run: nothing is changed)", file=s.out)
+    s.run(["ip", "-batch", "-"], "".join(line + "\n" for line in render_remove(name)))
+    resolved = resolved_running()
+    if resolved:
+        s.run(["resolvectl", "revert", name])
+    log.info(f"{name}: removed (link down; addresses, routes, pinned gateway entries gone"
+             + ("; resolved's servers for it reverted)" if resolved else ")"))
     return 0
 
 
@@ -435,6 +837,20 @@ def _run(s, log, interface, env, resolv_conf, hook) -> int:
 # Entry points
 
 _command = None
+
+
+def split_words(words) -> tuple:
+    """``[add|remove] [INTERFACE]`` -> (action, interface or None)."""
+    words = list(words)
+    if len(words) > 2:
+        raise ValueError(f"at most two words (ACTION INTERFACE), got {len(words)}")
+    if len(words) == 2:
+        if words[0] not in ACTIONS:
+            raise ValueError(f"{words[0]!r} is not an action (add or remove)")
+        return words[0], words[1]
+    if words and words[0] in ACTIONS:
+        return words[0], None
+    return "add", (words[0] if words else None)
 
 
 def command():
@@ -446,29 +862,42 @@ def command():
 
     @click.command(
         help="Configure this guest's Xen network interface from XenStore: address, "
-        "gateway and default route, IPv6, /etc/resolv.conf, then run the change hook "
-        "if anything changed. udev runs it as: qubes-setup-ip INTERFACE." + ENV_HELP,
+        "uplink group, pinned gateway MAC, gateway and default route, IPv6, /etc/resolv.conf "
+        "(and systemd-resolved when it runs), then run the change hook if anything changed; "
+        "'remove' takes the interface down and removes all of that. systemd runs it as "
+        "qubes-setup-ip add INTERFACE / remove INTERFACE (qubes-setup-ip@INTERFACE.service, "
+        "pulled in by udev)." + ENV_HELP,
         context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
     )
-    @click.argument("interface", required=False)
+    @click.argument("words", nargs=-1, metavar="[add|remove] [INTERFACE]")
     @click.option("-n", "--dry-run", is_flag=True,
-                  help="Print the ip batch and the resolv.conf text it would write; change nothing.")
+                  help="Print the ip batch and the resolv.conf text it would write; change nothing, log "
+                  "nothing to syslog.")
     @click.option("-v", "--verbose", is_flag=True, help="Log every action to stderr.")
     @click.option("--resolv-conf", metavar="PATH", default=None,
                   help=f"resolv.conf to write (default {DEFAULT_RESOLV_CONF}).")
     @click.option("--hook", metavar="PATH", default=None,
                   help=f"executable run after a change (default {DEFAULT_HOOK}; '' for none).")
+    @click.option("--no-pin-gateway-mac", is_flag=True,
+                  help=f"no permanent neighbour entry ({GATEWAY_MAC}) for the gateways: for a backend "
+                  f"with a custom MAC (the XenStore key {SWITCH_NO_MAC_PIN}=1 does the same).")
     @click.version_option(package_name="vif-route-qubes", message="%(prog)s %(version)s")
-    def setup_ip(interface, dry_run, verbose, resolv_conf, hook):
-        log = Log(TAG, os.environ, verbose=verbose)
-        sys.exit(run(interface, os.environ, dry_run=dry_run, resolv_conf=resolv_conf, hook=hook, log=log))
+    def setup_ip(words, dry_run, verbose, resolv_conf, hook, no_pin_gateway_mac):
+        try:
+            action, interface = split_words(words)
+        except ValueError as exc:
+            raise click.UsageError(str(exc)) from None
+        log = Log(TAG, os.environ, verbose=verbose, stderr_only=dry_run)
+        sys.exit(run(interface, os.environ, dry_run=dry_run, resolv_conf=resolv_conf, hook=hook, log=log,
+                     action=action, pin_gateway_mac=not no_pin_gateway_mac))
 
     _command = setup_ip
     return _command
 
 
 def _plain_form(argv) -> bool:
-    return len(argv) == 0 or (len(argv) == 1 and not argv[0].startswith("-"))
+    return len(argv) <= 2 and not any(a.startswith("-") for a in argv) and (
+        len(argv) < 2 or argv[0] in ACTIONS)
 
 
 def main(argv=None):
@@ -476,5 +905,6 @@ def main(argv=None):
     # click's shell completion calls the program with no arguments and this
     # variable set: it must reach click, not configure the interface.
     if _plain_form(argv) and "_QUBES_SETUP_IP_COMPLETE" not in os.environ:
-        sys.exit(run(argv[0] if argv else None, os.environ))
+        action, interface = split_words(argv)
+        sys.exit(run(interface, os.environ, action=action))
     command().main(args=argv, prog_name=TAG)

@@ -147,7 +147,10 @@ class World:
         mac = mac or "00:16:3e:5e:%02x:%02x" % (domid % 256, devid % 256)
         vif = f"vif{domid}.{devid}"
         ns = self._ns(f"g{domid}-{devid}")
-        self.netvm.ip("link", "add", vif, "type", "veth", "peer", "name", "eth0", "netns", ns.name)
+        # the vif gets netback's MAC, fe:ff:ff:ff:ff:ff, as every real one
+        # has: qubes-setup-ip pins the gateway to it in the guest
+        self.netvm.ip("link", "add", vif, "address", "fe:ff:ff:ff:ff:ff", "type", "veth", "peer", "name", "eth0",
+                      "netns", ns.name)
         ns.ip("link", "set", "eth0", "address", mac)
         guest = Guest(self, domid, devid, list(addresses), mac, vif, ns)
         if write_xenstore:
