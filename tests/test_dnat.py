@@ -326,24 +326,40 @@ NFT_FIRST_RUN = """\
 add table ip qubes
 add chain ip qubes dnat-dns
 delete chain ip qubes dnat-dns
+add chain ip qubes dnat-dns-guard
+delete chain ip qubes dnat-dns-guard
 table ip qubes {
-\tchain dnat-dns {
-\t\ttype nat hook prerouting priority dstnat; policy accept;
-\t\tip daddr 10.139.1.1 udp dport 53 dnat to 192.168.0.53
-\t\tip daddr 10.139.1.1 tcp dport 53 dnat to 192.168.0.53
-\t\tip daddr 10.139.1.2 udp dport 53 dnat to 192.168.0.54
-\t\tip daddr 10.139.1.2 tcp dport 53 dnat to 192.168.0.54
-\t}
+	chain dnat-dns {
+		type nat hook prerouting priority dstnat; policy accept;
+		ip daddr 10.139.1.1 udp dport 53 dnat to 192.168.0.53
+		ip daddr 10.139.1.1 tcp dport 53 dnat to 192.168.0.53
+		ip daddr 10.139.1.2 udp dport 53 dnat to 192.168.0.54
+		ip daddr 10.139.1.2 tcp dport 53 dnat to 192.168.0.54
+	}
+	chain dnat-dns-guard {
+		type filter hook prerouting priority dstnat + 10; policy accept;
+		ip daddr 10.139.1.1 udp dport 53 drop
+		ip daddr 10.139.1.1 tcp dport 53 drop
+		ip daddr 10.139.1.2 udp dport 53 drop
+		ip daddr 10.139.1.2 tcp dport 53 drop
+	}
 }
 add table ip6 qubes
 add chain ip6 qubes dnat-dns
 delete chain ip6 qubes dnat-dns
+add chain ip6 qubes dnat-dns-guard
+delete chain ip6 qubes dnat-dns-guard
 table ip6 qubes {
-\tchain dnat-dns {
-\t\ttype nat hook prerouting priority dstnat; policy accept;
-\t\tip6 daddr fd09:24ef:4179::a8b:1 udp dport 53 drop
-\t\tip6 daddr fd09:24ef:4179::a8b:1 tcp dport 53 drop
-\t}
+	chain dnat-dns {
+		type nat hook prerouting priority dstnat; policy accept;
+		ip6 daddr fd09:24ef:4179::a8b:1 udp dport 53 drop
+		ip6 daddr fd09:24ef:4179::a8b:1 tcp dport 53 drop
+	}
+	chain dnat-dns-guard {
+		type filter hook prerouting priority dstnat + 10; policy accept;
+		ip6 daddr fd09:24ef:4179::a8b:1 udp dport 53 drop
+		ip6 daddr fd09:24ef:4179::a8b:1 tcp dport 53 drop
+	}
 }
 """
 
@@ -351,32 +367,45 @@ table ip6 qubes {
 # (or Qubes) has its own chains and sets in the same tables
 NFT_LISTED = """\
 table ip qubes {
-\tset downstream {
-\t\ttype ipv4_addr
-\t}
-\tchain prerouting {
-\t\ttype filter hook prerouting priority raw; policy accept;
-\t\tiifgroup 2 goto antispoof
-\t}
-\tchain dnat-dns {
-\t\ttype nat hook prerouting priority dstnat; policy accept;
-\t\tip daddr 10.139.1.1 udp dport 53 dnat to 192.168.0.53
-\t\tip daddr 10.139.1.1 tcp dport 53 dnat to 192.168.0.53
-\t\tip daddr 10.139.1.2 udp dport 53 dnat to 192.168.0.54
-\t\tip daddr 10.139.1.2 tcp dport 53 dnat to 192.168.0.54
-\t}
+	set downstream {
+		type ipv4_addr
+	}
+	chain prerouting {
+		type filter hook prerouting priority raw; policy accept;
+		iifgroup 2 goto antispoof
+	}
+	chain dnat-dns {
+		type nat hook prerouting priority dstnat; policy accept;
+		ip daddr 10.139.1.1 udp dport 53 dnat to 192.168.0.53
+		ip daddr 10.139.1.1 tcp dport 53 dnat to 192.168.0.53
+		ip daddr 10.139.1.2 udp dport 53 dnat to 192.168.0.54
+		ip daddr 10.139.1.2 tcp dport 53 dnat to 192.168.0.54
+	}
+
+	chain dnat-dns-guard {
+		type filter hook prerouting priority dstnat + 10; policy accept;
+		ip daddr 10.139.1.1 udp dport 53 drop
+		ip daddr 10.139.1.1 tcp dport 53 drop
+		ip daddr 10.139.1.2 udp dport 53 drop
+		ip daddr 10.139.1.2 tcp dport 53 drop
+	}
 }
 table ip6 qubes {
-\tchain dnat-dns {
-\t\ttype nat hook prerouting priority dstnat; policy accept;
-\t\tip6 daddr fd09:24ef:4179::a8b:1 udp dport 53 drop
-\t\tip6 daddr fd09:24ef:4179::a8b:1 tcp dport 53 drop
-\t}
+	chain dnat-dns {
+		type nat hook prerouting priority dstnat; policy accept;
+		ip6 daddr fd09:24ef:4179::a8b:1 udp dport 53 drop
+		ip6 daddr fd09:24ef:4179::a8b:1 tcp dport 53 drop
+	}
+	chain dnat-dns-guard {
+		type filter hook prerouting priority dstnat + 10; policy accept;
+		ip6 daddr fd09:24ef:4179::a8b:1 udp dport 53 drop
+		ip6 daddr fd09:24ef:4179::a8b:1 tcp dport 53 drop
+	}
 }
 table ip filter {
-\tchain dnat-dns {
-\t\tip daddr 1.2.3.4 drop
-\t}
+	chain dnat-dns {
+		ip daddr 1.2.3.4 drop
+	}
 }
 """
 
@@ -384,20 +413,32 @@ table ip filter {
 def test_nft_payload_golden_unchanged_and_owned_chain_only():
     v6 = [A6("fd09:24ef:4179::a8b:1")]
     the_plan = dnat.plan({4: D, 6: v6}, [A("192.168.0.53"), A("192.168.0.54")])
-    assert nft.render(the_plan, {4: None, 6: None}) == NFT_FIRST_RUN
+    assert nft.render(the_plan, {4: {}, 6: {}}) == NFT_FIRST_RUN
     listed = nft.parse_ruleset(NFT_LISTED)
-    assert listed[4][1:] == [l.strip() for l in NFT_FIRST_RUN.splitlines()[6:10]]
+    assert listed[4]["dnat-dns"][1:] == [l.strip() for l in NFT_FIRST_RUN.splitlines()[8:12]]
     assert nft.render(the_plan, listed) == ""
-    # a new upstream: only the IPv4 chain is replaced; the tables are never flushed or deleted
+    # a new upstream: only the IPv4 chains are replaced; the tables are never flushed or deleted
     moved = nft.render(dnat.plan({4: D, 6: v6}, [A("192.168.0.54")]), listed)
     assert moved.startswith("add table ip qubes\nadd chain ip qubes dnat-dns\ndelete chain ip qubes dnat-dns\n")
     assert "ip6" not in moved and "flush" not in moved and "delete table" not in moved
-    # no IPv4 upstream: drop in the nat chain (nft allows it there)
+    # no IPv4 upstream: Qubes' drop in the nat chain, and the guard
     assert "ip daddr 10.139.1.2 tcp dport 53 drop" in nft.render(dnat.plan({4: D, 6: v6}, []), listed)
-    # the IPv6 virtual nameservers gone: that chain alone is deleted
+    # the IPv6 virtual nameservers gone: those chains alone are deleted
     assert nft.render(dnat.plan({4: D, 6: []}, [A("192.168.0.53"), A("192.168.0.54")]), listed) == \
-        "delete chain ip6 qubes dnat-dns\n"
-    assert nft.render({4: [], 6: []}, {4: None, 6: None}) == ""
+        "delete chain ip6 qubes dnat-dns\ndelete chain ip6 qubes dnat-dns-guard\n"
+    assert nft.render({4: [], 6: []}, {4: {}, 6: {}}) == ""
+
+
+def test_virtual_nameserver_as_upstream_is_passed_through():
+    # a netvm behind another netvm: its resolv.conf names DNS1/DNS2 themselves
+    the_plan = dnat.plan({4: D, 6: []}, D)
+    assert ipt.wanted_rules(the_plan[4]) == {"filter": [], "nat": []}
+    assert nft.chain_rules(4, the_plan[4]) == {"dnat-dns": [nft.HEADERS["dnat-dns"]],
+                                               "dnat-dns-guard": [nft.HEADERS["dnat-dns-guard"]]}
+    # only DNS2 upstream: DNS1 is translated to it and guarded, DNS2 passes
+    the_plan = dnat.plan({4: D, 6: []}, D[1:])
+    assert [l.split(" -j ")[-1] for l in ipt.nat_rules(the_plan[4])] == ["DNAT --to-destination 10.139.1.2"] * 2
+    assert all(" -d 10.139.1.1/32 " in l for l in ipt.guard_rules(the_plan[4]))
 
 
 # ---------------------------------------------------------------------------- DNS1/DNS2

@@ -47,16 +47,20 @@ def _match(dns, proto):
 
 
 def nat_rules(pairs):
-    """Rule lines of the nat chain for ``pairs`` [(DNSi, upstream or None)]."""
+    """Rule lines of the nat chain for ``pairs`` [(DNSi, upstream or None)].
+    An upstream that is DNSi itself (a netvm behind another netvm, whose
+    resolv.conf names DNS1/DNS2) needs no rule: the next netvm translates."""
     return [f"-A {NAT_CHAIN} {_match(dns, proto)} -m comment --comment DNS{i} -j DNAT --to-destination {to}"
-            for i, (dns, to) in enumerate(pairs, 1) if to is not None for proto in ("udp", "tcp")]
+            for i, (dns, to) in enumerate(pairs, 1) if to is not None and to != dns for proto in ("udp", "tcp")]
 
 
 def guard_rules(pairs):
     """Rule lines of the filter chain: whatever still goes to DNSi in FORWARD
-    was not translated (no upstream): drop it."""
+    was not translated (no upstream): drop it. A DNSi that is itself an
+    upstream is passed through to the next netvm, so not guarded."""
+    upstreams = {to for _, to in pairs}
     return [f"-A {GUARD_CHAIN} {_match(dns, proto)} -m comment --comment DNS{i} -j DROP"
-            for i, (dns, _) in enumerate(pairs, 1) for proto in ("udp", "tcp")]
+            for i, (dns, _) in enumerate(pairs, 1) if dns not in upstreams for proto in ("udp", "tcp")]
 
 
 def wanted_rules(pairs):
