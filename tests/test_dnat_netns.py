@@ -1,18 +1,23 @@
 """qubes-setup-dnat-to-ns with real packets, in network namespaces.
 
-A guest (behind vif12.0, configured by the real vif-route-qubes) queries
-DNS1/DNS2 through the netvm namespace; the upstream namespace runs small
-UDP+TCP DNS servers on 192.168.0.53 and 192.168.0.54 that answer every
-query with an address naming the server (192.0.2.1 / 192.0.2.2). The same
-program also listens on DNS1/DNS2 themselves (10.139.1.1/.2 on the
-upstream's lo, answering 192.0.2.101/.102): a query the netvm forwards
-without translating lands there and is counted, which is how "nothing leaks"
-is checked.
+A guest (behind vif12.0, configured by the real vif-route-qubes, IPv4 and
+IPv6) queries the virtual nameservers through the netvm namespace; the
+upstream namespace runs small UDP+TCP DNS servers on 192.168.0.53 /
+192.168.0.54 and 2001:db8::53 / 2001:db8::54 that answer every query with
+an address naming the server (192.0.2.1 / .2 / .3 / .4). The same program
+also listens on the virtual nameservers themselves (10.139.1.1/.2 and
+fd09:24ef:4179::a8b:1/2 on the upstream's lo, answering 192.0.2.101/.102/
+.103/.104): a query the netvm forwards without translating lands there and
+is counted, which is how "nothing leaks" is checked.
 
 resolv.conf and systemd-resolved's file are bind-mounted over the real paths
 inside a private mount namespace of the command only; the machine's own
-files are never touched. Every test runs with iptables-nft and with
-iptables-legacy.
+files are never touched. Every test runs with each firewall backend: nft,
+and iptables in both flavours (iptables-nft, iptables-legacy).
+
+``DBUS_SYSTEM_BUS_ADDRESS`` points at a socket that does not exist unless a
+test starts the real systemd-resolved on a private dbus-daemon
+(:class:`Resolved`): the machine's own bus, if it has one, is never asked.
 """
 
 import os
@@ -30,9 +35,14 @@ from vif_route_qubes.testing.xenstored import XenStored
 
 CMD = os.path.join(os.path.dirname(sys.executable), "qubes-setup-dnat-to-ns")
 DNS1, DNS2 = "10.139.1.1", "10.139.1.2"
+DNS6_1, DNS6_2 = "fd09:24ef:4179::a8b:1", "fd09:24ef:4179::a8b:2"
 UP1, UP2 = "192.168.0.53", "192.168.0.54"
-ANSWER = {UP1: "192.0.2.1", UP2: "192.0.2.2", DNS1: "192.0.2.101", DNS2: "192.0.2.102"}
-LEAKED = {ANSWER[DNS1], ANSWER[DNS2]}
+UP6_1, UP6_2 = "2001:db8::53", "2001:db8::54"
+GUEST4, GUEST6, GATEWAY6 = "10.137.0.12", "fd09:24ef:4179::a89:c", "fd09:24ef:4179::a8a:1"
+ANSWER = {UP1: "192.0.2.1", UP2: "192.0.2.2", UP6_1: "192.0.2.3", UP6_2: "192.0.2.4",
+          DNS1: "192.0.2.101", DNS2: "192.0.2.102", DNS6_1: "192.0.2.103", DNS6_2: "192.0.2.104"}
+LEAKED = {ANSWER[d] for d in (DNS1, DNS2, DNS6_1, DNS6_2)}
+BACKENDS = [("nft", ""), ("iptables", "nft"), ("iptables", "legacy")]
 
 # Bind-mount the given files (an empty argument: leave that path alone) and
 # run the rest of argv. Fixed text; paths only ever arrive as "$@".
@@ -63,10 +73,11 @@ def answer(query, ip):
 sel = selectors.DefaultSelector()
 for spec in sys.argv[1:]:
     addr, ip = spec.split("=")
-    u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    fam = socket.AF_INET6 if ":" in addr else socket.AF_INET
+    u = socket.socket(fam, socket.SOCK_DGRAM)
     u.bind((addr, 53))
     sel.register(u, selectors.EVENT_READ, ("udp", addr, ip))
-    t = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    t = socket.socket(fam, socket.SOCK_STREAM)
     t.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     t.bind((addr, 53))
     t.listen(64)
@@ -100,8 +111,8 @@ import os, socket, struct, sys, time
 def query(server, proto, timeout):
     qid = os.urandom(2)
     q = qid + b"\x01\x00" + struct.pack(">HHHH", 1, 0, 0, 0) + b"\x07example\x04test\x00" + struct.pack(">HH", 1, 1)
-    fam = socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM
-    s = socket.socket(socket.AF_INET, fam)
+    fam = socket.AF_INET6 if ":" in server else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_DGRAM if proto == "udp" else socket.SOCK_STREAM)
     s.settimeout(timeout)
     try:
         if proto == "udp":
@@ -123,7 +134,7 @@ def query(server, proto, timeout):
         s.close()
 
 timeout, loop = float(sys.argv[1]), float(sys.argv[2])
-targets = [t.split("/") for t in sys.argv[3:]]
+targets = [t.rsplit("/", 1) for t in sys.argv[3:]]
 end = time.monotonic() + loop
 while True:
     for server, proto in targets:
@@ -160,9 +171,12 @@ class DnsServers:
 
 
 class Rig:
-    def __init__(self, world, backend, tmp):
-        self.world, self.backend, self.tmp = world, backend, tmp
-        self.env = dict(world.env, VIF_ROUTE_QUBES_IPTABLES=backend)
+    def __init__(self, world, firewall, flavour, tmp):
+        self.world, self.firewall, self.flavour, self.tmp = world, firewall, flavour, tmp
+        self.env = dict(world.env, VIF_ROUTE_QUBES_FIREWALL=firewall,
+                        DBUS_SYSTEM_BUS_ADDRESS=f"unix:path={os.path.join(tmp, 'no-bus')}")
+        if flavour:
+            self.env["VIF_ROUTE_QUBES_IPTABLES"] = flavour
         self.netvm, self.up = world.netvm, world.upstream
         self.servers = None
 
@@ -184,21 +198,56 @@ class Rig:
                                     stderr=subprocess.PIPE, text=True)
         return self.netvm.exec(argv, check=False, env=env or self.env)
 
-    def save(self, counters=False, tables=("filter", "nat")):
+    # -- what is in force, per backend -----------------------------------------
+    def _ipt(self, version, tool):
+        base = "iptables" if version == 4 else "ip6tables"
+        return f"{base}-{self.flavour}-{tool}"
+
+    def save(self, version=4, counters=False, tables=("filter", "nat")):
         """iptables-save of our two tables (the raw table's anti-spoofing
         counters move with every stray packet of the guest)."""
         text = ""
         for table in tables:
-            argv = [f"iptables-{self.backend}-save", "-t", table] + (["-c"] if counters else [])
+            argv = [self._ipt(version, "save"), "-t", table] + (["-c"] if counters else [])
             text += self.netvm.exec(argv).stdout
         return "\n".join(l for l in text.splitlines() if not l.startswith("#"))
 
-    def nft_handles(self):
-        return [self.netvm.exec(["nft", "-a", "list", "table", "ip", t]).stdout for t in ("filter", "nat")]
-
-    def ours(self):
+    def ours(self, version=4):
         """Our lines (jumps included) in iptables-save order."""
-        return [l for l in self.save().splitlines() if "vrq-dn" in l]
+        return [l for l in self.save(version).splitlines() if "vrq-dn" in l]
+
+    def nft_chain(self, version=4):
+        fam = "ip" if version == 4 else "ip6"
+        res = self.netvm.exec(["nft", "list", "chain", fam, "qubes", "dnat-dns"], check=False)
+        # without the table and chain lines and their closing braces
+        return [l.strip() for l in res.stdout.splitlines()][2:-2] if res.returncode == 0 else None
+
+    def translations(self, version=4):
+        """[(virtual nameserver, upstream or 'drop')] in force, from either backend."""
+        out = []
+        if self.firewall == "nft":
+            for line in self.nft_chain(version) or []:
+                words = line.split()
+                if "dport" in words:
+                    out.append((words[2], words[-1]))
+        else:
+            for line in self.ours(version):
+                words = line.split()
+                if line.startswith("-A vrq-dnat-dns "):
+                    out.append((words[3].split("/")[0], words[-1]))
+                elif line.startswith("-A vrq-dns-guard "):
+                    pass
+        return out[::2]  # udp and tcp rules come in pairs
+
+    def state(self):
+        """Everything of ours, with counters / handles: equal before and after
+        means nothing was rewritten."""
+        if self.firewall == "nft":
+            return "".join(self.netvm.exec(["nft", "-a", "list", "chain", fam, "qubes", chain], check=False).stdout
+                           for fam in ("ip", "ip6") for chain in ("dnat-dns", "dnat-dns-guard"))
+        # our chains and jumps, with their counters (built-in chains' policy
+        # counters move with any packet of the netvm's own)
+        return [l for v in (4, 6) for l in self.save(v, counters=True).splitlines() if "vrq-dn" in l]
 
     def query(self, *targets, timeout=2.0, loop=0.0):
         res = self.guest.ns.exec([PY, "-c", DNS_CLIENT, str(timeout), str(loop), *targets])
@@ -209,12 +258,14 @@ class Rig:
 
 
 ALL = [f"{d}/{p}" for d in (DNS1, DNS2) for p in ("udp", "tcp")]
+ALL6 = [f"{d}/{p}" for d in (DNS6_1, DNS6_2) for p in ("udp", "tcp")]
 
 
-@pytest.fixture(params=["nft", "legacy"])
+@pytest.fixture(params=BACKENDS, ids=lambda b: "-".join(x for x in b if x))
 def rig(request):
     if os.geteuid() != 0:
         pytest.fail("these tests need root (network namespaces, iptables)")
+    firewall, flavour = request.param
     tmp = tempfile.mkdtemp(prefix="vrqdn", dir="/tmp")  # short: AF_UNIX path limit
     xs = XenStored(os.path.join(tmp, "xs.sock"))
     xs.start()
@@ -222,16 +273,37 @@ def rig(request):
     rig = None
     try:
         world = World(xs, tmp)
-        rig = Rig(world, request.param, tmp)
+        rig = Rig(world, firewall, flavour, tmp)
+        xs.write("/local/domain/0/qubes_netvm_gateway6", GATEWAY6)
         for addr in (UP1, UP2):
             rig.up.ip("addr", "add", f"{addr}/24", "dev", "eth0")
+        for addr in ("2001:db8::1", UP6_1, UP6_2):
+            rig.up.ip("-6", "addr", "add", f"{addr}/64", "dev", "eth0", "nodad")
+        rig.netvm.ip("-6", "addr", "add", "2001:db8::2/64", "dev", "eth0", "nodad")
+        rig.netvm.ip("-6", "route", "add", "default", "via", "2001:db8::1")
+        rig.up.ip("-6", "route", "add", "fd09:24ef:4179::/48", "via", "2001:db8::2")
         for addr in (DNS1, DNS2):
             rig.up.ip("addr", "add", f"{addr}/32", "dev", "lo")
-        rig.servers = DnsServers(rig.up, [f"{a}={ANSWER[a]}" for a in (UP1, UP2, DNS1, DNS2)])
-        rig.guest = world.add_guest(12, ["10.137.0.12"])
-        res = world.hotplug(rig.guest, "online", env=rig.guest.env(VIF_ROUTE_QUBES_IPTABLES=request.param))
+        for addr in (DNS6_1, DNS6_2):
+            rig.up.ip("-6", "addr", "add", f"{addr}/128", "dev", "lo", "nodad")
+        rig.servers = DnsServers(rig.up, [f"{a}={ANSWER[a]}" for a in ANSWER])
+        rig.guest = world.add_guest(12, [GUEST4, GUEST6])
+        genv = rig.guest.env(VIF_ROUTE_QUBES_FIREWALL=firewall, **({"VIF_ROUTE_QUBES_IPTABLES": flavour}
+                                                                   if flavour else {}))
+        res = world.hotplug(rig.guest, "online", env=genv)
         assert res.returncode == 0, res.stderr
         rig.guest.configure()
+        # the guest's IPv6 default route via the netvm's gateway6 (qubes-setup-ip's job)
+        g = rig.guest.ns
+        vif_mac = world.netvm.ip("-br", "link", "show", "dev", rig.guest.vif).stdout.split()[2]
+        g.ip("-6", "route", "add", GATEWAY6, "dev", "eth0")
+        g.ip("-6", "neigh", "replace", GATEWAY6, "lladdr", vif_mac, "dev", "eth0", "nud", "permanent")
+        g.ip("-6", "route", "add", "default", "via", GATEWAY6, "dev", "eth0")
+        # The first IPv6 packet through a fresh rig can take a second or more
+        # (neighbour discovery on both links, the guest's own DAD): walk the
+        # whole path once, untimed, straight to the upstreams.
+        warm = rig.query(*[f"{u}/udp" for u in (UP1, UP2, UP6_1, UP6_2)], timeout=5.0)
+        assert [r for _, _, r in warm] == [ANSWER[u] for u in (UP1, UP2, UP6_1, UP6_2)], warm
         yield rig
     finally:
         if rig and rig.servers:
@@ -243,11 +315,13 @@ def rig(request):
 
 
 TWO = f"# written by NetworkManager\nsearch example.org\nnameserver {UP1}\nnameserver {UP2}\n"
+FOUR = f"nameserver {UP1}\nnameserver {UP6_1}\nnameserver {UP2}\nnameserver {UP6_2}\n"
+V6_ONLY = f"nameserver {UP6_1}\nnameserver fe80::1%eth0\nnameserver {UP6_2}\n"
 
 
-def expected_nat(pairs):
-    return [f"-A vrq-dnat-dns -d {d}/32 -p {p} -m {p} --dport 53 -m comment --comment DNS{i} "
-            f"-j DNAT --to-destination {to}" for i, (d, to) in enumerate(pairs, 1) for p in ("udp", "tcp")]
+def set_dns6(rig):
+    rig.world.xs.write("/local/domain/0/qubes_netvm_primary_dns6", DNS6_1)
+    rig.world.xs.write("/local/domain/0/qubes_netvm_secondary_dns6", DNS6_2)
 
 
 def test_two_upstreams_udp_and_tcp(rig):
@@ -260,23 +334,88 @@ def test_two_upstreams_udp_and_tcp(rig):
                    f"{DNS2}/udp": "192.0.2.2", f"{DNS2}/tcp": "192.0.2.2"}
     # the upstream saw the guest's own address (only the destination is rewritten)
     assert {(p, a, s) for p, a, s in rig.servers.queries() if a in (UP1, UP2)} == {
-        ("udp", UP1, "10.137.0.12"), ("tcp", UP1, "10.137.0.12"),
-        ("udp", UP2, "10.137.0.12"), ("tcp", UP2, "10.137.0.12")}
-    assert rig.ours() == [":vrq-dns-guard - [0:0]", "-A FORWARD -j vrq-dns-guard",
-                          *[l for l in rig.ours() if l.startswith("-A vrq-dns-guard")],
-                          ":vrq-dnat-dns - [0:0]", "-A PREROUTING -j vrq-dnat-dns",
-                          *expected_nat([(DNS1, UP1), (DNS2, UP2)])]
+        ("udp", UP1, GUEST4), ("tcp", UP1, GUEST4), ("udp", UP2, GUEST4), ("tcp", UP2, GUEST4)}
+    assert rig.translations() == [(DNS1, UP1), (DNS2, UP2)]
+    if rig.firewall == "iptables":
+        assert rig.ours() == [":vrq-dns-guard - [0:0]", "-A FORWARD -j vrq-dns-guard",
+                              *[l for l in rig.ours() if l.startswith("-A vrq-dns-guard")],
+                              ":vrq-dnat-dns - [0:0]", "-A PREROUTING -j vrq-dnat-dns",
+                              *expected_nat([(DNS1, UP1), (DNS2, UP2)])]
+    else:
+        assert rig.nft_chain()[:2] == ["type nat hook prerouting priority dstnat; policy accept;",
+                                        f"ip daddr {DNS1} udp dport 53 dnat to {UP1}"]
     assert rig.dnat(resolv=TWO).returncode == 100
+
+
+def expected_nat(pairs):
+    return [f"-A vrq-dnat-dns -d {d}/32 -p {p} -m {p} --dport 53 -m comment --comment DNS{i} "
+            f"-j DNAT --to-destination {to}" for i, (d, to) in enumerate(pairs, 1) for p in ("udp", "tcp")]
 
 
 def test_one_upstream_serves_both(rig):
     res = rig.dnat(resolv=f"nameserver {UP2}\n")
     assert res.returncode == 0, res.stderr
     assert set(rig.answers(*ALL).values()) == {"192.0.2.2"}
-    assert [l for l in rig.ours() if "DNAT" in l] == expected_nat([(DNS1, UP2), (DNS2, UP2)])
+    assert rig.translations() == [(DNS1, UP2), (DNS2, UP2)]
 
 
-def test_systemd_resolved_stub(rig):
+def test_more_upstreams_than_virtual_nameservers(rig):
+    res = rig.dnat(resolv=f"nameserver {UP2}\nnameserver {UP1}\nnameserver 192.168.0.55\n")
+    assert res.returncode == 0, res.stderr
+    assert rig.answers(f"{DNS1}/udp", f"{DNS2}/tcp") == {f"{DNS1}/udp": "192.0.2.2", f"{DNS2}/tcp": "192.0.2.1"}
+
+
+def test_ipv6_only_upstreams_answer_ipv6_guests(rig):
+    set_dns6(rig)
+    res = rig.dnat(resolv=V6_ONLY)
+    assert res.returncode == 0, res.stderr
+    assert rig.answers(*ALL6) == {f"{DNS6_1}/udp": "192.0.2.3", f"{DNS6_1}/tcp": "192.0.2.3",
+                                  f"{DNS6_2}/udp": "192.0.2.4", f"{DNS6_2}/tcp": "192.0.2.4"}
+    assert {(p, a, s) for p, a, s in rig.servers.queries() if a in (UP6_1, UP6_2)} == {
+        ("udp", UP6_1, GUEST6), ("tcp", UP6_1, GUEST6), ("udp", UP6_2, GUEST6), ("tcp", UP6_2, GUEST6)}
+    assert rig.translations(6) == [(DNS6_1, UP6_1), (DNS6_2, UP6_2)]
+    # IPv4 guests have no path: dropped, nothing leaks, and --status says so
+    before = len(rig.servers.queries())
+    assert rig.answers(*ALL, timeout=1.0) == {t: "timeout" for t in ALL}
+    assert rig.servers.queries(0.5)[before:] == []
+    status = rig.dnat("--status", resolv=V6_ONLY)
+    assert status.returncode == 0, status.stdout + status.stderr
+    assert ("warning: guests have no IPv4 DNS path: DNS1/DNS2 are IPv4 but every upstream nameserver is IPv6"
+            in status.stdout)
+    assert rig.dnat(resolv=V6_ONLY).returncode == 100
+
+
+def test_both_families_at_once_and_ipv6_removed_again(rig):
+    set_dns6(rig)
+    assert rig.dnat(resolv=FOUR).returncode == 0
+    assert rig.answers(f"{DNS1}/udp", f"{DNS6_2}/tcp") == {f"{DNS1}/udp": "192.0.2.1", f"{DNS6_2}/tcp": "192.0.2.4"}
+    # an upstream change: the same rules in force for both families (100), then a swap
+    assert rig.dnat(resolv=FOUR).returncode == 100
+    assert rig.dnat(resolv=f"nameserver {UP6_2}\nnameserver {UP1}\n").returncode == 0
+    assert rig.answers(f"{DNS6_1}/udp", f"{DNS2}/tcp") == {f"{DNS6_1}/udp": "192.0.2.4", f"{DNS2}/tcp": "192.0.2.1"}
+    # the IPv6 keys gone: our IPv6 rules go, IPv4 stays
+    rig.world.xs.rm("/local/domain/0/qubes_netvm_primary_dns6")
+    rig.world.xs.rm("/local/domain/0/qubes_netvm_secondary_dns6")
+    assert rig.dnat(resolv=FOUR).returncode == 0
+    assert rig.translations(6) == []
+    if rig.firewall == "nft":
+        assert rig.nft_chain(6) is None
+    else:
+        assert rig.ours(6) == []
+    assert rig.answers(f"{DNS1}/udp") == {f"{DNS1}/udp": "192.0.2.1"}
+
+
+def test_no_ipv6_upstream_drops_ipv6_queries(rig):
+    set_dns6(rig)
+    assert rig.dnat(resolv=FOUR).returncode == 0
+    assert rig.dnat(resolv=TWO).returncode == 0
+    before = len(rig.servers.queries())
+    assert rig.answers(*ALL6, timeout=1.0) == {t: "timeout" for t in ALL6}
+    assert rig.servers.queries(0.5)[before:] == []
+    assert set(rig.answers(*ALL).values()) == {"192.0.2.1", "192.0.2.2"}
+
+
+def test_systemd_resolved_file_when_resolved_does_not_answer(rig):
     stub = "# managed by systemd-resolved\nnameserver 127.0.0.53\noptions edns0 trust-ad\nsearch .\n"
     real = f"# real upstreams\nnameserver {UP2}\nnameserver {UP1}\n"
     res = rig.dnat(resolv=stub, resolved=real)
@@ -284,19 +423,168 @@ def test_systemd_resolved_stub(rig):
     assert rig.answers(*ALL) == {f"{DNS1}/udp": "192.0.2.2", f"{DNS1}/tcp": "192.0.2.2",
                                  f"{DNS2}/udp": "192.0.2.1", f"{DNS2}/tcp": "192.0.2.1"}
     status = rig.dnat("--status", resolv=stub, resolved=real)
-    assert status.returncode == 0
+    assert status.returncode == 0, status.stdout
     assert f"upstream nameservers: {UP2} {UP1} (from systemd-resolved, /run/systemd/resolve/resolv.conf)" \
         in status.stdout
-    # the stub alone, without the real file, is no upstream (never loopback)
-    assert rig.dnat(resolv=stub).returncode == 0
-    assert not [l for l in rig.ours() if "DNAT" in l]
+    # the stub, resolved silent and its file missing: an error naming the file, rules untouched
+    before = rig.state()
+    res = rig.dnat(resolv=stub)
+    assert res.returncode == 1
+    assert res.stderr.count("\n") == 1 and "cannot read /run/systemd/resolve/resolv.conf" in res.stderr
+    assert rig.state() == before
+    assert rig.answers(f"{DNS1}/udp") == {f"{DNS1}/udp": "192.0.2.2"}
+
+
+# The real systemd-resolved, on a private dbus-daemon, inside the netvm's
+# network namespace and a private mount namespace (tmpfs over /run/systemd,
+# our resolved.conf bind-mounted over /etc/systemd/resolved.conf): the
+# machine's own resolved, bus and files are never touched.
+BUS_CONF = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
+ "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
+<busconfig>
+  <type>system</type>
+  <listen>unix:path={socket}</listen>
+  <auth>EXTERNAL</auth>
+  <policy context="default">
+    <allow user="*"/>
+    <allow own="*"/>
+    <allow send_destination="*"/>
+    <allow receive_sender="*"/>
+  </policy>
+</busconfig>
+"""
+
+RESOLVED_RUN = r"""
+set -e
+mount -t tmpfs tmpfs /run/systemd
+mount --bind "$1" /etc/systemd/resolved.conf
+dbus-daemon --config-file="$2" --nofork --nopidfile &
+i=0
+while [ ! -S "$3" ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
+DBUS_SYSTEM_BUS_ADDRESS="unix:path=$3" exec "$4"
+"""
+
+STUB = "# managed by systemd-resolved\nnameserver 127.0.0.53\noptions edns0 trust-ad\nsearch .\n"
+
+
+def _resolved_binary():
+    for path in ("/lib/systemd/systemd-resolved", "/usr/lib/systemd/systemd-resolved"):
+        if os.access(path, os.X_OK):
+            return path
+    pytest.fail("systemd-resolved is not installed (package systemd-resolved; do not install it in CI: "
+                "see .ci/run), so the real-resolved tests cannot run")
+
+
+class Resolved:
+    """systemd-resolved with ``DNS=`` (its global servers) as given."""
+
+    def __init__(self, rig, global_dns):
+        for tool in ("dbus-daemon", "busctl", "resolvectl"):
+            if not shutil.which(tool):
+                pytest.fail(f"{tool} is not installed: the real-resolved tests need it")
+        self.rig = rig
+        d = tempfile.mkdtemp(prefix="rsv", dir=rig.tmp)
+        # resolved drops to its own user before it connects to the bus
+        for path in (rig.tmp, d):
+            os.chmod(path, 0o755)
+        self.socket = os.path.join(d, "bus")
+        self.address = f"unix:path={self.socket}"
+        conf = rig.file(f"resolved.conf.{time.monotonic_ns()}",
+                        f"[Resolve]\nDNS={' '.join(global_dns)}\nFallbackDNS=\nLLMNR=no\nMulticastDNS=no\n"
+                        "DNSStubListener=no\n")
+        bus = os.path.join(d, "bus.conf")
+        with open(bus, "w") as f:
+            f.write(BUS_CONF.format(socket=self.socket))
+        self.proc = rig.netvm.popen(["unshare", "-m", "sh", "-c", RESOLVED_RUN, "sh", conf, bus, self.socket,
+                                     _resolved_binary()], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, start_new_session=True)
+        self.env = dict(rig.env, DBUS_SYSTEM_BUS_ADDRESS=self.address)
+        deadline = time.monotonic() + 10
+        while True:
+            res = rig.netvm.exec(["busctl", "get-property", "org.freedesktop.resolve1", "/org/freedesktop/resolve1",
+                                  "org.freedesktop.resolve1.Manager", "DNS"], check=False, env=self.env)
+            if res.returncode == 0:
+                break
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                self.close()
+                pytest.fail(f"systemd-resolved did not come up: {res.stderr.strip()} {self.output}")
+            time.sleep(0.1)
+
+    def resolvectl(self, *args):
+        return self.rig.netvm.exec(["resolvectl", *args], env=self.env).stdout
+
+    def close(self):
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, 15)  # the group started above: resolved and its dbus-daemon
+        self.output = self.proc.communicate(timeout=10)[0]
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def test_real_resolved_global_servers_only(rig):
+    set_dns6(rig)
+    with Resolved(rig, [UP1, UP6_1]) as resolved:
+        # a per-link server too, as a VPN client or NetworkManager sets one
+        resolved.resolvectl("dns", "eth0", UP2, UP6_2)
+        shown = resolved.resolvectl("dns")
+        assert f"Global: {UP1} {UP6_1}" in shown and f"{UP2} {UP6_2}" in shown, shown
+        res = rig.dnat(resolv=STUB, env=resolved.env)
+        assert res.returncode == 0, res.stderr
+        before = len(rig.servers.queries())
+        got = rig.answers(*ALL, *ALL6)
+        assert got == {**{t: ANSWER[UP1] for t in ALL}, **{t: ANSWER[UP6_1] for t in ALL6}}
+        seen = {a for _, a, _ in rig.servers.queries()[before:]}
+        assert seen == {UP1, UP6_1}  # the per-link servers received nothing
+        status = rig.dnat("--status", resolv=STUB, env=resolved.env)
+        assert status.returncode == 0, status.stdout
+        assert f"upstream nameservers: {UP1} {UP6_1} (from systemd-resolved over D-Bus, global servers)" \
+            in status.stdout
+        assert rig.dnat(resolv=STUB, env=resolved.env).returncode == 100
+    # resolved gone: its file is the fallback, and without it the run fails, rules untouched
+    before = rig.state()
+    res = rig.dnat(resolv=STUB, env=resolved.env)
+    assert res.returncode == 1 and "cannot read /run/systemd/resolve/resolv.conf" in res.stderr, res.stderr
+    assert rig.state() == before
+
+
+def test_real_resolved_per_link_servers_without_global_ones(rig):
+    with Resolved(rig, []) as resolved:
+        resolved.resolvectl("dns", "eth0", UP2)
+        res = rig.dnat(resolv=STUB, env=resolved.env)
+        assert res.returncode == 0, res.stderr
+        assert rig.answers(*ALL) == {t: ANSWER[UP2] for t in ALL}
+        status = rig.dnat("--status", resolv=STUB, env=resolved.env)
+        assert f"(from systemd-resolved over D-Bus, per-link servers)" in status.stdout
+
+
+def test_unreadable_upstream_source_changes_nothing(rig):
+    assert rig.dnat(resolv=TWO).returncode == 0
+    before = rig.state()
+    for path in ("/nonexistent", rig.tmp):
+        res = rig.dnat("--resolv-conf", path)
+        assert res.returncode == 1, res.stderr
+        assert res.stderr.count("\n") == 1 and f"cannot read {path}: " in res.stderr, res.stderr
+        assert rig.state() == before
+    unreadable = rig.file("unreadable", TWO)
+    os.chmod(unreadable, 0)
+    # root reads anything: drop the capability that lets it
+    res = rig.netvm.exec(["setpriv", "--inh-caps=-all", "--bounding-set=-dac_override,-dac_read_search",
+                          CMD, "--resolv-conf", unreadable], check=False, env=rig.env)
+    assert res.returncode == 1 and f"cannot read {unreadable}: Permission denied" in res.stderr, res.stderr
+    assert rig.state() == before
+    assert set(rig.answers(*ALL).values()) == {"192.0.2.1", "192.0.2.2"}
 
 
 def test_no_upstream_drops_and_nothing_leaks(rig):
     assert rig.dnat(resolv=TWO).returncode == 0
     res = rig.dnat(resolv="nameserver 127.0.0.1\n")  # loopback only: no usable upstream
     assert res.returncode == 0, res.stderr
-    assert not [l for l in rig.ours() if "DNAT" in l]
+    assert rig.translations() == [(DNS1, "drop"), (DNS2, "drop")] if rig.firewall == "nft" else \
+        rig.translations() == []
     before = len(rig.servers.queries())
     got = rig.answers(*ALL, timeout=1.0)
     assert got == {t: "timeout" for t in ALL}
@@ -308,20 +596,20 @@ def test_no_upstream_drops_and_nothing_leaks(rig):
 
 
 def test_unchanged_rules_exit_100_without_churn(rig):
-    assert rig.dnat(resolv=TWO).returncode == 0
-    rig.answers(*ALL)  # non-zero counters
-    before = rig.save(counters=True)
-    handles = rig.nft_handles() if rig.backend == "nft" else None
+    set_dns6(rig)
+    assert rig.dnat(resolv=FOUR).returncode == 0
+    rig.answers(*ALL, *ALL6)  # non-zero counters
+    before = rig.state()
     for _ in range(3):
-        res = rig.dnat(resolv=TWO)
+        res = rig.dnat(resolv=FOUR)
         assert res.returncode == 100, res.stderr
         assert res.stdout == "" and res.stderr == ""
-    assert rig.save(counters=True) == before
-    # the counters compared are real ones: the 4 queries went through
-    assert [l for l in before.splitlines() if "PREROUTING -j vrq-dnat-dns" in l][0].startswith("[4:")
-    if handles is not None:
-        assert rig.nft_handles() == handles
-        assert "# handle" in handles[1] and "dnat to 192.168.0.53" in handles[1]
+    assert rig.state() == before
+    if rig.firewall == "iptables":
+        # the counters compared are real ones: the 4 queries went through
+        assert [l for l in before if "PREROUTING -j vrq-dnat-dns" in l][0].startswith("[4:")
+    else:
+        assert "# handle" in before and f"dnat to {UP6_1} # handle" in before
 
 
 def test_swapping_upstreams_while_querying(rig):
@@ -351,7 +639,7 @@ def test_garbage_resolv_conf(rig):
     path = rig.file("garbage", garbage)
     res = rig.dnat("--resolv-conf", path)
     assert res.returncode == 0, res.stderr
-    assert not [l for l in rig.ours() if "DNAT" in l]  # nothing valid: dropped
+    assert all(to == "drop" for _, to in rig.translations())  # nothing valid: dropped
     assert rig.answers(f"{DNS1}/udp", timeout=1.0) == {f"{DNS1}/udp": "timeout"}
     # one valid line among the garbage is used
     res = rig.dnat("--resolv-conf", rig.file("garbage2", garbage + f"nameserver {UP2}\n".encode()))
@@ -362,10 +650,11 @@ def test_garbage_resolv_conf(rig):
 def test_dns_addresses_missing_everywhere(rig):
     rig.world.xs.rm("/local/domain/0/qubes_netvm_primary_dns")
     rig.world.xs.rm("/local/domain/0/qubes_netvm_secondary_dns")
+    before = rig.state()
     res = rig.dnat("--qubes-ns", os.path.join(rig.tmp, "absent"), resolv=TWO)
     assert res.returncode == 1
     assert res.stderr.count("\n") == 1 and "no DNS1/DNS2 address" in res.stderr, res.stderr
-    assert rig.ours() == []
+    assert rig.state() == before and rig.translations() == []
     # the old qubes-ns file gives them
     ns = rig.file("qubes-ns", f"NS1={DNS1}\nNS2='{DNS2}'\n")
     assert rig.dnat("--qubes-ns", ns, resolv=TWO).returncode == 0
@@ -391,50 +680,125 @@ def test_concurrent_runs_end_in_one_rule_set(rig):
         p.stdout.close()
         p.stderr.close()
     assert codes == [0] + [100] * 5
-    ours = rig.ours()
-    assert ours.count("-A PREROUTING -j vrq-dnat-dns") == 1
-    assert ours.count("-A FORWARD -j vrq-dns-guard") == 1
-    assert [l for l in ours if "DNAT" in l] == expected_nat([(DNS1, UP1), (DNS2, UP2)])
-    assert len([l for l in ours if l.startswith("-A vrq-dns-guard")]) == 4
+    assert rig.translations() == [(DNS1, UP1), (DNS2, UP2)]
+    if rig.firewall == "iptables":
+        ours = rig.ours()
+        assert ours.count("-A PREROUTING -j vrq-dnat-dns") == 1
+        assert ours.count("-A FORWARD -j vrq-dns-guard") == 1
+        assert [l for l in ours if "DNAT" in l] == expected_nat([(DNS1, UP1), (DNS2, UP2)])
+        assert len([l for l in ours if l.startswith("-A vrq-dns-guard")]) == 4
+    else:
+        assert len(rig.nft_chain()) == 1 + 4  # the type line, 4 rules
 
 
-def test_duplicate_jump_is_repaired(rig):
+def test_duplicate_jump_or_foreign_rule_is_repaired(rig):
     assert rig.dnat(resolv=TWO).returncode == 0
-    rig.netvm.exec([f"iptables-{rig.backend}", "-w", "-t", "nat", "-A", "PREROUTING", "-j", "vrq-dnat-dns"])
+    if rig.firewall == "iptables":
+        rig.netvm.exec([f"iptables-{rig.flavour}", "-w", "-t", "nat", "-A", "PREROUTING", "-j", "vrq-dnat-dns"])
+    else:
+        rig.netvm.exec(["nft", "add", "rule", "ip", "qubes", "dnat-dns", "accept"])
     assert rig.dnat(resolv=TWO).returncode == 0
-    assert rig.ours().count("-A PREROUTING -j vrq-dnat-dns") == 1
+    if rig.firewall == "iptables":
+        assert rig.ours().count("-A PREROUTING -j vrq-dnat-dns") == 1
+    else:
+        assert "accept" not in rig.nft_chain()[1:]
     assert rig.dnat(resolv=TWO).returncode == 100
 
 
-def test_dry_run_changes_nothing(rig):
-    before = rig.save()
-    res = rig.dnat("--dry-run", resolv=TWO)
-    assert res.returncode == 0, res.stderr
-    assert rig.save() == before
-    assert f"# upstream nameservers: {UP1} {UP2} (from /etc/resolv.conf)" in res.stdout
-    assert f"$ iptables-{rig.backend}-restore --noflush --wait 20 <<'EOF'" in res.stdout
-    for line in expected_nat([(DNS1, UP1), (DNS2, UP2)]) + ["-I PREROUTING 1 -j vrq-dnat-dns", "*nat"]:
-        assert line in res.stdout.splitlines()
-    assert rig.dnat(resolv=TWO).returncode == 0
-    res = rig.dnat("-n", resolv=TWO)
-    assert res.returncode == 100 and "already right" in res.stdout
+def test_dry_run_changes_nothing_and_logs_nothing(rig):
+    log = rig.world.env["VIF_ROUTE_QUBES_HOTPLUG_LOG"]
+    os.makedirs(os.path.dirname(log), exist_ok=True)
+    syslog = SyslogSink(rig.world.env["VIF_ROUTE_QUBES_SYSLOG"])
+    try:
+        size = os.path.getsize(log) if os.path.exists(log) else 0
+        before = rig.state()
+        res = rig.dnat("--dry-run", resolv=TWO)
+        assert res.returncode == 0, res.stderr
+        assert rig.state() == before
+        assert f"# upstream nameservers: {UP1} {UP2} (from /etc/resolv.conf)" in res.stdout
+        assert f"# firewall backend: {rig.firewall} (VIF_ROUTE_QUBES_FIREWALL={rig.firewall})" in res.stdout
+        if rig.firewall == "iptables":
+            assert f"$ iptables-{rig.flavour}-restore --noflush --wait 20 <<'EOF'" in res.stdout
+            for line in expected_nat([(DNS1, UP1), (DNS2, UP2)]) + ["-I PREROUTING 1 -j vrq-dnat-dns", "*nat"]:
+                assert line in res.stdout.splitlines()
+        else:
+            assert "$ nft -f - <<'EOF'" in res.stdout
+            assert f"\t\tip daddr {DNS2} tcp dport 53 dnat to {UP2}" in res.stdout.splitlines()
+        assert rig.dnat("--status", resolv=TWO).returncode == 3
+        # neither the dry run nor --status left a trace in syslog or the hotplug log
+        assert syslog.lines() == []
+        assert (os.path.getsize(log) if os.path.exists(log) else 0) == size
+        assert rig.dnat(resolv=TWO).returncode == 0
+        assert any("DNS1 10.139.1.1 -> 192.168.0.53" in l for l in syslog.lines())  # a real run does log
+        res = rig.dnat("-n", resolv=TWO)
+        assert res.returncode == 100 and "already right" in res.stdout
+    finally:
+        syslog.close()
+
+
+class SyslogSink:
+    """A Unix datagram socket standing in for /dev/log, drained by a thread
+    (a full socket queue, 10 datagrams by default, would block the sender)."""
+
+    def __init__(self, path):
+        import socket
+
+        if os.path.exists(path):
+            os.unlink(path)
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.settimeout(0.1)
+        self.seen, self.stop = [], threading.Event()
+        self.thread = threading.Thread(target=self._drain, daemon=True)
+        self.thread.start()
+
+    def _drain(self):
+        import socket
+
+        while not self.stop.is_set():
+            try:
+                self.seen.append(self.sock.recv(4096).decode(errors="replace"))
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+
+    def lines(self, settle=0.3):
+        time.sleep(settle)
+        return list(self.seen)
+
+    def close(self):
+        self.stop.set()
+        self.thread.join(5)
+        self.sock.close()
+        os.unlink(self.path)
 
 
 def test_status(rig):
     res = rig.dnat("--status", resolv=TWO)
-    assert res.returncode == 0, res.stderr
+    assert res.returncode == 3, res.stdout + res.stderr
     assert f"DNS1: {DNS1} (from XenStore qubes_netvm_primary_dns)" in res.stdout
-    assert "(chain vrq-dnat-dns does not exist)" in res.stdout
+    missing = "(chain vrq-dnat-dns does not exist)" if rig.firewall == "iptables" else \
+        "(no chain dnat-dns in table ip qubes)"
+    assert missing in res.stdout
     assert "state: out of date" in res.stdout
-    rig.dnat(resolv=TWO)
+    assert rig.dnat(resolv=TWO).returncode == 0
     res = rig.dnat("--status", resolv=TWO)
-    assert res.returncode == 0
+    assert res.returncode == 0, res.stdout
     lines = [l.strip() for l in res.stdout.splitlines()]
     assert f"DNS2: {DNS2} (from XenStore qubes_netvm_secondary_dns)" in lines
     assert f"upstream nameservers: {UP1} {UP2} (from /etc/resolv.conf)" in lines
-    assert "-A PREROUTING -j vrq-dnat-dns" in lines and "-A FORWARD -j vrq-dns-guard" in lines
-    assert all(l in lines for l in expected_nat([(DNS1, UP1), (DNS2, UP2)]))
+    if rig.firewall == "iptables":
+        assert "nat: -A PREROUTING -j vrq-dnat-dns" in lines and "filter: -A FORWARD -j vrq-dns-guard" in lines
+        assert all(f"nat: {l}" in lines for l in expected_nat([(DNS1, UP1), (DNS2, UP2)]))
+    else:
+        assert f"dnat-dns: ip daddr {DNS1} tcp dport 53 dnat to {UP1}" in lines
+        assert f"dnat-dns-guard: ip daddr {DNS1} tcp dport 53 drop" in lines
     assert lines[-1] == "state: up to date"
+    # an unreadable source: it cannot tell (1), and says why
+    res = rig.dnat("--status", "--resolv-conf", "/nonexistent")
+    assert res.returncode == 1 and "cannot read /nonexistent" in res.stdout
 
 
 def test_networkmanager_hook_runs_the_real_command(rig):
@@ -450,7 +814,7 @@ def test_networkmanager_hook_runs_the_real_command(rig):
                               check=False, env=env)
 
     res = nm("down")  # ignored action
-    assert res.returncode == 0 and rig.ours() == []
+    assert res.returncode == 0 and rig.translations() == []
     for action in ("up", "dhcp4-change"):  # changes, then already right (100 -> 0)
         res = nm(action)
         assert res.returncode == 0 and res.stderr == "", res.stderr

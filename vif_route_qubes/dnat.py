@@ -1,39 +1,32 @@
-"""qubes-setup-dnat-to-ns: point the guests' two virtual nameservers at the
+"""qubes-setup-dnat-to-ns: point the guests' virtual nameservers at the
 netvm's real ones.
 
-Guests are told to use two fixed, private addresses, DNS1 and DNS2 (XenStore
+Guests are told to use fixed, private addresses: DNS1 and DNS2 (XenStore
 ``qubes_netvm_primary_dns`` / ``qubes_netvm_secondary_dns`` under the netvm's
-home). This command rewrites DNS traffic (UDP and TCP port 53) for them to
-whatever upstream nameservers the netvm has right now, and is re-run by the
-NetworkManager dispatcher hook whenever those change.
+home) and, for IPv6, ``qubes_netvm_primary_dns6`` /
+``qubes_netvm_secondary_dns6``. This command rewrites DNS traffic (UDP and
+TCP port 53) for them to whatever upstream nameservers of the same family
+the netvm has right now, and is re-run by the NetworkManager dispatcher hook
+whenever those change.
 
-What it owns, and why it is built this way:
+How it is built:
 
-* ``vrq-dnat-dns`` in the nat table, jumped to once from PREROUTING: DNS1 ->
-  the first upstream, DNS2 -> the second (or both -> the only one). It is
-  the only thing that changes when the upstreams change, and it is replaced
-  by one ``iptables-restore --noflush`` transaction: declaring ``:CHAIN - [0:0]``
-  flushes and refills it inside a single table commit, so no packet ever
-  sees an empty or half-filled chain.
-* ``vrq-dns-guard`` in the filter table, jumped to first from FORWARD: drops
-  DNS to DNS1/DNS2. With no upstream there is no DNAT, and the query would
-  follow the default route out to whatever network the netvm is on; this is
-  what stops that leak. The obvious place, DROP inside the nat chain, is
-  refused by both iptables-nft and iptables-legacy ("The nat table is not
-  intended for filtering"). Dropping in raw or mangle PREROUTING would have to
-  be switched on and off together with the DNAT rules, in a second table,
-  and both backends commit each ``*table`` of a restore payload separately
-  (checked: a failing second table leaves the first one applied), so that
-  would not be atomic. In filter FORWARD, after DNAT, a translated packet no
-  longer carries DNS1/DNS2 as destination: the guard can stay in place for
-  good, its content depends on DNS1/DNS2 only, and changing upstreams touches
-  one table. The guard is rewritten only on the first run or if DNS1/DNS2
-  change. Dropped packets never confirm a conntrack entry, so the first
-  query after an upstream appears is translated normally.
-* "Already right" is decided from one ``iptables-save``, compared line by
-  line with what would be written (rules rendered exactly as iptables-save
-  prints them, jumps present exactly once); then nothing is run and the exit
-  status is 100, which the hook relies on.
+* Inputs (XenStore, resolv.conf, systemd-resolved) become a plan: per
+  family, a list of (virtual nameserver, upstream or None). DNSi goes to
+  upstream i, the list of upstreams repeated when it is shorter (Qubes'
+  rule since its issue #9011: with one upstream both go to it, so a query to
+  DNS2 never leaks); None means no upstream of that family: drop.
+* A backend (``vif_route_qubes.firewall.dns_iptables`` or ``dns_nft``,
+  chosen once by :func:`vif_route_qubes.firewall.choose`) reads what is in
+  force, renders the difference, and the tool runs what it rendered. The
+  tool never branches on which backend it is.
+* "Already right" is the backend's text compare of what is in force with
+  what it would write; then nothing is run and the exit status is 100,
+  which the hook relies on.
+* An upstream source that cannot be read is an error (exit 1, rules in
+  force untouched): treating it as "no upstream" would silently drop every
+  guest's DNS. A readable source naming no usable server is "no upstream":
+  drop, as intended.
 
 Start-up time matters (the hook runs on every link change): the plain call
 without arguments goes straight to :func:`run`; every other form goes through
@@ -47,45 +40,69 @@ import sys
 from .errors import Failure
 
 PROG = "qubes-setup-dnat-to-ns"
-NAT_CHAIN = "vrq-dnat-dns"
-GUARD_CHAIN = "vrq-dns-guard"
-XS_PRIMARY = "qubes_netvm_primary_dns"
-XS_SECONDARY = "qubes_netvm_secondary_dns"
+XS_KEYS = {4: ("qubes_netvm_primary_dns", "qubes_netvm_secondary_dns"),
+           6: ("qubes_netvm_primary_dns6", "qubes_netvm_secondary_dns6")}
+XS_PRIMARY, XS_SECONDARY = XS_KEYS[4]
 RESOLV_CONF = "/etc/resolv.conf"
 RESOLVED_CONF = "/run/systemd/resolve/resolv.conf"
 QUBES_NS = "/var/run/qubes/qubes-ns"
 # systemd-resolved's stub listeners (the second one bypasses DNSSEC/LLMNR)
 RESOLVED_STUBS = ("127.0.0.53", "127.0.0.54")
+# resolved's D-Bus API: the DNS property is a(iiay): (ifindex, family,
+# address bytes), ifindex 0 for the global servers (resolved.conf DNS=).
+RESOLVED_QUERY = ["busctl", "--json=short", "--timeout=5", "get-property", "org.freedesktop.resolve1",
+                  "/org/freedesktop/resolve1", "org.freedesktop.resolve1.Manager", "DNS"]
 UNCHANGED = 100
+OUT_OF_DATE = 3  # --status: the rules in force are not what a run would write
+# the backend modules, by the name vif_route_qubes.firewall.choose() returns
+BACKENDS = {"iptables": "dns_iptables", "nft": "dns_nft"}
 
 
 class Options:
     """What the command line says; defaults are what the hook's plain call gets."""
 
-    def __init__(self, dns1=None, dns2=None, resolv_conf=RESOLV_CONF, resolved_conf=RESOLVED_CONF,
-                 qubes_ns=QUBES_NS, dry_run=False, status=False, verbose=False):
+    def __init__(self, dns1=None, dns2=None, dns6_1=None, dns6_2=None, resolv_conf=RESOLV_CONF,
+                 resolved_conf=RESOLVED_CONF, qubes_ns=QUBES_NS, dry_run=False, status=False, verbose=False,
+                 firewall=None, remove=False):
+        self.given = {4: [dns1, dns2], 6: [dns6_1, dns6_2]}
         self.dns1, self.dns2 = dns1, dns2
         self.resolv_conf, self.resolved_conf, self.qubes_ns = resolv_conf, resolved_conf, qubes_ns
         self.dry_run, self.status, self.verbose = dry_run, status, verbose
+        self.firewall, self.remove = firewall, remove
+
+
+def _option_name(version, i):
+    return f"--dns{i + 1}" if version == 4 else f"--dns6-{i + 1}"
+
+
+def _label(version, i):
+    """DNS1, DNS2 (IPv4) and DNS6-1, DNS6-2 (IPv6), for people."""
+    return f"DNS{i + 1}" if version == 4 else f"DNS6-{i + 1}"
 
 
 # ----------------------------------------------------------------------------
 # Inputs (pure parts first)
 
 
-def nameservers(text):
-    """IPv4 ``nameserver`` addresses of a resolv.conf text, in order, without
-    duplicates; malformed lines, IPv6 and anything not an address ignored
-    (as the resolver itself skips what it cannot parse)."""
-    from ipaddress import IPv4Address
+def _address(text):
+    from ipaddress import ip_address
 
+    return ip_address(text)
+
+
+def nameservers(text):
+    """``nameserver`` addresses (IPv4 and IPv6) of a resolv.conf text, in
+    order, without duplicates; malformed lines and anything not an address
+    ignored (as the resolver itself skips what it cannot parse). An IPv6
+    address with a zone (``fe80::1%eth0``) is link-local: never forwarded
+    to, so left out here already."""
     found = []
     for line in text.splitlines():
         words = line.split()
         if len(words) < 2 or words[0] != "nameserver":
             continue
         try:
-            addr = IPv4Address(words[1])
+            addr = _address(words[1])
         except ValueError:
             continue
         if addr not in found:
@@ -96,38 +113,78 @@ def nameservers(text):
 def usable(addr) -> bool:
     """Can forwarded guest traffic be translated to it? Never to loopback
     (the kernel drops martians: route_localnet is off, and rightly so), nor
-    to an address that is not a unicast host."""
-    return not (addr.is_loopback or addr.is_unspecified or addr.is_multicast or addr.is_reserved)
+    to link-local (a router never forwards to it), nor to an address that is
+    not a unicast host."""
+    if addr.is_loopback or addr.is_unspecified or addr.is_multicast or addr.is_reserved or addr.is_link_local:
+        return False
+    return getattr(addr, "ipv4_mapped", None) is None
 
 
-def upstreams_from(resolv_text, resolved_text):
-    """(upstreams, which) from the two files' texts: ``which`` is
-    "resolv.conf" or "systemd-resolved". ``resolved_text`` is a callable
-    (the file is read only when resolv.conf names nothing but the stub)."""
-    listed = nameservers(resolv_text)
-    real = [a for a in listed if usable(a)]
-    if not real and listed and all(str(a) in RESOLVED_STUBS for a in listed):
-        text = resolved_text()
-        return [a for a in nameservers(text or "") if usable(a)], "systemd-resolved"
-    return real, "resolv.conf"
+def resolved_servers(json_text):
+    """(addresses, scope) from resolved's ``DNS`` property as busctl prints
+    it: the global servers when there are any (scope "global"), else the
+    per-link ones ("per-link"). Qubes sorts the global ones first because a
+    VPN client's per-link server leaked queries; a global server configured
+    means the administrator chose where DNS goes, so per-link ones are then
+    not used at all (not even for the other family)."""
+    import json
+    from ipaddress import IPv4Address, IPv6Address
+
+    try:
+        data = json.loads(json_text)["data"]
+        entries = [(int(ifindex), int(family), bytes(raw)) for ifindex, family, raw in data]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise Failure(f"unexpected answer from systemd-resolved ({' '.join(RESOLVED_QUERY[:2])}): {exc}") from None
+    glob = [e for e in entries if e[0] == 0]
+    chosen, scope = (glob, "global") if glob else ([e for e in entries if e[0] != 0], "per-link")
+    found = []
+    for _, family, raw in chosen:
+        kind = {(2, 4): IPv4Address, (10, 16): IPv6Address}.get((family, len(raw)))
+        addr = kind(raw) if kind else None
+        if addr is not None and addr not in found:
+            found.append(addr)
+    return found, scope
 
 
 def _read(path):
+    """The file's text; Failure naming it when it cannot be read (missing,
+    a directory, no permission): the caller must not treat that as "no
+    upstream"."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             return f.read()
-    except OSError:
+    except OSError as exc:
+        raise Failure(f"cannot read {path}: {exc.strerror or exc}; the rules in force were left as they are") \
+            from None
+
+
+def _ask_resolved(s, log):
+    """resolved's servers over D-Bus, or None when it does not answer (not
+    running, no bus, no busctl): then its file is the fallback."""
+    try:
+        res = s.run(RESOLVED_QUERY, readonly=True, check=False)
+    except Failure as exc:  # busctl not installed
+        log.debug(f"systemd-resolved not asked: {exc}")
         return None
+    if res.code != 0:
+        log.debug(f"systemd-resolved did not answer on D-Bus: {res.stderr.strip()[:200]}")
+        return None
+    return resolved_servers(res.stdout)
 
 
-def find_upstreams(opts, log=None):
-    """-> (upstreams, source text for people)."""
-    text = _read(opts.resolv_conf)
-    if text is None and log:
-        log.warning(f"cannot read {opts.resolv_conf}: no upstream nameserver")
-    found, which = upstreams_from(text or "", lambda: _read(opts.resolved_conf))
-    where = opts.resolv_conf if which == "resolv.conf" else f"systemd-resolved, {opts.resolved_conf}"
-    return found, where
+def find_upstreams(opts, s, log):
+    """-> (usable upstreams of both families, where they came from)."""
+    listed = nameservers(_read(opts.resolv_conf))
+    if listed and all(str(a) in RESOLVED_STUBS for a in listed):
+        # only systemd-resolved's stub: ask it for the real servers
+        answer = _ask_resolved(s, log)
+        if answer is not None:
+            found, scope = answer
+            return [a for a in found if usable(a)], f"systemd-resolved over D-Bus, {scope} servers"
+        text = _read(opts.resolved_conf)
+        return ([a for a in nameservers(text) if usable(a)],
+                f"systemd-resolved, {opts.resolved_conf}")
+    return [a for a in listed if usable(a)], opts.resolv_conf
 
 
 def qubes_ns_values(text):
@@ -140,154 +197,102 @@ def qubes_ns_values(text):
     return values.get("NS1"), values.get("NS2")
 
 
-def _dns_address(value, where):
-    from ipaddress import IPv4Address
+def _dns_address(value, where, version=4):
+    from ipaddress import IPv4Address, IPv6Address
 
+    kind = IPv4Address if version == 4 else IPv6Address
     try:
-        addr = IPv4Address(value.strip())
+        addr = kind(value.strip())
     except ValueError:
-        raise Failure(f"{where}: {value[:40]!r} is not an IPv4 address") from None
+        raise Failure(f"{where}: {value[:40]!r} is not an IPv{version} address") from None
     if not usable(addr):
         raise Failure(f"{where}: {addr} cannot be a virtual nameserver address")
     return addr
 
 
 def find_dns(opts, env):
-    """[(address, where)] for DNS1 and DNS2: --dns1/--dns2, else XenStore,
-    else (XenStore having neither) the qubes-ns file. Raises Failure when
-    none of them names either."""
-    given = [opts.dns1, opts.dns2]
-    found = [(v, f"--dns{i + 1}") if v else (None, None) for i, v in enumerate(given)]
+    """{4: [(address, where)], 6: [...]}: the virtual nameservers of each
+    family. Each comes from its option, else XenStore; the IPv4 pair, when
+    XenStore has neither IPv4 key, from the old qubes-ns file. Raises
+    Failure when no family has any."""
+    found = {v: [(val, _option_name(v, i)) if val else (None, None) for i, val in enumerate(opts.given[v])]
+             for v in (4, 6)}
     xs_problem = None
-    if None in given:
+    if any(val is None for v in (4, 6) for val in opts.given[v]):
         values = {}
         try:
             from .xs import XenStore
 
             with XenStore(env) as xs:
-                values = xs.read_many([XS_PRIMARY, XS_SECONDARY])
+                values = xs.read_many([k for v in (4, 6) for k in XS_KEYS[v]])
         except Failure as exc:
             xs_problem = str(exc)
-        from_xs = [values.get(XS_PRIMARY), values.get(XS_SECONDARY)]
-        if any(from_xs):
-            for i, key in enumerate((XS_PRIMARY, XS_SECONDARY)):
-                if found[i][0] is None and from_xs[i]:
-                    found[i] = (from_xs[i], f"XenStore {key}")
-        else:
-            text = _read(opts.qubes_ns)
+        for v in (4, 6):
+            for i, key in enumerate(XS_KEYS[v]):
+                if found[v][i][0] is None and values.get(key):
+                    found[v][i] = (values[key], f"XenStore {key}")
+        if not any(values.get(k) for k in XS_KEYS[4]):
+            try:
+                text = _read(opts.qubes_ns)
+            except Failure:
+                text = None  # the old file is optional
             if text is not None:
-                for i, v in enumerate(qubes_ns_values(text)):
-                    if found[i][0] is None and v:
-                        found[i] = (v, f"{opts.qubes_ns} NS{i + 1}")
-    result = []
-    for value, where in found:
-        if value is not None:
-            addr = _dns_address(value, where)
-            if all(addr != a for a, _ in result):
-                result.append((addr, where))
-    if not result:
-        why = xs_problem or f"XenStore has neither {XS_PRIMARY} nor {XS_SECONDARY}"
+                for i, val in enumerate(qubes_ns_values(text)):
+                    if found[4][i][0] is None and val:
+                        found[4][i] = (val, f"{opts.qubes_ns} NS{i + 1}")
+    result = {4: [], 6: []}
+    for v in (4, 6):
+        for value, where in found[v]:
+            if value is not None:
+                addr = _dns_address(value, where, v)
+                if all(addr != a for a, _ in result[v]):
+                    result[v].append((addr, where))
+    if not result[4] and not result[6]:
+        why = xs_problem or f"XenStore has none of {', '.join(XS_KEYS[4] + XS_KEYS[6])}"
         raise Failure(f"no DNS1/DNS2 address: {why}; {opts.qubes_ns} names neither NS1 nor NS2; "
                       "--dns1/--dns2 not given")
     return result
 
 
 # ----------------------------------------------------------------------------
-# Plan and render (pure)
+# Plan (pure)
 
 
-def _match(dns, proto):
-    # exactly as iptables-save prints it, so "already right" is a text compare
-    return f"-d {dns}/32 -p {proto} -m {proto} --dport 53"
+def plan(dns, upstreams):
+    """{version: [(virtual nameserver, upstream or None)]}: DNSi -> the
+    i-th upstream of its family, the upstreams repeated when fewer (Qubes'
+    rule); None (drop) when the family has no upstream."""
+    out = {}
+    for version in (4, 6):
+        ups = [u for u in upstreams if u.version == version]
+        out[version] = [(addr, ups[i % len(ups)] if ups else None) for i, addr in enumerate(dns[version])]
+    return out
 
 
-def nat_rules(dns, upstreams):
-    """Rule lines of the nat chain: DNSi -> upstream i (cycling)."""
-    rules = []
-    if not upstreams:
-        return rules
-    for i, addr in enumerate(dns):
-        to = upstreams[i % len(upstreams)]
-        for proto in ("udp", "tcp"):
-            rules.append(f"-A {NAT_CHAIN} {_match(addr, proto)} -m comment --comment DNS{i + 1} "
-                         f"-j DNAT --to-destination {to}")
-    return rules
+def describe(the_plan, upstreams, where):
+    parts = [f"{_label(v, i)} {a} -> {to if to is not None else 'dropped'}"
+             for v in (4, 6) for i, (a, to) in enumerate(the_plan[v])]
+    return f"{', '.join(parts)} (upstreams from {where}: {' '.join(map(str, upstreams)) or 'none'})"
 
 
-def guard_rules(dns):
-    """Rule lines of the filter chain: whatever still goes to DNSi in FORWARD
-    was not translated (no upstream): drop it."""
-    return [f"-A {GUARD_CHAIN} {_match(addr, proto)} -m comment --comment DNS{i + 1} -j DROP"
-            for i, addr in enumerate(dns) for proto in ("udp", "tcp")]
-
-
-class Table:
-    """What iptables-save shows of one table: declared chains and rule lines."""
-
-    def __init__(self):
-        self.chains, self.rules = set(), []
-
-    def chain(self, name):
-        prefix = f"-A {name} "
-        return [r for r in self.rules if r.startswith(prefix)]
-
-
-def parse_save(text):
-    """{table name: Table} of an iptables-save text."""
-    tables, cur = {}, None
-    for line in text.splitlines():
-        if line.startswith("*"):
-            cur = tables.setdefault(line[1:].strip(), Table())
-        elif cur is None or not line or line[0] == "#" or line == "COMMIT":
-            continue
-        elif line[0] == ":":
-            cur.chains.add(line[1:].split(" ", 1)[0])
-        elif line.startswith("-A "):
-            cur.rules.append(line)
-    return tables
-
-
-# (table, our chain, built-in chain it is jumped to from)
-SECTIONS = (("filter", GUARD_CHAIN, "FORWARD"), ("nat", NAT_CHAIN, "PREROUTING"))
-
-
-def render(wanted, tables):
-    """The iptables-restore --noflush payload turning ``tables`` (parsed
-    iptables-save) into ``wanted`` ({table: rule lines}); "" when they are
-    equal. Only tables that differ appear. The guard (filter) comes first: on
-    a first run, or a change of DNS1/DNS2, nothing is translated before it
-    is in place."""
+def problems(the_plan, upstreams):
+    """Lines for people about a plan that leaves guests without DNS."""
     out = []
-    for table, chain, hook in SECTIONS:
-        cur = tables.get(table) or Table()
-        jump = f"-A {hook} -j {chain}"
-        jumps = cur.rules.count(jump)
-        if chain in cur.chains and jumps == 1 and cur.chain(chain) == wanted[table]:
-            continue
-        out.append(f"*{table}")
-        out.append(f":{chain} - [0:0]")  # creates, or flushes what is there
-        if jumps == 0:
-            out.append(f"-I {hook} 1 -j {chain}")
-        out.extend([f"-D {hook} -j {chain}"] * max(0, jumps - 1))
-        out.extend(wanted[table])
-        out.append("COMMIT")
-    return "\n".join(out) + "\n" if out else ""
-
-
-def wanted_rules(dns, upstreams):
-    return {"filter": guard_rules(dns), "nat": nat_rules(dns, upstreams)}
+    for v, other in ((4, 6), (6, 4)):
+        if the_plan[v] and not any(u.version == v for u in upstreams):
+            names = "/".join(_label(v, i) for i in range(len(the_plan[v])))
+            if any(u.version == other for u in upstreams):
+                out.append(f"guests have no IPv{v} DNS path: {names} are IPv{v} but every upstream nameserver is "
+                           f"IPv{other}; their queries are dropped"
+                           + (f" (give guests the IPv{other} virtual nameservers)" if the_plan[other] else
+                              f" (configure {' / '.join(XS_KEYS[other])})"))
+            else:
+                out.append(f"no upstream nameserver: queries to {names} are dropped")
+    return out
 
 
 # ----------------------------------------------------------------------------
 # Running
-
-
-def _describe(dns, upstreams, where):
-    pairs = ", ".join(
-        f"DNS{i + 1} {a} -> {upstreams[i % len(upstreams)]}" if upstreams else f"DNS{i + 1} {a} -> dropped"
-        for i, a in enumerate(dns)
-    )
-    return f"{pairs} (upstreams from {where}: {' '.join(map(str, upstreams)) or 'none'})"
 
 
 class _NoLock:
@@ -298,76 +303,120 @@ class _NoLock:
         pass
 
 
+def backend_module(name):
+    import importlib
+
+    return importlib.import_module(f".firewall.{BACKENDS[name]}", __package__)
+
+
+def _backend(opts, env, s, log):
+    from .firewall import choose
+
+    name, why = choose(env, opts.firewall)
+    log.debug(f"firewall backend {name} ({why})")
+    s.note(f"firewall backend: {name} ({why})")
+    return backend_module(name), name, why
+
+
 def apply(opts, env, s, log):
     from .lock import HostLock
 
+    fw, name, why = _backend(opts, env, s, log)
     # Inputs are read under the lock too: of two runs racing over a change
     # of resolv.conf, the one that writes last has read last.
     with _NoLock() if opts.dry_run else HostLock(env):
-        # iptables-save runs while XenStore and resolv.conf are read
-        save = s.start([s.iptables(4, "save")], readonly=True)
+        # the listing runs while XenStore and resolv.conf are read
+        listing = fw.Listing(s)
         try:
-            dns = [a for a, _ in find_dns(opts, env)]
-            upstreams, where = find_upstreams(opts, log)
+            if opts.remove:
+                the_plan, upstreams, where = {4: [], 6: []}, [], "--remove"
+            else:
+                dns = find_dns(opts, env)
+                upstreams, where = find_upstreams(opts, s, log)
+                the_plan = plan({v: [a for a, _ in dns[v]] for v in (4, 6)}, upstreams)
         finally:
-            saved = save.wait(check=False)
-        if saved.code != 0:
-            from .errors import CommandFailed
-
-            raise CommandFailed(saved.argv, saved.code, saved.stderr)
-        log.debug(_describe(dns, upstreams, where))
-        s.note(f"upstream nameservers: {' '.join(map(str, upstreams)) or 'none'} (from {where})")
-        s.note(_describe(dns, upstreams, where))
-        payload = render(wanted_rules(dns, upstreams), parse_save(saved.stdout))
-        if not payload:
+            listed = listing.wait()
+        text = "remove the rules" if opts.remove else describe(the_plan, upstreams, where)
+        log.debug(text)
+        if not opts.remove:
+            s.note(f"upstream nameservers: {' '.join(map(str, upstreams)) or 'none'} (from {where})")
+        s.note(text)
+        for line in problems(the_plan, upstreams) if not opts.remove else ():
+            s.note(line)
+        calls = fw.changes(s, the_plan, listed)
+        if not calls:
             s.note("the rules are already right: nothing to do")
             log.debug("rules already right, unchanged")
             return UNCHANGED
-        s.run(s.restore(4), payload)
-    if not opts.dry_run:
-        log.info(_describe(dns, upstreams, where))
+        s.run_all([(argv, payload, (0,)) for argv, payload in calls])
+    log.info(f"{text} [{name}]")
+    for line in problems(the_plan, upstreams) if not opts.remove else ():
+        log.warning(line)
     return 0
 
 
-def status(opts, env, s, out):
+def status(opts, env, s, log, out):
+    """Print what is known and in force -> 0 up to date, OUT_OF_DATE, or 1
+    when it cannot tell."""
     def say(text=""):
         print(text, file=out)
 
+    fw, name, why = _backend(opts, env, s, log)
+    say(f"firewall backend: {name} ({why}); owns {fw.OWNED}")
+    listing = fw.Listing(s)
     try:
-        dns = find_dns(opts, env)
-    except Failure as exc:
-        dns = []
-        say(f"DNS1/DNS2: unknown ({exc})")
-    for i, (addr, where) in enumerate(dns):
-        say(f"DNS{i + 1}: {addr} (from {where})")
-    upstreams, where = find_upstreams(opts)
-    say(f"upstream nameservers: {' '.join(map(str, upstreams)) or 'none'} (from {where})")
-    tables = parse_save(s.run([s.iptables(4, "save")], readonly=True).stdout)
-    for table, chain, hook in SECTIONS:
-        cur = tables.get(table) or Table()
-        say(f"rules in force, {table} table:")
-        lines = [r for r in cur.rules if r == f"-A {hook} -j {chain}"] + cur.chain(chain)
-        if chain not in cur.chains:
-            lines.append(f"(chain {chain} does not exist)")
+        try:
+            dns = find_dns(opts, env)
+        except Failure as exc:
+            dns = None
+            say(f"DNS1/DNS2: unknown ({exc})")
+        for v in (4, 6):
+            for i, (addr, where) in enumerate(dns[v] if dns else ()):
+                say(f"{_label(v, i)}: {addr} (from {where})")
+        try:
+            upstreams, where = find_upstreams(opts, s, log)
+            say(f"upstream nameservers: {' '.join(map(str, upstreams)) or 'none'} (from {where})")
+        except Failure as exc:
+            upstreams = None
+            say(f"upstream nameservers: unknown ({exc})")
+    finally:
+        listed = listing.wait()
+    for v, lines in fw.in_force(listed).items():
+        say(f"rules in force, IPv{v}:")
         for line in lines:
             say(f"  {line}")
-    if dns:
-        pending = render(wanted_rules([a for a, _ in dns], upstreams), tables)
-        say("state: up to date" if not pending else f"state: out of date (run {PROG} to apply)")
+    if dns is None or upstreams is None:
+        say("state: unknown (see above)")
+        return 1
+    the_plan = plan({v: [a for a, _ in dns[v]] for v in (4, 6)}, upstreams)
+    say(f"wanted: {describe(the_plan, upstreams, where)}")
+    for line in problems(the_plan, upstreams):
+        say(f"warning: {line}")
+    try:
+        pending = fw.changes(s, the_plan, listed)
+    except Failure as exc:
+        say(f"state: unknown ({exc})")
+        return 1
+    if pending:
+        say(f"state: out of date (run {PROG} to apply)")
+        return OUT_OF_DATE
+    say("state: up to date")
     return 0
 
 
 def run(opts, env, out=None, log=None) -> int:
-    """One invocation -> exit status: 0 changed, 100 already right, 1 failed."""
+    """One invocation -> exit status: 0 changed, 100 already right, 1 failed
+    (--status: 0 up to date, 3 out of date, 1 cannot tell)."""
     from .log import Log
     from .system import System
 
-    log = log or Log(PROG, env, verbose=opts.verbose)
+    # dry runs and --status leave no trace in syslog or the hotplug log
+    log = log or Log(PROG, env, verbose=opts.verbose, stderr_only=opts.dry_run or opts.status)
     out = out or sys.stdout
     try:
         s = System(dry_run=opts.dry_run, out=out, log=log, env=env)
         if opts.status:
-            return status(opts, env, s, out)
+            return status(opts, env, s, log, out)
         return apply(opts, env, s, log)
     except Failure as exc:
         log.error(str(exc))
@@ -379,40 +428,64 @@ def run(opts, env, out=None, log=None) -> int:
 # ----------------------------------------------------------------------------
 # Command line
 
-HELP = f"""Translate DNS traffic for the guests' virtual nameservers DNS1 and DNS2
-to the netvm's current upstream nameservers (UDP and TCP port 53, nat table
-chain {NAT_CHAIN}; with no upstream, DNS to DNS1/DNS2 is dropped by the
-filter table chain {GUARD_CHAIN}).
+HELP = f"""Translate DNS traffic for the guests' virtual nameservers (DNS1 and DNS2,
+and their IPv6 counterparts DNS6-1 and DNS6-2) to the netvm's current upstream
+nameservers of the same family (UDP and TCP port 53). With no upstream of a
+family, DNS to that family's virtual nameservers is dropped, never forwarded.
 
 \b
-Upstreams: the IPv4 nameserver lines of --resolv-conf, in order; when it
-names only systemd-resolved's stub (127.0.0.53/54), those of
---resolved-conf. Loopback addresses are never used.
+Firewall backends (--firewall, VIF_ROUTE_QUBES_FIREWALL; auto: nft when the
+nft command is installed, else iptables):
+  iptables  nat chain vrq-dnat-dns (from PREROUTING) and filter chain
+            vrq-dns-guard (from FORWARD), iptables and ip6tables
+  nft       chain dnat-dns in tables ip qubes and ip6 qubes (as Qubes), one
+            nft -f - transaction; no other chain or table is touched
+To move from one backend to the other: run with the new one, then with the
+old one and --remove.
+
+\b
+Upstreams: the nameserver lines of --resolv-conf, in order (loopback,
+link-local and other addresses that cannot be forwarded to are skipped).
+When it names only systemd-resolved's stub (127.0.0.53/54), resolved is
+asked over D-Bus (busctl) for its servers: the global ones when there are
+any, else the per-link ones; when resolved does not answer, --resolved-conf
+is read. DNS1 goes to the first upstream of its family, DNS2 to the second
+(both to the only one). A source that cannot be read is an error.
 
 \b
 Exit status:
-  0    the rules were changed (or --status / --dry-run with a change)
+  0    the rules were changed (--dry-run: would be changed;
+       --status: the rules in force are up to date)
   100  the rules were already right: nothing was changed
-  1    error (one line on stderr; nothing was changed)
+  3    --status only: the rules in force are out of date
+  1    error (one line on stderr; the rules in force are left as they are)
+  2    usage error (bad option or value)
 
 \b
 XenStore keys read (relative to this domain's home):
-  {XS_PRIMARY}    DNS1
-  {XS_SECONDARY}  DNS2
+  {XS_KEYS[4][0]}     DNS1
+  {XS_KEYS[4][1]}   DNS2
+  {XS_KEYS[6][0]}    DNS6-1 (IPv6)
+  {XS_KEYS[6][1]}  DNS6-2 (IPv6)
 
 \b
 Environment:
   XENSTORED_PATH              XenStore socket (default /var/run/xenstored/socket,
                               else /dev/xen/xenbus)
   VIF_ROUTE_QUBES_XS_TIMEOUT  seconds to wait for XenStore (default 10)
+  VIF_ROUTE_QUBES_FIREWALL    iptables, nft or auto (default auto)
   VIF_ROUTE_QUBES_LOCK        lock file shared with vif-route-qubes
                               (default STATE_DIR/lock)
   VIF_ROUTE_QUBES_STATE_DIR   default /run/vif-route-qubes
   VIF_ROUTE_QUBES_LOCK_TIMEOUT  seconds to wait for the lock (default 20)
-  VIF_ROUTE_QUBES_IPTABLES    nft or legacy: force an iptables backend
+  VIF_ROUTE_QUBES_IPTABLES    nft or legacy: force an iptables flavour
+  DBUS_SYSTEM_BUS_ADDRESS     the system bus busctl asks systemd-resolved on
   VIF_ROUTE_QUBES_DEBUG=1     debug logging on stderr (like -v)
   VIF_ROUTE_QUBES_SYSLOG      syslog socket (default /dev/log)
   VIF_ROUTE_QUBES_HOTPLUG_LOG log file (default /var/log/xen/xen-hotplug.log)
+
+\b
+Dry runs and --status log nothing to syslog or the hotplug log.
 """
 
 
@@ -421,32 +494,47 @@ def command():
     imports click)."""
     import click
 
+    from .firewall import CHOICES
+
     @click.command(PROG, help=HELP, context_settings={"help_option_names": ["-h", "--help"],
                                                       "max_content_width": 100})
-    @click.option("--dns1", metavar="ADDR", help=f"DNS1 (default: XenStore {XS_PRIMARY}).")
-    @click.option("--dns2", metavar="ADDR", help=f"DNS2 (default: XenStore {XS_SECONDARY}).")
+    @click.option("--dns1", metavar="ADDR", help=f"DNS1 (default: XenStore {XS_KEYS[4][0]}).")
+    @click.option("--dns2", metavar="ADDR", help=f"DNS2 (default: XenStore {XS_KEYS[4][1]}).")
+    @click.option("--dns6-1", "dns6_1", metavar="ADDR", help=f"DNS6-1, IPv6 (default: XenStore {XS_KEYS[6][0]}).")
+    @click.option("--dns6-2", "dns6_2", metavar="ADDR", help=f"DNS6-2, IPv6 (default: XenStore {XS_KEYS[6][1]}).")
     @click.option("--resolv-conf", default=RESOLV_CONF, show_default=True, metavar="PATH",
                   help="Where the upstream nameservers are listed.")
     @click.option("--resolved-conf", default=RESOLVED_CONF, show_default=True, metavar="PATH",
-                  help="systemd-resolved's list of real upstreams.")
+                  help="systemd-resolved's list of real upstreams, read when resolved does not answer on D-Bus.")
     @click.option("--qubes-ns", default=QUBES_NS, show_default=True, metavar="PATH",
-                  help="Old NS1=/NS2= file, read when XenStore has neither key.")
+                  help="Old NS1=/NS2= file, read when XenStore has neither IPv4 key.")
+    @click.option("--firewall", type=click.Choice(CHOICES), default=None,
+                  help="Firewall backend (default: VIF_ROUTE_QUBES_FIREWALL, else auto).")
+    @click.option("--remove", is_flag=True,
+                  help="Remove this backend's DNS rules (after moving to the other backend).")
     @click.option("-n", "--dry-run", is_flag=True,
                   help="Print the upstreams found and the payload that would be applied; change nothing.")
-    @click.option("--status", is_flag=True, help="Print DNS1/DNS2, the upstreams and the rules in force.")
+    @click.option("--status", is_flag=True,
+                  help="Print the virtual nameservers, the upstreams and the rules in force; "
+                       "exit 0 when up to date, 3 when not.")
     @click.option("-v", "--verbose", is_flag=True, help="Log every step to stderr.")
     @click.version_option(package_name="vif-route-qubes", message="%(prog)s %(version)s")
-    def cmd(dns1, dns2, resolv_conf, resolved_conf, qubes_ns, dry_run, status, verbose):
+    def cmd(dns1, dns2, dns6_1, dns6_2, resolv_conf, resolved_conf, qubes_ns, firewall, remove, dry_run, status,
+            verbose):
         if dry_run and status:
             raise click.UsageError("--dry-run and --status exclude each other")
-        for name, value in (("--dns1", dns1), ("--dns2", dns2)):
+        if remove and status:
+            raise click.UsageError("--remove and --status exclude each other")
+        for name, value, version in (("--dns1", dns1, 4), ("--dns2", dns2, 4),
+                                     ("--dns6-1", dns6_1, 6), ("--dns6-2", dns6_2, 6)):
             if value is not None:
                 try:
-                    _dns_address(value, name)
+                    _dns_address(value, name, version)
                 except Failure as exc:
                     raise click.BadParameter(str(exc)) from None
-        opts = Options(dns1=dns1, dns2=dns2, resolv_conf=resolv_conf, resolved_conf=resolved_conf,
-                       qubes_ns=qubes_ns, dry_run=dry_run, status=status, verbose=verbose)
+        opts = Options(dns1=dns1, dns2=dns2, dns6_1=dns6_1, dns6_2=dns6_2, resolv_conf=resolv_conf,
+                       resolved_conf=resolved_conf, qubes_ns=qubes_ns, dry_run=dry_run, status=status,
+                       verbose=verbose, firewall=firewall, remove=remove)
         if dry_run:
             click.echo(f"# {PROG} (dry run: nothing is changed)")
         sys.exit(run(opts, os.environ))
