@@ -801,6 +801,31 @@ def test_status(rig):
     assert res.returncode == 1 and "cannot read /nonexistent" in res.stdout
 
 
+def test_moving_to_the_other_backend_and_removing_the_old_one(rig):
+    other = "iptables" if rig.firewall == "nft" else "nft"
+    env = dict(rig.env, VIF_ROUTE_QUBES_FIREWALL=other)
+    assert rig.dnat(resolv=TWO).returncode == 0
+    # the documented order: the new backend first, then the old one removed
+    res = rig.dnat(resolv=TWO, env=env)
+    assert res.returncode == 0, res.stderr
+    res = rig.dnat("--remove", resolv=TWO)
+    assert res.returncode == 0, res.stderr
+    assert rig.translations() == []
+    if rig.firewall == "nft":
+        assert rig.nft_chain() is None and rig.nft_chain(6) is None
+        # the table stays (it may hold the hotplug script's sets and chains)
+        assert rig.netvm.exec(["nft", "list", "table", "ip", "qubes"], check=False).returncode == 0
+    else:
+        assert rig.ours() == [] and rig.ours(6) == []
+    assert rig.dnat("--remove", resolv=TWO).returncode == 100
+    assert set(rig.answers(*ALL).values()) == {"192.0.2.1", "192.0.2.2"}  # the new backend answers
+    # nothing left of the old one also means nothing leaks once the new one drops
+    assert rig.dnat(resolv="# none\n", env=env).returncode == 0
+    assert rig.answers(*ALL, timeout=1.0) == {t: "timeout" for t in ALL}
+    res = rig.dnat("--remove", resolv=TWO, env=env)
+    assert res.returncode == 0, res.stderr
+
+
 def test_networkmanager_hook_runs_the_real_command(rig):
     hook = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "etc", "NetworkManager", "dispatcher.d", "qubes-nmhook")
