@@ -826,6 +826,69 @@ def test_moving_to_the_other_backend_and_removing_the_old_one(rig):
     assert res.returncode == 0, res.stderr
 
 
+# A netvm where Qubes' antispoof layout (or the hotplug script's nft
+# backend) already lives in the same tables: sets of allowed (interface,
+# address) pairs and downstream addresses, a raw-priority prerouting chain.
+QUBES_STYLE = f"""
+table ip qubes {{
+    set downstream {{ type ipv4_addr; elements = {{ {GUEST4} }} }}
+    set allowed {{ type ifname . ipv4_addr; elements = {{ "vif12.0" . {GUEST4} }} }}
+    chain prerouting {{
+        type filter hook prerouting priority raw; policy accept;
+        iifgroup 2 goto antispoof
+        ip saddr @downstream counter drop
+    }}
+    chain antispoof {{
+        iifname . ip saddr @allowed accept
+        counter drop
+    }}
+}}
+table ip6 qubes {{
+    set downstream {{ type ipv6_addr; elements = {{ {GUEST6} }} }}
+    set allowed {{ type ifname . ipv6_addr; elements = {{ "vif12.0" . {GUEST6} }} }}
+    chain prerouting {{
+        type filter hook prerouting priority raw; policy accept;
+        iifgroup 2 goto antispoof
+        ip6 saddr @downstream counter drop
+    }}
+    chain antispoof {{
+        iifname . ip6 saddr @allowed accept
+        counter drop
+    }}
+}}
+"""
+
+
+def qubes_parts(rig):
+    """The pre-loaded sets (with elements) and chains, counters left out."""
+    import re
+
+    out = []
+    for fam in ("ip", "ip6"):
+        for kind, name in (("set", "downstream"), ("set", "allowed"), ("chain", "prerouting"),
+                           ("chain", "antispoof")):
+            text = rig.netvm.exec(["nft", "list", kind, fam, "qubes", name]).stdout
+            out.append(re.sub(r"counter packets \d+ bytes \d+", "counter", text))
+    return out
+
+
+def test_coexists_with_a_qubes_style_table(rig):
+    rig.netvm.exec(["nft", "-f", "-"], input=QUBES_STYLE)
+    before = qubes_parts(rig)
+    set_dns6(rig)
+    for resolv in (FOUR, TWO, V6_ONLY, "# none\n", FOUR):
+        res = rig.dnat(resolv=resolv)
+        assert res.returncode == 0, res.stderr
+        assert qubes_parts(rig) == before
+    # with the antispoof in force, the guest's own sources pass and DNS works in both families
+    assert rig.answers(f"{DNS1}/udp", f"{DNS6_2}/tcp") == {f"{DNS1}/udp": ANSWER[UP1],
+                                                           f"{DNS6_2}/tcp": ANSWER[UP6_2]}
+    res = rig.dnat("--remove")
+    assert res.returncode == 0, res.stderr
+    assert qubes_parts(rig) == before
+    assert rig.translations() == [] and rig.translations(6) == []
+
+
 def test_networkmanager_hook_runs_the_real_command(rig):
     hook = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                         "etc", "NetworkManager", "dispatcher.d", "qubes-nmhook")
