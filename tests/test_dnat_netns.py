@@ -729,7 +729,9 @@ def test_dry_run_changes_nothing_and_logs_nothing(rig):
         assert syslog.lines() == []
         assert (os.path.getsize(log) if os.path.exists(log) else 0) == size
         assert rig.dnat(resolv=TWO).returncode == 0
-        assert any("DNS1 10.139.1.1 -> 192.168.0.53" in l for l in syslog.lines())  # a real run does log
+        # a real run does log, to both
+        assert any("DNS1 10.139.1.1 -> 192.168.0.53" in l for l in syslog.lines())
+        assert "DNS1 10.139.1.1 -> 192.168.0.53" in open(log).read()[size:]
         res = rig.dnat("-n", resolv=TWO)
         assert res.returncode == 100 and "already right" in res.stdout
     finally:
