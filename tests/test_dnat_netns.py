@@ -514,8 +514,12 @@ class Resolved:
         return self.rig.netvm.exec(["resolvectl", *args], env=self.env).stdout
 
     def close(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)  # the group started above: resolved and its dbus-daemon
+        # the process group started above: resolved and its dbus-daemon,
+        # which outlives resolved if resolved failed
+        try:
+            os.killpg(self.proc.pid, 15)
+        except ProcessLookupError:
+            pass
         self.output = self.proc.communicate(timeout=10)[0]
 
     def __enter__(self):
