@@ -609,3 +609,18 @@ def test_boot_unit():
                  "Wants=network-online.target", "SuccessExitStatus=100",
                  "ExecStart=/opt/vif-route-qubes/bin/qubes-setup-dnat-to-ns", "WantedBy=multi-user.target"):
         assert line in lines
+
+
+def test_bad_backend_in_the_environment_is_one_line_and_exit_1(tmp_path):
+    import io
+
+    from vif_route_qubes.log import Log
+
+    err = io.StringIO()
+    env = {"VIF_ROUTE_QUBES_FIREWALL": "pf", "VIF_ROUTE_QUBES_SYSLOG": str(tmp_path / "log"),
+           "VIF_ROUTE_QUBES_HOTPLUG_LOG": str(tmp_path / "none" / "log")}
+    for o in (dnat.Options(dry_run=True), dnat.Options(status=True)):
+        log = Log(dnat.PROG, env, stderr=err, stderr_only=True)
+        assert dnat.run(o, env, out=io.StringIO(), log=log) == 1
+    assert err.getvalue().splitlines() == [
+        "qubes-setup-dnat-to-ns: VIF_ROUTE_QUBES_FIREWALL='pf': expected one of iptables, nft, auto"] * 2

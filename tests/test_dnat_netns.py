@@ -514,8 +514,12 @@ class Resolved:
         return self.rig.netvm.exec(["resolvectl", *args], env=self.env).stdout
 
     def close(self):
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)  # the group started above: resolved and its dbus-daemon
+        # the process group started above: resolved and its dbus-daemon,
+        # which outlives resolved if resolved failed
+        try:
+            os.killpg(self.proc.pid, 15)
+        except ProcessLookupError:
+            pass
         self.output = self.proc.communicate(timeout=10)[0]
 
     def __enter__(self):
@@ -729,7 +733,9 @@ def test_dry_run_changes_nothing_and_logs_nothing(rig):
         assert syslog.lines() == []
         assert (os.path.getsize(log) if os.path.exists(log) else 0) == size
         assert rig.dnat(resolv=TWO).returncode == 0
-        assert any("DNS1 10.139.1.1 -> 192.168.0.53" in l for l in syslog.lines())  # a real run does log
+        # a real run does log, to both
+        assert any("DNS1 10.139.1.1 -> 192.168.0.53" in l for l in syslog.lines())
+        assert "DNS1 10.139.1.1 -> 192.168.0.53" in open(log).read()[size:]
         res = rig.dnat("-n", resolv=TWO)
         assert res.returncode == 100 and "already right" in res.stdout
     finally:
@@ -799,6 +805,94 @@ def test_status(rig):
     # an unreadable source: it cannot tell (1), and says why
     res = rig.dnat("--status", "--resolv-conf", "/nonexistent")
     assert res.returncode == 1 and "cannot read /nonexistent" in res.stdout
+
+
+def test_moving_to_the_other_backend_and_removing_the_old_one(rig):
+    other = "iptables" if rig.firewall == "nft" else "nft"
+    env = dict(rig.env, VIF_ROUTE_QUBES_FIREWALL=other)
+    assert rig.dnat(resolv=TWO).returncode == 0
+    # the documented order: the new backend first, then the old one removed
+    res = rig.dnat(resolv=TWO, env=env)
+    assert res.returncode == 0, res.stderr
+    res = rig.dnat("--remove", resolv=TWO)
+    assert res.returncode == 0, res.stderr
+    assert rig.translations() == []
+    if rig.firewall == "nft":
+        assert rig.nft_chain() is None and rig.nft_chain(6) is None
+        # the table stays (it may hold the hotplug script's sets and chains)
+        assert rig.netvm.exec(["nft", "list", "table", "ip", "qubes"], check=False).returncode == 0
+    else:
+        assert rig.ours() == [] and rig.ours(6) == []
+    assert rig.dnat("--remove", resolv=TWO).returncode == 100
+    assert set(rig.answers(*ALL).values()) == {"192.0.2.1", "192.0.2.2"}  # the new backend answers
+    # nothing left of the old one also means nothing leaks once the new one drops
+    assert rig.dnat(resolv="# none\n", env=env).returncode == 0
+    assert rig.answers(*ALL, timeout=1.0) == {t: "timeout" for t in ALL}
+    res = rig.dnat("--remove", resolv=TWO, env=env)
+    assert res.returncode == 0, res.stderr
+
+
+# A netvm where Qubes' antispoof layout (or the hotplug script's nft
+# backend) already lives in the same tables: sets of allowed (interface,
+# address) pairs and downstream addresses, a raw-priority prerouting chain.
+QUBES_STYLE = f"""
+table ip qubes {{
+    set downstream {{ type ipv4_addr; elements = {{ {GUEST4} }} }}
+    set allowed {{ type ifname . ipv4_addr; elements = {{ "vif12.0" . {GUEST4} }} }}
+    chain prerouting {{
+        type filter hook prerouting priority raw; policy accept;
+        iifgroup 2 goto antispoof
+        ip saddr @downstream counter drop
+    }}
+    chain antispoof {{
+        iifname . ip saddr @allowed accept
+        counter drop
+    }}
+}}
+table ip6 qubes {{
+    set downstream {{ type ipv6_addr; elements = {{ {GUEST6} }} }}
+    set allowed {{ type ifname . ipv6_addr; elements = {{ "vif12.0" . {GUEST6} }} }}
+    chain prerouting {{
+        type filter hook prerouting priority raw; policy accept;
+        iifgroup 2 goto antispoof
+        ip6 saddr @downstream counter drop
+    }}
+    chain antispoof {{
+        iifname . ip6 saddr @allowed accept
+        counter drop
+    }}
+}}
+"""
+
+
+def qubes_parts(rig):
+    """The pre-loaded sets (with elements) and chains, counters left out."""
+    import re
+
+    out = []
+    for fam in ("ip", "ip6"):
+        for kind, name in (("set", "downstream"), ("set", "allowed"), ("chain", "prerouting"),
+                           ("chain", "antispoof")):
+            text = rig.netvm.exec(["nft", "list", kind, fam, "qubes", name]).stdout
+            out.append(re.sub(r"counter packets \d+ bytes \d+", "counter", text))
+    return out
+
+
+def test_coexists_with_a_qubes_style_table(rig):
+    rig.netvm.exec(["nft", "-f", "-"], input=QUBES_STYLE)
+    before = qubes_parts(rig)
+    set_dns6(rig)
+    for resolv in (FOUR, TWO, V6_ONLY, "# none\n", FOUR):
+        res = rig.dnat(resolv=resolv)
+        assert res.returncode == 0, res.stderr
+        assert qubes_parts(rig) == before
+    # with the antispoof in force, the guest's own sources pass and DNS works in both families
+    assert rig.answers(f"{DNS1}/udp", f"{DNS6_2}/tcp") == {f"{DNS1}/udp": ANSWER[UP1],
+                                                           f"{DNS6_2}/tcp": ANSWER[UP6_2]}
+    res = rig.dnat("--remove")
+    assert res.returncode == 0, res.stderr
+    assert qubes_parts(rig) == before
+    assert rig.translations() == [] and rig.translations(6) == []
 
 
 def test_networkmanager_hook_runs_the_real_command(rig):

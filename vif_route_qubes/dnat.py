@@ -65,7 +65,6 @@ class Options:
                  resolved_conf=RESOLVED_CONF, qubes_ns=QUBES_NS, dry_run=False, status=False, verbose=False,
                  firewall=None, remove=False):
         self.given = {4: [dns1, dns2], 6: [dns6_1, dns6_2]}
-        self.dns1, self.dns2 = dns1, dns2
         self.resolv_conf, self.resolved_conf, self.qubes_ns = resolv_conf, resolved_conf, qubes_ns
         self.dry_run, self.status, self.verbose = dry_run, status, verbose
         self.firewall, self.remove = firewall, remove
@@ -282,10 +281,11 @@ def problems(the_plan, upstreams):
         if the_plan[v] and not any(u.version == v for u in upstreams):
             names = "/".join(_label(v, i) for i in range(len(the_plan[v])))
             if any(u.version == other for u in upstreams):
+                others = "/".join(_label(other, i) for i in range(len(the_plan[other])))
                 out.append(f"guests have no IPv{v} DNS path: {names} are IPv{v} but every upstream nameserver is "
                            f"IPv{other}; their queries are dropped"
-                           + (f" (give guests the IPv{other} virtual nameservers)" if the_plan[other] else
-                              f" (configure {' / '.join(XS_KEYS[other])})"))
+                           + (f" (only guests using {others} get answers)" if the_plan[other] else
+                              f" (set {' / '.join(XS_KEYS[other])} to give guests IPv{other} ones)"))
             else:
                 out.append(f"no upstream nameserver: queries to {names} are dropped")
     return out
@@ -438,8 +438,9 @@ Firewall backends (--firewall, VIF_ROUTE_QUBES_FIREWALL; auto: nft when the
 nft command is installed, else iptables):
   iptables  nat chain vrq-dnat-dns (from PREROUTING) and filter chain
             vrq-dns-guard (from FORWARD), iptables and ip6tables
-  nft       chain dnat-dns in tables ip qubes and ip6 qubes (as Qubes), one
-            nft -f - transaction; no other chain or table is touched
+  nft       chains dnat-dns (nat, as Qubes) and dnat-dns-guard (filter) in
+            tables ip qubes and ip6 qubes, one nft -f - transaction; no
+            other chain is touched, no table flushed or deleted
 To move from one backend to the other: run with the new one, then with the
 old one and --remove.
 
