@@ -471,8 +471,8 @@ def _resolved_binary():
     for path in ("/lib/systemd/systemd-resolved", "/usr/lib/systemd/systemd-resolved"):
         if os.access(path, os.X_OK):
             return path
-    pytest.fail("systemd-resolved is not installed (package systemd-resolved; do not install it in CI: "
-                "see .ci/run), so the real-resolved tests cannot run")
+    pytest.fail("systemd-resolved is not installed (tests/install-packages installs it, keeping the host's "
+                "/etc/resolv.conf), so the real-resolved tests cannot run")
 
 
 class Resolved:

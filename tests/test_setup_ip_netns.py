@@ -524,6 +524,14 @@ RESOLVED = next((p for p in ("/lib/systemd/systemd-resolved", "/usr/lib/systemd/
                  if os.access(p, os.X_OK)), None)
 HAVE_RESOLVED = bool(RESOLVED and shutil.which("dbus-daemon") and shutil.which("resolvectl"))
 
+
+@pytest.fixture
+def have_resolved():
+    """The real daemon or a failure that says what is missing: never a skip
+    (tests/install-packages installs it, keeping the host's resolv.conf)."""
+    if not HAVE_RESOLVED:
+        pytest.fail("systemd-resolved, dbus-daemon or resolvectl is not installed (tests/install-packages installs them)")
+
 BUS_CONF = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
  "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
 <busconfig>
@@ -693,8 +701,7 @@ def test_resolved_hand_off_with_a_stand_in(xenstored, env, link, tmp_path):
     assert not calls.exists()
 
 
-@pytest.mark.skipif(not HAVE_RESOLVED, reason="systemd-resolved, dbus-daemon or resolvectl not installed")
-def test_real_resolved_gets_the_servers_and_the_stub_reaches_dns1(xenstored, env, link, tmp_path):
+def test_real_resolved_gets_the_servers_and_the_stub_reaches_dns1(have_resolved, xenstored, env, link, tmp_path):
     """With resolved running, qubes-setup-ip hands DNS1/DNS2 to it for eth0
     (resolvectl dns), and leaves a resolv.conf that points at resolved's
     stub alone; a query through the stub 127.0.0.53 then arrives at DNS1
@@ -731,8 +738,7 @@ def test_real_resolved_gets_the_servers_and_the_stub_reaches_dns1(xenstored, env
     assert DNS1 not in after
 
 
-@pytest.mark.skipif(not HAVE_RESOLVED, reason="systemd-resolved, dbus-daemon or resolvectl not installed")
-def test_real_resolved_with_a_plain_resolv_conf_and_the_dns_switch(xenstored, env, link, tmp_path):
+def test_real_resolved_with_a_plain_resolv_conf_and_the_dns_switch(have_resolved, xenstored, env, link, tmp_path):
     """A plain resolv.conf is still written when resolved runs (a guest
     that does not use the stub); disable-dns-server leaves both alone."""
     put(xenstored, **GOOD, qubes_ip6=GUEST_IP6, qubes_gateway6=GATEWAY6,
@@ -792,10 +798,10 @@ def test_unit_orders_and_runs_add_and_remove():
     assert "qubes-setup-ip = vif_route_qubes.setup_ip:main" in open(os.path.join(ROOT, "setup.cfg")).read()
 
 
-@pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze not installed")
 def test_unit_passes_systemd_analyze_verify(tmp_path):
     """The unit as shipped, with ExecStart/ExecStop pointing at this
     checkout's console script (verify checks the program exists)."""
+    assert shutil.which("systemd-analyze"), "systemd-analyze is not installed (package systemd)"
     text = open(UNIT).read().replace("/opt/vif-route-qubes/bin/qubes-setup-ip", SCRIPT)
     (tmp_path / "qubes-setup-ip@.service").write_text(text)
     res = subprocess.run(["systemd-analyze", "verify", "--man=no", str(tmp_path / "qubes-setup-ip@eth0.service")],
