@@ -235,6 +235,8 @@ def online(ctx) -> int:
         if was is not None:  # guarded by the other backend until now: move over
             ctx.log.info(f"{target}: moved from the {was.name} to the {ctx.fw.name} firewall backend")
             was.remove(previous.name)
+            if was.moved_away():
+                ctx.log.warning(was.moved_away())
         purges = _conntrack_calls(ctx, vif.addresses)
         if purges:
             s.run_all(purges)

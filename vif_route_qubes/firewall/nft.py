@@ -326,6 +326,14 @@ class Backend:
                 s.log.warning(f"could not remove the nft elements of {name}: {exc}")
             return []
 
+    def moved_away(self):
+        """What to tell when a vif leaves this backend for iptables: the
+        tables stay (they may be Qubes'), and so does their default deny."""
+        return ("the nft tables ip/ip6 qubes stay, and their default deny drops everything from "
+                "interface group 2 that is not in their sets: once no vif uses the nft backend, delete "
+                "them (nft delete table ip qubes; nft delete table ip6 qubes), unless "
+                "qubes-antispoof.service loads them (then stay with nft)")
+
     def addresses(self, name):
         try:
             return tuple(ip_address(a) for a in self.ruleset().allowed(name))
