@@ -736,7 +736,7 @@ def plot(results, path):
     ax1.axhline(0.9, color="grey", lw=0.8, ls=":")
     ax1.set_xlabel("vifs online (test vif configured last)")
     ax1.set_ylabel("packets per sender CPU second, relative to 1 vif")
-    ax1.set_ylim(0, max([1.15] + [line.get_ydata().max() + 0.05 for line in ax1.get_lines()]))
+    ax1.set_ylim(0, max([1.15] + [float(max(line.get_ydata())) + 0.05 for line in ax1.get_lines()]))
     ax1.set_title("Forwarding rate (small UDP, saturation)")
     ax1.legend(fontsize=8)
     colors = {"nft backend": "tab:blue", "iptables-nft": "tab:red", "iptables-legacy": "tab:orange"}
@@ -821,7 +821,12 @@ def main():
     ap.add_argument("--fwd-sizes", default=None,
                     help="vif counts for the forwarding rate (default 1,250,1000; --quick 1,50,200)")
     ap.add_argument("--plot", default=os.path.join(HERE, "firewall.png"), help="where to write the plot")
+    ap.add_argument("--plot-from", metavar="JSON", help="only draw the plot from an earlier run's --json file")
     opts = ap.parse_args()
+    if opts.plot_from:
+        with open(opts.plot_from) as f:
+            plot(json.load(f), opts.plot)
+        return
     if os.geteuid() != 0:
         raise SystemExit("run as root: network namespaces and iptables")
 
@@ -893,8 +898,14 @@ def main():
     results["verdicts"] = verdicts(results)
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     results["machine"]["loadavg_at_end"] = os.getloadavg()[0]
+    if opts.json:  # before the plot: a plotting problem must not lose the numbers
+        with open(opts.json, "w") as f:
+            json.dump(results, f, indent=1)
     say("\n== plot")
-    results["plot"] = plot(results, opts.plot)
+    try:
+        results["plot"] = plot(results, opts.plot)
+    except Exception as exc:  # noqa: BLE001 - the numbers above stand without it
+        say(f"  no plot: {type(exc).__name__}: {exc} (redraw with --plot-from)")
     say("\n== targets")
     for name, v in results["verdicts"].items():
         say(f"  {'MET ' if v['met'] else 'MISS'}  {name:45s} {v['value']}")
