@@ -24,26 +24,33 @@ NFT = pytest.mark.parametrize("world", ["nft"], indirect=True)
 
 
 def test_fresh_vif_payload_golden():
-    # no record: one transaction whose first line fails if we hold
-    # elements for this name already (then the kernel is read)
-    assert N.transaction("vif3.0", (A("10.137.0.12"), A("fd09:24ef:4179::a89:c")), guard="create") == (
+    # no record: one transaction whose creates fail if we hold elements
+    # for this name already, or another vif has the address (then the
+    # kernel is read)
+    ad = (A("10.137.0.12"), A("fd09:24ef:4179::a89:c"))
+    assert N.transaction("vif3.0", ad, guard="create", fresh=ad) == (
         'create element ip qubes vrq-guarded { "vif3.0" }\n'
+        'create element ip qubes downstream { 10.137.0.12 }\n'
+        'create element ip6 qubes downstream { fd09:24ef:4179::a89:c }\n'
         'add element ip qubes allowed { "vif3.0" . 10.137.0.12 }\n'
-        'add element ip qubes downstream { 10.137.0.12 }\n'
         'add element ip6 qubes allowed { "vif3.0" . fd09:24ef:4179::a89:c }\n'
-        'add element ip6 qubes downstream { fd09:24ef:4179::a89:c }\n'
         'add element ip6 qubes vrq-nd { "vif3.0" }\n'
     )
 
 
 def test_replacing_elements_payload_golden():
     # previous 10.137.0.12 + an IPv6 address, now 10.137.0.12 + .13: the
-    # kept address is neither removed nor re-added twice; removals are
+    # kept address stays; the dropped one must not be shared with another
+    # vif (create + delete in vrq-shared fails if it is); removals are
     # add + delete so an element already gone cannot fail the transaction
     text = N.transaction("vif3.0", (A("10.137.0.12"), A("10.137.0.13")),
-                         (A("10.137.0.12"), A("fd09:24ef:4179::a89:c")), drop_nd=True)
+                         (A("10.137.0.12"), A("fd09:24ef:4179::a89:c")), drop_nd=True,
+                         fresh=[A("10.137.0.13")], unshared=[A("fd09:24ef:4179::a89:c")])
     assert text == (
         'add element ip qubes vrq-guarded { "vif3.0" }\n'
+        'create element ip qubes downstream { 10.137.0.13 }\n'
+        'create element ip6 qubes vrq-shared { fd09:24ef:4179::a89:c }\n'
+        'delete element ip6 qubes vrq-shared { fd09:24ef:4179::a89:c }\n'
         'add element ip6 qubes allowed { "vif3.0" . fd09:24ef:4179::a89:c }\n'
         'add element ip6 qubes downstream { fd09:24ef:4179::a89:c }\n'
         'add element ip6 qubes vrq-nd { "vif3.0" }\n'
@@ -51,14 +58,17 @@ def test_replacing_elements_payload_golden():
         'delete element ip6 qubes downstream { fd09:24ef:4179::a89:c }\n'
         'delete element ip6 qubes vrq-nd { "vif3.0" }\n'
         'add element ip qubes allowed { "vif3.0" . 10.137.0.12, "vif3.0" . 10.137.0.13 }\n'
-        'add element ip qubes downstream { 10.137.0.12, 10.137.0.13 }\n'
+        'add element ip qubes downstream { 10.137.0.12 }\n'
     )
 
 
 def test_removal_payload_golden():
-    assert N.transaction("vif3.0", (), (A("10.137.0.12"),), drop_nd=True, guard="drop") == (
+    assert N.transaction("vif3.0", (), (A("10.137.0.12"),), drop_nd=True, guard="drop",
+                         unshared=[A("10.137.0.12")]) == (
         'add element ip qubes vrq-guarded { "vif3.0" }\n'
         'delete element ip qubes vrq-guarded { "vif3.0" }\n'
+        'create element ip qubes vrq-shared { 10.137.0.12 }\n'
+        'delete element ip qubes vrq-shared { 10.137.0.12 }\n'
         'add element ip qubes allowed { "vif3.0" . 10.137.0.12 }\n'
         'add element ip qubes downstream { 10.137.0.12 }\n'
         'add element ip6 qubes vrq-nd { "vif3.0" }\n'
@@ -68,6 +78,17 @@ def test_removal_payload_golden():
     )
 
 
+def test_a_shared_address_keeps_its_downstream_element():
+    # the kernel read says vif9.0 has the address too: removing vif3.0's
+    # keeps downstream (vif9.0 still needs it) and the shared mark (two
+    # holders before, one after: the mark goes)
+    text = N.transaction("vif3.0", (), (A("10.137.0.12"),), drop_nd=True, guard="drop",
+                         keep_downstream=[A("10.137.0.12")], unshare=[A("10.137.0.12")])
+    assert "delete element ip qubes downstream" not in text
+    assert 'delete element ip qubes allowed { "vif3.0" . 10.137.0.12 }' in text
+    assert "delete element ip qubes vrq-shared { 10.137.0.12 }" in text
+
+
 def test_vif_without_addresses_gets_only_its_marker():
     # default deny does the rest: nothing of it is in allowed
     assert N.transaction("vif3.0", (), guard="create") == 'create element ip qubes vrq-guarded { "vif3.0" }\n'
@@ -75,11 +96,12 @@ def test_vif_without_addresses_gets_only_its_marker():
 
 def test_skeleton_on_an_empty_kernel_golden():
     text = N.transaction("vif3.0", (A("10.137.0.12"),), ruleset=N.Ruleset())
-    assert text.splitlines()[:9] == [
+    assert text.splitlines()[:10] == [
         "add table ip qubes",
         "add set ip qubes downstream { type ipv4_addr; }",
         "add set ip qubes allowed { type ifname . ipv4_addr; }",
         "add set ip qubes vrq-guarded { type ifname; }",
+        "add set ip qubes vrq-shared { type ipv4_addr; }",
         "add chain ip qubes antispoof",
         "add rule ip qubes antispoof iifname . ip saddr @allowed accept",
         "add rule ip qubes antispoof counter drop",
@@ -115,10 +137,12 @@ def test_a_qubes_table_is_reused_as_it_is():
     assert have.allowed("vif9.0") == ["10.137.0.99"] and have.owners() == {"vif9.0"}
     assert have.raw_chains == {("ip", "vrq-in-vif9.0")}
     text = N.transaction("vif3.0", (A("10.137.0.12"),), ruleset=have)
-    # only our two marker sets are added: no table, chain or rule of Qubes'
-    # is created again, flushed or redefined
-    assert text.splitlines()[:2] == ["add set ip qubes vrq-guarded { type ifname; }",
-                                     "add set ip6 qubes vrq-nd { type ifname; }"]
+    # only sets of ours are added: no table, chain or rule of Qubes' is
+    # created again, flushed or redefined
+    assert text.splitlines()[:4] == ["add set ip qubes vrq-guarded { type ifname; }",
+                                     "add set ip qubes vrq-shared { type ipv4_addr; }",
+                                     "add set ip6 qubes vrq-nd { type ifname; }",
+                                     "add set ip6 qubes vrq-shared { type ipv6_addr; }"]
     assert not any(w in text for w in ("add table", "add chain", "add rule", "flush", "delete table"))
 
 
@@ -258,7 +282,8 @@ def test_coexistence_with_a_qubes_loaded_table(world):
     during = qubes_tables(world)
     # Qubes' chains are untouched; our two sets are the only additions
     added = [line for line in during if line not in before]
-    assert all("vrq-" in line or line.strip() in ("type ifname", "}", "") for line in added), added
+    assert all("vrq-" in line or line.strip() in ("type ifname", "type ipv4_addr", "type ipv6_addr", "}", "")
+               for line in added), added
     for chain in ("prerouting", "antispoof"):
         for fam in ("ip", "ip6"):
             listing = world.netvm.exec(["nft", "-s", "list", "chain", fam, "qubes", chain]).stdout
@@ -386,3 +411,28 @@ def test_dry_run_and_log_name_the_backend_and_why(world, how):
     assert "$ iptables-restore" in res.stdout and "nft -f" not in res.stdout
     bad = world.netvm.exec([SCRIPT, "online", "-n", "--firewall=pf"], check=False, env=env)
     assert bad.returncode == 2 and "--firewall" in bad.stderr
+
+
+@BOTH
+def test_an_address_two_vifs_have_stays_guarded_until_the_last_goes(world):
+    """A dying domain's vif and a new one with the same address (the newer
+    route wins by metric): offline of the old one must not unguard the
+    address for the new one."""
+    old = world.add_guest(3, ["10.137.0.12"])
+    new = world.add_guest(4, ["10.137.0.12"])
+    online(world, old)
+    online(world, new)
+    assert world.hotplug(old, "offline").returncode == 0
+    new.configure()
+    assert reaches(world, new, "10.137.0.12", world.UPLINK_UPSTREAM, "new", world.upstream)
+    # the address arriving from the uplink is still dropped
+    world.upstream.ip("addr", "add", "10.137.0.12/32", "dev", "eth0")
+    world.upstream.ip("addr", "add", "10.137.0.77/32", "dev", "eth0")
+    with UdpSink(world.netvm, world.UPLINK_NETVM, PORT) as sink:
+        udp_send(world.upstream, world.UPLINK_NETVM, PORT, "forged", src="10.137.0.12")
+        udp_send(world.upstream, world.UPLINK_NETVM, PORT, "control", src="10.137.0.77")
+        assert sink.got("control"), "the control packet should arrive"
+        assert not any(d == "forged" for _, d in sink.collect(0.3))
+    assert world.hotplug(new, "offline").returncode == 0
+    snap = world.snapshot()
+    assert snap["nft-elements"] == "" and "vrq" not in snap["iptables-save"] + snap["ip6tables-save"]
