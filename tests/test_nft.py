@@ -290,6 +290,9 @@ def test_coexistence_with_a_qubes_loaded_table(world):
             assert "vrq" not in listing and listing.count("\n") < 10
     elements = world.snapshot()["nft-elements"]
     assert '["vif3.0", "10.137.0.12"]' in elements and '["vif9.0", "10.137.0.99"]' in elements
+    # status finds Qubes' own rules as good as ours
+    res = status(world, g, "vif3.0")
+    assert res.returncode == 0, res.stdout
     # packets: own source passes, forged is dropped, by Qubes' own rules
     g.configure()
     assert reaches(world, g, "10.137.0.12", world.UPLINK_UPSTREAM, "own", world.upstream)
@@ -436,3 +439,20 @@ def test_an_address_two_vifs_have_stays_guarded_until_the_last_goes(world):
     assert world.hotplug(new, "offline").returncode == 0
     snap = world.snapshot()
     assert snap["nft-elements"] == "" and "vrq" not in snap["iptables-save"] + snap["ip6tables-save"]
+
+
+@NFT
+def test_status_sees_a_flushed_antispoof_chain(world):
+    """The elements guard nothing without the rules that look them up: a
+    flushed chain (everything passes) is not ok."""
+    g = world.add_guest(3, ["10.137.0.12"])
+    online(world, g)
+    found = rows(status(world, g).stdout)
+    assert ("ok", "nft", "rule ip qubes antispoof: ends in drop (default deny)") in found
+    assert ("ok", "nft", "rule ip6 qubes prerouting: iifgroup 2 goto antispoof") in found
+    world.netvm.exec(["nft", "flush", "chain", "ip", "qubes", "antispoof"])
+    res = status(world, g)
+    assert res.returncode == 1
+    found = rows(res.stdout)
+    assert ("missing", "nft", "rule ip qubes antispoof: ends in drop (default deny)") in found
+    assert ("missing", "nft", "rule ip qubes antispoof: iifname . ip saddr @allowed accept") in found

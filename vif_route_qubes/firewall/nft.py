@@ -101,15 +101,17 @@ class Ruleset:
     """The parts of ``nft -j list ruleset`` that concern us: which of the
     qubes tables, sets and chains exist, and the sets' elements."""
 
-    def __init__(self, tables=(), sets=None, chains=(), raw_chains=()):
+    def __init__(self, tables=(), sets=None, chains=(), raw_chains=(), rules=None, hooks=None):
         self.tables = set(tables)  # {"ip", "ip6"}
         self.sets = dict(sets or {})  # {(family, set): [element, ...]}
         self.chains = set(chains)  # {(family, chain)}
         self.raw_chains = set(raw_chains)  # iptables-nft chains named vrq-*: {(family, chain)}
+        self.rules = dict(rules or {})  # {(family, chain): [[expr, ...], ...]} in order
+        self.hooks = dict(hooks or {})  # {(family, chain): (hook, priority)}
 
     @classmethod
     def parse(cls, text):
-        tables, sets, chains, raw = set(), {}, set(), set()
+        tables, sets, chains, raw, rules, hooks = set(), {}, set(), set(), {}, {}
         try:
             items = json.loads(text or "{}").get("nftables", [])
         except ValueError:
@@ -129,7 +131,32 @@ class Ruleset:
                 sets[(obj["family"], obj["name"])] = [_element(e) for e in obj.get("elem", [])]
             elif kind == "chain":
                 chains.add((obj["family"], obj["name"]))
-        return cls(tables, sets, chains, raw)
+                if obj.get("hook"):
+                    hooks[(obj["family"], obj["name"])] = (obj["hook"], obj.get("prio"))
+            elif kind == "rule":
+                rules.setdefault((obj["family"], obj.get("chain")), []).append(obj.get("expr") or [])
+        return cls(tables, sets, chains, raw, rules, hooks)
+
+    def policy_checks(self, version):
+        """[(ok, description)]: the element-independent rules the sets
+        depend on, as they are (ours or Qubes'): without them the elements
+        guard nothing."""
+        fam = FAMILIES[version]
+        pre = self.rules.get((fam, "prerouting"), [])
+        anti = self.rules.get((fam, "antispoof"), [])
+        hook = self.hooks.get((fam, "prerouting"), (None, None))
+        return [
+            (hook[0] == "prerouting" and isinstance(hook[1], int) and hook[1] <= -300,
+             f"{fam} {TABLE} prerouting: hook prerouting, priority raw or earlier"),
+            (any(_matches(r, "iifgroup", VIF_GROUP) and _verdict(r) in ("goto antispoof", "jump antispoof")
+                 for r in pre), f"{fam} {TABLE} prerouting: iifgroup {VIF_GROUP} goto antispoof"),
+            (any(_matches(r, None, "@downstream") and _verdict(r) == "drop" for r in pre),
+             f"{fam} {TABLE} prerouting: {_saddr(version)} @downstream drop"),
+            (any(_matches(r, None, "@allowed") and _verdict(r) == "accept" for r in anti),
+             f"{fam} {TABLE} antispoof: iifname . {_saddr(version)} @allowed accept"),
+            (bool(anti) and _verdict(anti[-1]) == "drop" and not any("match" in e for e in anti[-1]),
+             f"{fam} {TABLE} antispoof: ends in drop (default deny)"),
+        ]
 
     def holders(self, addr, but=()):
         """Interfaces other than ``but`` whose ``allowed`` elements hold ``addr``."""
@@ -153,6 +180,34 @@ class Ruleset:
         names |= {e for e in self.sets.get(("ip6", ND_SET), []) if isinstance(e, str)}
         names |= {e for e in self.sets.get(("ip", GUARDED), []) if isinstance(e, str)}
         return names
+
+
+def _matches(rule, meta_key, right):
+    """A rule has a ``==`` match on ``meta_key`` (any left side if None)
+    against ``right``."""
+    for e in rule:
+        m = e.get("match") if isinstance(e, dict) else None
+        if not m or m.get("op") not in ("==", "in"):
+            continue
+        left = m.get("left") or {}
+        if meta_key is not None and (left.get("meta") or {}).get("key") != meta_key:
+            continue
+        if str(m.get("right")) == str(right):
+            return True
+    return False
+
+
+def _verdict(rule):
+    for e in rule:
+        if not isinstance(e, dict):
+            continue
+        for v in ("accept", "drop"):
+            if v in e:
+                return v
+        for v in ("goto", "jump"):
+            if v in e:
+                return f"{v} {e[v].get('target')}"
+    return None
 
 
 def _same(text, addr):
@@ -453,6 +508,8 @@ class Backend:
                 for c in ("prerouting", "antispoof"):
                     ok = (fam, c) in have.chains
                     out.append(("ok" if ok else "missing", f"nft chain {fam} {TABLE} {c}", ""))
+                for ok, what in have.policy_checks(version):
+                    out.append(("ok" if ok else "missing", f"nft rule {what}", ""))
         want = expected(vif) if vif is not None else []
         mine = []
         for (fam, s), elems in sorted(have.sets.items()):
