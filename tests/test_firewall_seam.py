@@ -121,3 +121,21 @@ def test_check_verdicts(world):
     # nothing expected: everything of ours is unexpected
     verdicts = drive(world, op="check", vif=None)["check"]
     assert verdicts and {v for v, _, _ in verdicts} == {"unexpected"}
+
+
+@BOTH
+def test_a_bad_setting_refuses_online_cleanly_and_never_stops_offline(world):
+    g = world.add_guest(3, OLD)
+    before = world.snapshot()
+    bad = g.env(VIF_ROUTE_QUBES_FIREWALL="pf")
+    res = world.hotplug(g, "online", env=bad)
+    assert res.returncode == 1
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "VIF_ROUTE_QUBES_FIREWALL='pf'" in lines[0], res.stderr
+    assert world.snapshot() == before
+    assert world.hotplug(g, "online").returncode == 0
+    res = world.hotplug(g, "offline", env=bad)
+    assert res.returncode == 0, res.stderr
+    after = world.snapshot()
+    for key in ("iptables-save", "ip6tables-save", "nft-elements", "routes", "records"):
+        assert after[key] == before[key], key

@@ -14,6 +14,7 @@ import sys
 from . import plan as P
 from . import state, validate
 from .errors import Failure
+from .firewall import ENV as FIREWALL_ENV
 from .firewall import backend_for, recorded_backend
 from .lock import DEFAULT_TIMEOUT as DEFAULT_LOCK_TIMEOUT
 from .lock import HostLock, state_dir
@@ -62,7 +63,15 @@ class Context:
         self.sys = System(dry_run=dry_run, out=out, log=self.log, env=self.env)
         # the one firewall decision of this run (``--firewall`` wins over
         # VIF_ROUTE_QUBES_FIREWALL); every firewall change goes through it
-        self.fw = backend_for(self.sys, self.env, firewall)
+        try:
+            self.fw = backend_for(self.sys, self.env, firewall)
+        except Failure as exc:
+            if command not in ("offline", "remove"):
+                raise
+            # a bad setting must not stop a cleanup: the default choice, and
+            # the backend each vif's record names, still remove what is there
+            self.log.warning(f"{exc}; cleaning up with the default firewall choice")
+            self.fw = backend_for(self.sys, {k: v for k, v in self.env.items() if k != FIREWALL_ENV})
         self.state_dir = state_dir(self.env)
         self.hooks_dir = self.env.get("VIF_ROUTE_QUBES_HOOKS_DIR") or DEFAULT_HOOKS
         self._xs = None
