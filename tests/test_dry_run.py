@@ -15,8 +15,20 @@ import pytest
 from vif_route_qubes.testing.netns import _script
 
 SCRIPT = _script("vif-route-qubes")
-READS = ("ip -j ", "iptables-save", "ip6tables-save")
-SHIMMED = ("ip", "iptables-restore", "ip6tables-restore", "conntrack", "iptables-save", "ip6tables-save")
+READS = ("ip -j ", "iptables-save", "ip6tables-save", "nft -j list", "nft list")
+SHIMMED = ("ip", "iptables-restore", "ip6tables-restore", "conntrack", "iptables-save", "ip6tables-save", "nft")
+BOTH = pytest.mark.parametrize("world", ["iptables", "nft"], indirect=True)
+FIREWALL_CMD = {"iptables": "iptables-restore", "nft": "nft"}
+
+
+def tables_made(world):
+    """nft: the tables exist (made once per host, by the first online, which
+    reads the kernel for it): the steady state, where a run is exactly the
+    one transaction its dry run prints."""
+    if world.firewall == "nft":
+        other = world.add_guest(9, ["10.137.0.19"])
+        assert world.hotplug(other, "online").returncode == 0
+        assert world.hotplug(other, "offline").returncode == 0
 
 
 def cli(world, guest, *args, env=None, path=None):
@@ -119,8 +131,10 @@ def with_conntrack_entries(world):
     assert int(count) > 0, "the netvm should track at least one connection"
 
 
+@BOTH
 @pytest.mark.parametrize("command", ["online", "offline"])
 def test_dry_run_changes_nothing(world, command):
+    tables_made(world)
     g = world.add_guest(3, ["10.137.0.12", "fd09:24ef:4179::a89:e"])
     os.makedirs(os.path.dirname(world.env["VIF_ROUTE_QUBES_HOTPLUG_LOG"]))
     if command == "offline":
@@ -132,7 +146,8 @@ def test_dry_run_changes_nothing(world, command):
     res = cli(world, g, command, "--dry-run", "type_if=vif")
     assert res.returncode == 0, res.stderr
     assert res.stdout.startswith(f"# vif-route-qubes {command} (dry run: nothing is changed)\n")
-    assert "$ iptables-restore" in res.stdout and "$ ip" in res.stdout
+    assert f"$ {FIREWALL_CMD[world.firewall]}" in res.stdout and "$ ip" in res.stdout
+    assert f"# firewall: {world.firewall} backend (VIF_ROUTE_QUBES_FIREWALL={world.firewall})" in res.stdout
     assert world.snapshot() == before
     assert world.xs.read(f"/local/domain/0/{g.xenbus_path}/hotplug-status") is None
     # not even the logs: a dry run leaves no trace
@@ -140,9 +155,11 @@ def test_dry_run_changes_nothing(world, command):
     assert log_after == log_before
 
 
+@BOTH
 @pytest.mark.parametrize("command", ["online", "offline"])
 def test_dry_run_text_is_what_the_real_run_applies(world, shims, command):
     bindir, recorded = shims
+    tables_made(world)
     with_conntrack_entries(world)
     g = world.add_guest(3, ["10.137.0.12", "fd09:24ef:4179::a89:e"])
     world.xs.write("/local/domain/0/qubes_netvm_gateway6", "fd09:24ef:4179::1")
@@ -165,7 +182,7 @@ def test_dry_run_text_is_what_the_real_run_applies(world, shims, command):
     kinds = [k if k != "run" else what.split()[0] for k, what, _ in planned]
     if command == "online":
         # firewall before conntrack before the link, XenStore last
-        assert kinds.index("iptables-restore") < kinds.index("conntrack") < kinds.index("ip")
+        assert kinds.index(FIREWALL_CMD[world.firewall]) < kinds.index("conntrack") < kinds.index("ip")
         assert kinds[-1] == "xenstore-write"
         assert ("xenstore-write", f"{g.xenbus_path}/hotplug-status connected", "") in planned
         assert world.xs.read(f"/local/domain/0/{g.xenbus_path}/hotplug-status") == b"connected"
@@ -178,5 +195,7 @@ def test_dry_run_text_is_what_the_real_run_applies(world, shims, command):
     for _, what, data in runs:
         if what.startswith(("iptables-restore", "ip6tables-restore")):
             assert data.startswith("*raw\n") and data.endswith("COMMIT\n")
+        if what == "nft -f -":
+            assert ("add element" if command == "online" else "delete element") in data
         if what == "ip -batch -":
             assert "route replace 10.137.0.12/32 dev vif3.0 metric 32749\n" in data

@@ -171,3 +171,39 @@ def test_conntrack_calls_are_argv_lists_of_printed_addresses(addrs):
         assert argv[0] == "conntrack" and all(TOKEN.fullmatch(a) for a in argv)
     assert {c[-1] for c in calls} == {str(a) for a in addrs}
     assert P.conntrack_purges(addrs) == calls
+
+
+# nft's scanner: an interface name is a quoted string, sets and elements
+# are braced lists; nothing from input may bring a quote, '#', ';' or a
+# newline into a line
+NFT_TOKEN = re.compile(r'"[A-Za-z0-9_.\-]{1,15}"|[A-Za-z0-9_.:/\-{},@]+')
+
+
+@SETTINGS
+@given(st.lists(V4 | V6, min_size=0, max_size=6, unique=True), st.lists(V4 | V6, max_size=4, unique=True),
+       NAMEISH, st.sampled_from(["create", "add", "drop"]))
+def test_nft_transactions_are_safe_lines_naming_every_address(addrs, old, name, guard):
+    from vif_route_qubes.firewall import nft as N
+
+    name = refused_or(validate.ifname, name, "vifname") or "vif3.0"
+    addresses = refused_or(validate.addresses, " ".join(map(str, addrs)), "ip") if addrs else ()
+    if addresses is None:
+        return
+    text = N.transaction(name, addresses, tuple(old), drop_nd=bool(old), guard=guard, fresh=addresses,
+                         unshared=tuple(old), ruleset=N.Ruleset())
+    assert text.endswith("\n")
+    lines = text.splitlines()
+    for line in lines:
+        assert line == line.strip() and "  " not in line, repr(line)
+        if " element " in line:  # the skeleton's lines are constants (golden tests)
+            for token in line.split(" "):
+                assert NFT_TOKEN.fullmatch(token), (token, line)
+    # every address ends allowed for this interface, whatever was dropped:
+    # the additions come after the last deletion
+    last_delete = max([i for i, line in enumerate(lines) if line.startswith("delete ")], default=-1)
+    added = " ".join(line for line in lines[last_delete + 1:] if " allowed " in line)
+    for a in addresses:
+        assert f'"{name}" . {a}' in added, (a, text)
+    # deterministic
+    assert N.transaction(name, addresses, tuple(old), drop_nd=bool(old), guard=guard, fresh=addresses,
+                         unshared=tuple(old), ruleset=N.Ruleset()) == text

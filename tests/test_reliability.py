@@ -81,10 +81,39 @@ class DnatLoop:
         self.thread.join(60)
 
 
+def check_nft_elements(world, guests):
+    """Every vif: exactly its elements in the qubes sets, nothing else."""
+    want = set()
+    for g in guests:
+        want.add(f'ip vrq-guarded "{g.vif}"')
+        for a in g.addresses:
+            fam = "ip6" if ":" in a else "ip"
+            want.add(f'{fam} allowed {{"concat": ["{g.vif}", "{a}"]}}')
+            want.add(f'{fam} downstream "{a}"')
+        if any(":" in a for a in g.addresses):
+            want.add(f'ip6 vrq-nd "{g.vif}"')
+    lines = world.netvm.exec(["nft", "-j", "list", "sets"]).stdout
+    import json as _json
+
+    have = []
+    for item in _json.loads(lines)["nftables"]:
+        st = item.get("set")
+        if st and st["table"] == "qubes":
+            have += [f"{st['family']} {st['name']} {_json.dumps(e)}" for e in st.get("elem", [])]
+    assert len(have) == len(set(have))
+    assert set(have) == want, (sorted(set(have) - want)[:5], sorted(want - set(have))[:5])
+
+
 def check_all_rules(world, guests):
-    """Every vif: both chains and both jumps exactly once in both families,
-    its address rules exactly once, its routes and neighbour entries."""
+    """Every vif: both chains and both jumps exactly once in both families
+    (nft: exactly its set elements), its address rules exactly once, its
+    routes and neighbour entries."""
+    if world.firewall == "nft":
+        check_nft_elements(world, guests)
     for version, tool in ((4, "iptables-save"), (6, "ip6tables-save")):
+        if world.firewall == "nft":
+            assert "vrq" not in world.netvm.exec([tool, "-t", "raw"]).stdout
+            continue
         lines = world.netvm.exec([tool, "-t", "raw"]).stdout.splitlines()
         counts = {}
         for line in lines:
@@ -123,6 +152,7 @@ def check_all_rules(world, guests):
             assert f"{a} dev {g.vif} lladdr {g.mac} PERMANENT" in neigh, (g.vif, a)
 
 
+@pytest.mark.parametrize("world", ["iptables", "nft"], indirect=True)
 def test_storm_of_concurrent_hotplugs_with_dnat_running(world):
     guests = add_vif_guests(world, [(d, storm_addresses(d)) for d in range(1, STORM + 1)])
     if HAVE_DNAT:
@@ -197,6 +227,10 @@ def conntrack_list(world):
     return res.stdout
 
 
+BOTH = pytest.mark.parametrize("world", ["iptables", "nft"], indirect=True)
+
+
+@BOTH
 def test_offline_after_the_backend_directory_vanished(world):
     before = full_snapshot(world)
     g = world.add_guest(3, ["10.137.0.12", "fd09:24ef:4179::a89:c"])
@@ -210,6 +244,7 @@ def test_offline_after_the_backend_directory_vanished(world):
     assert_same(full_snapshot(world), before)
 
 
+@BOTH
 def test_offline_without_record_or_xenstore_uses_our_own_chains(world):
     g = world.add_guest(3, ["10.137.0.12", "10.137.0.13"])
     other = world.add_guest(4, ["10.137.0.14"])
@@ -232,7 +267,9 @@ def test_offline_without_record_or_xenstore_uses_our_own_chains(world):
     snap = full_snapshot(world)
     for tool in ("iptables-save", "ip6tables-save"):
         assert "vif3.0" not in snap[tool]
-        assert "vrq-in-vif4.0" in snap[tool]
+        assert ("vrq-in-vif4.0" in snap[tool]) == (world.firewall == "iptables")
+    assert "vif3.0" not in snap["nft-elements"]
+    assert ("vif4.0" in snap["nft-elements"]) == (world.firewall == "nft")
     for key in ("routes", "routes6", "neigh", "addrs"):
         assert "vif3.0" not in snap[key].replace(vif_only[key], ""), key
     assert "vif3.0" in snap["links"] and "group 2" not in [
@@ -244,6 +281,7 @@ def test_offline_without_record_or_xenstore_uses_our_own_chains(world):
     assert_same(full_snapshot(world), vif_only)
 
 
+@BOTH
 @pytest.mark.parametrize("stale", ["boot_id", "netns"])
 def test_stale_record_cannot_mislead(world, stale):
     g = world.add_guest(3, ["10.137.0.12"])
@@ -279,12 +317,19 @@ def fresh_status(world, guest):
     world.xs.rm(f"{base}/hotplug-error")
 
 
-@pytest.mark.parametrize("backend", ["nft", "legacy"])
+@pytest.mark.parametrize("world,backend", [("iptables", "nft"), ("iptables", "legacy"), ("nft", "")],
+                         indirect=["world"], ids=["iptables-nft", "iptables-legacy", "nft"])
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_a_failure_at_every_step_of_online_is_rolled_back(world, scenario, backend):
     sc = SCENARIOS[scenario]
     world.xs.write("/local/domain/0/qubes_netvm_gateway6", "fd09:24ef:4179::1")
     g = world.add_guest(3, sc["addresses"], vifname=sc["vifname"])
+    if world.firewall == "nft":
+        # the tables are made once and kept: make them first (with another
+        # guest), so that every run below takes the same path (one transaction)
+        other = world.add_guest(9, ["10.137.0.19"])
+        assert world.hotplug(other, "online").returncode == 0
+        assert world.hotplug(other, "offline").returncode == 0
     if sc["flows"]:
         # a flow in the table makes online purge the guest's addresses
         conntrack_insert(world, "192.168.0.1", "192.168.0.2", 999)
@@ -309,14 +354,17 @@ def test_a_failure_at_every_step_of_online_is_rolled_back(world, scenario, backe
         assert_same(full_snapshot(world), before, f"after a failure at step {n}")
     else:
         pytest.fail("online never succeeded")
-    # firewall x2, proxy_arp, proxy_ndp, ip batch, XenStore report; rename;
-    # a conntrack purge per address and direction
-    expected = 6 + (1 if sc["vifname"] else 0) + (2 * len(sc["addresses"]) if sc["flows"] else 0)
+    # firewall (x2 with iptables: a restore per family; one nft transaction),
+    # proxy_arp, proxy_ndp, ip batch, XenStore report; rename; a conntrack
+    # purge per address and direction
+    firewall = 2 if world.firewall == "iptables" else 1
+    expected = 4 + firewall + (1 if sc["vifname"] else 0) + (2 * len(sc["addresses"]) if sc["flows"] else 0)
     assert steps == expected, res.stderr
     assert xs_value(world, g, "hotplug-status") == "connected"
     assert xs_value(world, g, "hotplug-error") is None
 
 
+@BOTH
 def test_interface_deleted_during_online_is_a_real_failure_rolled_back(world, tmp_path):
     """An honest failure, not an injected one: an ``ip`` earlier in PATH
     deletes the vif, then runs the real ip for the link step."""
@@ -338,7 +386,7 @@ def test_interface_deleted_during_online_is_a_real_failure_rolled_back(world, tm
     assert xs_value(world, g, "hotplug-status") == "error"
     assert "ip -batch - exited" in xs_value(world, g, "hotplug-error")
     after = full_snapshot(world)
-    for key in ("iptables-save", "ip6tables-save", "routes", "routes6", "neigh", "records"):
+    for key in ("iptables-save", "ip6tables-save", "nft-elements", "routes", "routes6", "neigh", "records"):
         assert after[key] == before[key], key
     # the interface itself is gone (that was the failure), and with it its
     # lines in the per-interface listings; nothing else changed

@@ -5,11 +5,28 @@ real wire protocol."""
 import json
 import os
 
+import pytest
 
 from vif_route_qubes.testing import routes
 from vif_route_qubes.testing.netns import UdpSink, udp_send
 
 PORT = 5353
+
+# Tests about behaviour with packets run with both firewall backends; the
+# ones that read iptables rules keep the world fixture's default (iptables).
+BOTH = pytest.mark.parametrize("world", ["iptables", "nft"], indirect=True)
+
+
+def drops(world, vif, version=4):
+    """Packets the firewall dropped from ``vif`` so far (its DROP counter)."""
+    if world.firewall == "nft":
+        fam = "ip" if version == 4 else "ip6"
+        out = world.netvm.exec(["nft", "list", "chain", fam, "qubes", "antispoof"]).stdout
+        line = [ln for ln in out.splitlines() if ln.strip().startswith("counter") and "drop" in ln][0]
+        return int(line.split("packets")[1].split()[0])
+    tool = "iptables" if version == 4 else "ip6tables"
+    counters = world.netvm.exec([tool, "-t", "raw", "-L", f"vrq-in-{vif}", "-v", "-x", "-n"]).stdout
+    return int([line for line in counters.splitlines() if "DROP" in line][0].split()[0])
 
 
 def online(world, guest, *words, env=None):
@@ -55,6 +72,7 @@ def test_online_configures_the_netvm_and_reports_connected(world):
     assert record["addresses"] == ["10.137.0.12"] and record["mac"] == "00:16:3e:5e:03:00"
 
 
+@BOTH
 def test_own_source_is_routed_and_spoofed_source_is_dropped(world):
     g = world.add_guest(3, ["10.137.0.12"])
     online(world, g)
@@ -62,13 +80,13 @@ def test_own_source_is_routed_and_spoofed_source_is_dropped(world):
     ok, seen = reaches_upstream(world, g, "10.137.0.12", "good")
     assert ok and seen == ["10.137.0.12"] * len(seen)
     g.ns.ip("addr", "add", "10.137.0.99/32", "dev", "eth0")
+    before = drops(world, "vif3.0")
     ok, _ = reaches_upstream(world, g, "10.137.0.99", "spoofed")
     assert not ok, "a packet with a forged source address got through"
-    counters = world.netvm.exec(["iptables", "-t", "raw", "-L", "vrq-in-vif3.0", "-v", "-x", "-n"]).stdout
-    drop = [line for line in counters.splitlines() if "DROP" in line][0]
-    assert int(drop.split()[0]) >= 3, counters
+    assert drops(world, "vif3.0") - before >= 3
 
 
+@BOTH
 def test_packet_bearing_guest_address_from_upstream_is_dropped(world):
     g = world.add_guest(3, ["10.137.0.12"])
     online(world, g)
@@ -81,6 +99,7 @@ def test_packet_bearing_guest_address_from_upstream_is_dropped(world):
         assert not any(d == "forged" for _, d in sink.collect(0.3))
 
 
+@BOTH
 def test_ipv6_from_a_guest_without_ipv6_is_dropped(world):
     g = world.add_guest(3, ["10.137.0.12"])
     online(world, g)
@@ -91,10 +110,10 @@ def test_ipv6_from_a_guest_without_ipv6_is_dropped(world):
     with UdpSink(world.netvm, "fd00:77::1", PORT) as sink:
         udp_send(g.ns, "fd00:77::1", PORT, "v6")
         assert not any(d == "v6" for _, d in sink.collect(0.6))
-    counters = world.netvm.exec(["ip6tables", "-t", "raw", "-L", "vrq-in-vif3.0", "-v", "-x", "-n"]).stdout
-    assert int([line for line in counters.splitlines() if "DROP" in line][0].split()[0]) > 0
+    assert drops(world, "vif3.0", 6) > 0
 
 
+@BOTH
 def test_two_addresses_on_one_vif_both_work(world):
     g = world.add_guest(3, ["10.137.0.12", "10.137.0.13"])
     online(world, g)
@@ -113,6 +132,7 @@ def test_ipv6_address_routed_when_given(world):
     assert "-A vrq-in-vif4.0 -s fd09:24ef:4179::a89:e/128 -j RETURN" in raw6
 
 
+@BOTH
 def test_offline_leaves_nothing_behind(world):
     before = world.snapshot()
     g = world.add_guest(3, ["10.137.0.12", "10.137.0.13"])
@@ -121,12 +141,13 @@ def test_offline_leaves_nothing_behind(world):
     res = world.hotplug(g, "offline")
     assert res.returncode == 0, res.stderr
     after = world.snapshot()
-    for key in ("routes", "routes6", "neigh", "iptables-save", "ip6tables-save", "records"):
+    for key in ("routes", "routes6", "neigh", "iptables-save", "ip6tables-save", "nft", "nft-elements", "records"):
         assert after[key] == before[key], key
     assert "vif3.0" not in after["addrs"].replace(vif_before, "")
     assert "10.137.0.1/32" not in after["addrs"]
 
 
+@BOTH
 def test_online_twice_equals_once_and_offline_twice_is_fine(world):
     g = world.add_guest(3, ["10.137.0.12"])
     online(world, g)
@@ -139,6 +160,7 @@ def test_online_twice_equals_once_and_offline_twice_is_fine(world):
     assert world.snapshot() == gone
 
 
+@BOTH
 def test_repeated_online_offline_cycles(world):
     g = world.add_guest(3, ["10.137.0.12"])
     before = world.snapshot()
@@ -146,10 +168,11 @@ def test_repeated_online_offline_cycles(world):
         online(world, g)
         assert world.hotplug(g, "offline").returncode == 0
     after = world.snapshot()
-    for key in ("routes", "neigh", "iptables-save", "ip6tables-save", "records"):
+    for key in ("routes", "neigh", "iptables-save", "ip6tables-save", "nft", "nft-elements", "records"):
         assert after[key] == before[key], key
 
 
+@BOTH
 def test_offline_after_the_interface_vanished(world):
     g = world.add_guest(3, ["10.137.0.12"])
     online(world, g)
@@ -158,9 +181,11 @@ def test_offline_after_the_interface_vanished(world):
     assert res.returncode == 0, res.stderr
     snap = world.snapshot()
     assert "vrq" not in snap["iptables-save"] and "vrq" not in snap["ip6tables-save"]
+    assert snap["nft-elements"] == ""
     assert snap["records"] == []
 
 
+@BOTH
 def test_online_for_a_missing_interface_fails_and_changes_nothing(world):
     g = world.add_guest(3, ["10.137.0.12"])
     world.netvm.ip("link", "del", "vif3.0")
@@ -173,6 +198,7 @@ def test_online_for_a_missing_interface_fails_and_changes_nothing(world):
     assert world.snapshot() == before
 
 
+@BOTH
 def test_rerun_after_lost_record_does_not_duplicate_rules(world):
     g = world.add_guest(3, ["10.137.0.12"])
     online(world, g)
@@ -192,6 +218,7 @@ def test_hand_deleted_jump_is_repaired_without_duplicates(world):
     assert world.snapshot()["iptables-save"] == once["iptables-save"]
 
 
+@BOTH
 def test_vifname_renames_the_interface_first(world):
     g = world.add_guest(5, ["10.137.0.15"], vifname="guest-web")
     online(world, g)
@@ -202,6 +229,7 @@ def test_vifname_renames_the_interface_first(world):
     assert ok
     assert world.hotplug(g, "offline").returncode == 0
     assert "vrq" not in world.netvm.exec(["iptables-save", "-t", "raw"]).stdout
+    assert world.snapshot()["nft-elements"] == ""
 
 
 def test_vifname_taken_is_refused(world):
@@ -232,6 +260,7 @@ def test_hooks_run_with_command_vif_type_and_address(world, tmp_path):
     ]
 
 
+@BOTH
 def test_gateway_optional_proxy_arp_answers(world):
     world.xs.rm("/local/domain/0/qubes_netvm_gateway")
     g = world.add_guest(3, ["10.137.0.12"])

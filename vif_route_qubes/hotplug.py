@@ -16,6 +16,7 @@ from ipaddress import ip_interface
 from . import plan as P
 from . import state, validate
 from .errors import CommandFailed, Failure
+from .firewall import ENV as FIREWALL_ENV
 from .firewall import backend_for, recorded_backend
 from .lock import DEFAULT_TIMEOUT as DEFAULT_LOCK_TIMEOUT
 from .lock import HostLock, state_dir
@@ -64,6 +65,17 @@ class Context:
         self.dry_run = dry_run
         self.log = log or Log("vif-route-qubes", env)
         self.sys = System(dry_run=dry_run, out=out, log=self.log, env=self.env)
+        # the one firewall decision of this run (``--firewall`` wins over
+        # VIF_ROUTE_QUBES_FIREWALL); every firewall change goes through it
+        try:
+            self.fw = backend_for(self.sys, self.env, firewall)
+        except Failure as exc:
+            if command not in ("offline", "remove"):
+                raise
+            # a bad setting must not stop a cleanup: the default choice, and
+            # the backend each vif's record names, still remove what is there
+            self.log.warning(f"{exc}; cleaning up with the default firewall choice")
+            self.fw = backend_for(self.sys, {k: v for k, v in self.env.items() if k != FIREWALL_ENV})
         self.state_dir = state_dir(self.env)
         self.hooks_dir = self.env.get("VIF_ROUTE_QUBES_HOOKS_DIR") or DEFAULT_HOOKS
         self._xs = None
@@ -73,9 +85,6 @@ class Context:
         self.fw_applied = False  # this run's firewall change is in force
         self.fw_was = None  # the other backend, when the record names it
         self.hooks_ran = False  # told the hooks "online" (rollback tells them back)
-        # the one firewall decision of this run (``--firewall`` wins over
-        # VIF_ROUTE_QUBES_FIREWALL); every firewall change goes through it
-        self.fw = backend_for(self.sys, self.env, firewall)
 
     @property
     def xs(self):
@@ -331,6 +340,8 @@ def _online(ctx, name, target, rename, vif, ipv6, previous):
         if was is not None:
             ctx.log.info(f"{target}: moved from the {was.name} to the {ctx.fw.name} firewall backend")
             was.remove(previous.name)
+            if was.moved_away():
+                ctx.log.warning(was.moved_away())
         # flows of an earlier owner of a new address must not reach this
         # guest; the same guest's own flows (a re-run) are kept
         old = set(previous.addresses) if previous else set()

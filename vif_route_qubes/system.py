@@ -27,6 +27,7 @@ XTABLES_WAIT = "20"  # seconds iptables-restore waits for the xtables lock
 _PACKAGES = {
     "ip": "iproute2",
     "conntrack": "conntrack",
+    "nft": "nftables",
 }
 
 

@@ -392,6 +392,10 @@ class Backend:
                 removed.append(f"{kind} rules of {name} (what was left)")
         return removed
 
+    def moved_away(self):
+        """What to tell when a vif leaves this backend: nothing stays behind."""
+        return None
+
     def addresses(self, name):
         from ipaddress import ip_interface
 

@@ -42,16 +42,28 @@ chain (reused as it is) lets no link-local source through; Qubes guests
 reach their gateway through a static neighbour entry instead, so under a
 Qubes-loaded table the guests behave as on Qubes.
 
-Stale elements: ``online`` of a vif without a state record must not keep
-elements an earlier vif of the same name left behind (another address would
-stay allowed). Reading the sets first would cost a process on every new
-vif, so the transaction itself tells: it *creates* the interface's element
-in ``set vrq-guarded { type ifname; }`` (in ``ip qubes``), which fails the
-whole transaction when we hold elements for that name already; only then
-are the sets read and the stale elements removed. (The iptables backend's
-``-N`` plays the same part.) Likewise the fast path assumes the tables
-exist; when a transaction fails, the kernel is read once and what is absent
-is created in the retry.
+Reading the kernel first would cost a process on every run, so the fast
+path reads nothing and lets the transaction itself tell when the kernel
+does not fit what the state record says (a failed transaction changes
+nothing); only then are the sets read (``nft -j list ruleset``) and a second
+transaction written from what they hold. The iptables backend's ``-N``
+plays the same part. What makes the transaction fail:
+
+* Stale elements: ``online`` of a vif without a state record must not keep
+  elements an earlier vif of the same name left behind (another address
+  would stay allowed). It *creates* the interface's element in ``set
+  vrq-guarded { type ifname; }`` (``ip qubes``), which fails when we hold
+  elements for that name already.
+* Shared addresses: a dying domain's vif and a new domain's may have the
+  same address for a while. ``downstream`` holds bare addresses, so the
+  first offline must not take the address out of it. A new address's
+  ``downstream`` element is *created* (fails if another vif has it); the
+  slow path then marks it in ``set vrq-shared`` (per family), and a removal
+  asserts its addresses are not marked (``create`` + ``delete``: no change
+  when they are not), so the removal of a shared one goes the slow way,
+  which keeps the ``downstream`` element while any vif still has it.
+* Absent tables or sets (the first vif on a host; a Qubes table without
+  our sets): the slow path creates what is absent.
 
 Removing an element that is not there fails a whole nft transaction (nft
 1.0.6 has no ``destroy``), so a removal is written ``add`` + ``delete``:
@@ -69,6 +81,7 @@ TABLE = "qubes"
 FAMILIES = {4: "ip", 6: "ip6"}
 ND_SET = "vrq-nd"
 GUARDED = "vrq-guarded"  # in ip qubes: the interfaces we hold elements for
+SHARED = "vrq-shared"  # per family: addresses more than one vif has in allowed
 ND_SOURCES = "{ fe80::/10, :: }"
 
 
@@ -88,15 +101,17 @@ class Ruleset:
     """The parts of ``nft -j list ruleset`` that concern us: which of the
     qubes tables, sets and chains exist, and the sets' elements."""
 
-    def __init__(self, tables=(), sets=None, chains=(), raw_chains=()):
+    def __init__(self, tables=(), sets=None, chains=(), raw_chains=(), rules=None, hooks=None):
         self.tables = set(tables)  # {"ip", "ip6"}
         self.sets = dict(sets or {})  # {(family, set): [element, ...]}
         self.chains = set(chains)  # {(family, chain)}
         self.raw_chains = set(raw_chains)  # iptables-nft chains named vrq-*: {(family, chain)}
+        self.rules = dict(rules or {})  # {(family, chain): [[expr, ...], ...]} in order
+        self.hooks = dict(hooks or {})  # {(family, chain): (hook, priority)}
 
     @classmethod
     def parse(cls, text):
-        tables, sets, chains, raw = set(), {}, set(), set()
+        tables, sets, chains, raw, rules, hooks = set(), {}, set(), set(), {}, {}
         try:
             items = json.loads(text or "{}").get("nftables", [])
         except ValueError:
@@ -116,7 +131,38 @@ class Ruleset:
                 sets[(obj["family"], obj["name"])] = [_element(e) for e in obj.get("elem", [])]
             elif kind == "chain":
                 chains.add((obj["family"], obj["name"]))
-        return cls(tables, sets, chains, raw)
+                if obj.get("hook"):
+                    hooks[(obj["family"], obj["name"])] = (obj["hook"], obj.get("prio"))
+            elif kind == "rule":
+                rules.setdefault((obj["family"], obj.get("chain")), []).append(obj.get("expr") or [])
+        return cls(tables, sets, chains, raw, rules, hooks)
+
+    def policy_checks(self, version):
+        """[(ok, description)]: the element-independent rules the sets
+        depend on, as they are (ours or Qubes'): without them the elements
+        guard nothing."""
+        fam = FAMILIES[version]
+        pre = self.rules.get((fam, "prerouting"), [])
+        anti = self.rules.get((fam, "antispoof"), [])
+        hook = self.hooks.get((fam, "prerouting"), (None, None))
+        return [
+            (hook[0] == "prerouting" and isinstance(hook[1], int) and hook[1] <= -300,
+             f"{fam} {TABLE} prerouting: hook prerouting, priority raw or earlier"),
+            (any(_matches(r, "iifgroup", VIF_GROUP) and _verdict(r) in ("goto antispoof", "jump antispoof")
+                 for r in pre), f"{fam} {TABLE} prerouting: iifgroup {VIF_GROUP} goto antispoof"),
+            (any(_matches(r, None, "@downstream") and _verdict(r) == "drop" for r in pre),
+             f"{fam} {TABLE} prerouting: {_saddr(version)} @downstream drop"),
+            (any(_matches(r, None, "@allowed") and _verdict(r) == "accept" for r in anti),
+             f"{fam} {TABLE} antispoof: iifname . {_saddr(version)} @allowed accept"),
+            (bool(anti) and _verdict(anti[-1]) == "drop" and not any("match" in e for e in anti[-1]),
+             f"{fam} {TABLE} antispoof: ends in drop (default deny)"),
+        ]
+
+    def holders(self, addr, but=()):
+        """Interfaces other than ``but`` whose ``allowed`` elements hold ``addr``."""
+        fam = FAMILIES[addr.version]
+        return {e[0] for e in self.sets.get((fam, "allowed"), [])
+                if isinstance(e, tuple) and e[0] not in but and _same(e[1], addr)}
 
     def allowed(self, name):
         """-> [address] of ``name``'s elements in both ``allowed`` sets."""
@@ -134,6 +180,41 @@ class Ruleset:
         names |= {e for e in self.sets.get(("ip6", ND_SET), []) if isinstance(e, str)}
         names |= {e for e in self.sets.get(("ip", GUARDED), []) if isinstance(e, str)}
         return names
+
+
+def _matches(rule, meta_key, right):
+    """A rule has a ``==`` match on ``meta_key`` (any left side if None)
+    against ``right``."""
+    for e in rule:
+        m = e.get("match") if isinstance(e, dict) else None
+        if not m or m.get("op") not in ("==", "in"):
+            continue
+        left = m.get("left") or {}
+        if meta_key is not None and (left.get("meta") or {}).get("key") != meta_key:
+            continue
+        if str(m.get("right")) == str(right):
+            return True
+    return False
+
+
+def _verdict(rule):
+    for e in rule:
+        if not isinstance(e, dict):
+            continue
+        for v in ("accept", "drop"):
+            if v in e:
+                return v
+        for v in ("goto", "jump"):
+            if v in e:
+                return f"{v} {e[v].get('target')}"
+    return None
+
+
+def _same(text, addr):
+    try:
+        return ip_address(text) == addr
+    except ValueError:
+        return False
 
 
 def _element(e):
@@ -156,6 +237,7 @@ def skeleton(version, ruleset=None):
         lines.append(f"add table {fam} {TABLE}")
     want_sets = [("downstream", _addr_type(version)), ("allowed", f"ifname . {_addr_type(version)}")]
     want_sets.append((GUARDED, "ifname") if version == 4 else (ND_SET, "ifname"))
+    want_sets.append((SHARED, _addr_type(version)))
     for name, typ in want_sets:
         if (fam, name) not in ruleset.sets:
             lines.append(f"add set {fam} {TABLE} {name} {{ type {typ}; }}")
@@ -191,13 +273,22 @@ def _elem_lines(verb, elems):
     return [f"{verb} element {fam} {TABLE} {s} {{ {', '.join(items)} }}" for (fam, s), items in sorted(elems.items())]
 
 
-def transaction(name, addresses, drop_addresses=(), drop_nd=False, ruleset=None, guard="add"):
-    """One ``nft -f -`` payload: create what is absent (when ``ruleset``
-    says so), remove ``drop_addresses``' elements of ``name`` (absent-safe:
-    add, then delete), add ``addresses``' elements. Addresses in both lists
-    stay. ``guard``: what to do with ``name``'s element of ``vrq-guarded``:
-    ``create`` (fail if there), ``add``, or ``drop``. -> text ending in a
-    newline."""
+def transaction(name, addresses, drop_addresses=(), drop_nd=False, ruleset=None, guard="add",
+                fresh=(), unshared=(), keep_downstream=(), shared=(), unshare=()):
+    """One ``nft -f -`` payload for interface ``name``, in this order:
+
+    * what ``ruleset`` says is absent of the layout (None: nothing);
+    * its ``vrq-guarded`` element: ``guard`` is ``create`` (fails if there),
+      ``add`` or ``drop``;
+    * assertions that fail the transaction: ``fresh`` addresses are not in
+      ``downstream`` yet, ``unshared`` ones are not in ``vrq-shared``
+      (create + delete: no change when they hold);
+    * ``drop_addresses``' elements removed, absent-safe (add, then delete),
+      except the ``downstream`` element of ``keep_downstream`` ones (another
+      vif has the address too) and whatever ``addresses`` keeps;
+    * ``addresses``' elements added; ``shared`` ones into ``vrq-shared``,
+      ``unshare`` ones out of it.
+    -> text ending in a newline."""
     keep = set(addresses)
     lines = []
     for version in (4, 6):
@@ -207,15 +298,37 @@ def transaction(name, addresses, drop_addresses=(), drop_nd=False, ruleset=None,
         lines += [f"add element ip {TABLE} {GUARDED} {marker}", f"delete element ip {TABLE} {GUARDED} {marker}"]
     else:
         lines.append(f"{guard} element ip {TABLE} {GUARDED} {marker}")
+    lines += _elem_lines("create", _by_family("downstream", fresh))
+    check = _by_family(SHARED, unshared)
+    lines += _elem_lines("create", check) + _elem_lines("delete", check)
     gone = [a for a in drop_addresses if a not in keep]
     drop = elements(name, gone)
+    for a in keep_downstream:
+        items = drop.get((FAMILIES[a.version], "downstream"), [])
+        if str(a) in items:
+            items.remove(str(a))
+    drop = {k: v for k, v in drop.items() if v}
     if ("ip6", ND_SET) in drop or drop_nd:
         drop[("ip6", ND_SET)] = [f'"{name}"']
     if any(a.version == 6 for a in addresses):
         drop.pop(("ip6", ND_SET), None)  # it stays
-    lines += _elem_lines("add", drop) + _elem_lines("delete", drop)
-    lines += _elem_lines("add", elements(name, addresses))
+    unsh = _by_family(SHARED, unshare)
+    lines += _elem_lines("add", {**drop, **unsh}) + _elem_lines("delete", {**drop, **unsh})
+    add = elements(name, addresses)
+    for a in fresh:  # created above
+        items = add.get((FAMILIES[a.version], "downstream"), [])
+        if str(a) in items:
+            items.remove(str(a))
+    add = {k: v for k, v in add.items() if v}
+    lines += _elem_lines("add", {**add, **_by_family(SHARED, shared)})
     return "".join(line + "\n" for line in lines)
+
+
+def _by_family(set_name, addresses):
+    out = {}
+    for a in addresses:
+        out.setdefault((FAMILIES[a.version], set_name), []).append(str(a))
+    return out
 
 
 def expected(vif):
@@ -267,19 +380,25 @@ class Backend:
     def apply(self, vif, previous):
         s = self.sys
         renamed = previous is not None and previous.name != vif.name
-        # the fast path: no read. With a record, it names the elements to
-        # replace; without, the guarded marker's ``create`` proves there
-        # are none (or fails the transaction, and the kernel is read).
+        # The fast path, no read: the record names the elements to replace,
+        # and the transaction itself fails (changing nothing) when the
+        # kernel does not fit it: a new vif's vrq-guarded element or a new
+        # address's downstream element is there already (elements left
+        # behind, or an address another vif has too), an address to drop is
+        # shared, or the tables are absent. Then the kernel is read.
+        before = previous.addresses if previous is not None else ()
         payload = ""
         if renamed:
-            payload = transaction(previous.name, (), previous.addresses, drop_nd=True, guard="drop")
-        payload += transaction(vif.name, vif.addresses, previous.addresses if previous else (),
-                               drop_nd=previous is not None and not renamed,
-                               guard="add" if previous is not None and not renamed else "create")
+            payload = transaction(previous.name, (), before, drop_nd=True, guard="drop", unshared=before)
+            before = ()
+        payload += transaction(vif.name, vif.addresses, before, drop_nd=bool(before),
+                               guard="add" if previous is not None and not renamed else "create",
+                               fresh=[a for a in vif.addresses if a not in before],
+                               unshared=[a for a in before if a not in vif.addresses])
         if s.dry_run:
-            s.note("nft: if this transaction is refused (tables absent, or elements of an earlier "
-                   f"{vif.name} left behind), the kernel's sets are read and a second one creates "
-                   "what is absent and replaces what is there")
+            s.note("nft: if this transaction is refused (tables absent, elements of an earlier "
+                   f"{vif.name} left behind, an address another vif has too), the kernel's sets are "
+                   "read and a second one creates what is absent and replaces what is there")
         try:
             self._commit(payload)
             return
@@ -288,43 +407,64 @@ class Backend:
                 raise
             if s.log:
                 s.log.debug(f"nft: transaction refused ({exc.stderr.strip()}); reading the kernel")
-        # A failed transaction changed nothing; the kernel says what exists
-        # and which elements of this interface are there to replace.
+        # A failed transaction changed nothing; the kernel says what exists,
+        # which elements of this interface are there to replace, and which
+        # addresses other vifs have too.
         have = self.ruleset()
+        mine = {vif.name} | ({previous.name} if renamed else set())
         head = ""
         if renamed:
-            head = transaction(previous.name, (), [ip_address(a) for a in have.allowed(previous.name)],
-                               drop_nd=True, guard="drop")
+            head = self._drop(have, previous.name, mine)
         stale = [ip_address(a) for a in have.allowed(vif.name)]
-        self._commit(head + transaction(vif.name, vif.addresses, stale, drop_nd=vif.name in have.owners(),
-                                        ruleset=have))
+        dropped = [a for a in stale if a not in vif.addresses]
+        self._commit(head + transaction(
+            vif.name, vif.addresses, stale, drop_nd=vif.name in have.owners(), ruleset=have,
+            keep_downstream=[a for a in dropped if have.holders(a, mine)],
+            shared=[a for a in vif.addresses if have.holders(a, mine)],
+            unshare=[a for a in dropped if len(have.holders(a, mine)) <= 1]))
+
+    @staticmethod
+    def _drop(have, name, mine):
+        """The removal of ``name``'s elements as ``have`` shows them."""
+        found = [ip_address(a) for a in have.allowed(name)]
+        return transaction(name, (), found, drop_nd=True, guard="drop",
+                           keep_downstream=[a for a in found if have.holders(a, mine)],
+                           unshare=[a for a in found if len(have.holders(a, mine)) <= 1])
 
     def remove(self, name, known=None):
         """Remove ``name``'s elements. ``known``: the addresses the state
-        record names (one transaction, no read); else, or if that did not
-        fit the kernel, the kernel's sets say. Never raises."""
+        record names (one transaction, no read, refused when one of them is
+        shared with another vif); else, or if that was refused, the
+        kernel's sets say. Never raises."""
         s = self.sys
         try:
             if known is not None:
                 try:
-                    self._commit(transaction(name, (), known, drop_nd=True, guard="drop"))
+                    self._commit(transaction(name, (), known, drop_nd=True, guard="drop", unshared=known))
                     return [f"nft elements of {name}: {' '.join(map(str, known)) or 'none'}"]
                 except CommandFailed as exc:
                     if "injected fault" in exc.stderr:
                         raise
                     if s.log:
-                        s.log.debug(f"nft: removal by the record refused ({exc}); reading the kernel")
+                        s.log.debug(f"nft: removal by the record refused ({exc.stderr.strip()}); reading the kernel")
             have = self.ruleset()
             found = [ip_address(a) for a in have.allowed(name)]
-            nd = name in have.owners()
-            if not found and not nd:
+            if not found and name not in have.owners():
                 return []
-            self._commit(transaction(name, (), found, drop_nd=nd, guard="drop"))
+            self._commit(self._drop(have, name, {name}))
             return [f"nft elements of {name}: {' '.join(map(str, found)) or 'none'}"]
         except Failure as exc:
             if s.log:
                 s.log.warning(f"could not remove the nft elements of {name}: {exc}")
             return []
+
+    def moved_away(self):
+        """What to tell when a vif leaves this backend for iptables: the
+        tables stay (they may be Qubes'), and so does their default deny."""
+        return ("the nft tables ip/ip6 qubes stay, and their default deny drops everything from "
+                "interface group 2 that is not in their sets: once no vif uses the nft backend, delete "
+                "them (nft delete table ip qubes; nft delete table ip6 qubes), unless "
+                "qubes-antispoof.service loads them (then stay with nft)")
 
     def addresses(self, name):
         try:
@@ -368,6 +508,8 @@ class Backend:
                 for c in ("prerouting", "antispoof"):
                     ok = (fam, c) in have.chains
                     out.append(("ok" if ok else "missing", f"nft chain {fam} {TABLE} {c}", ""))
+                for ok, what in have.policy_checks(version):
+                    out.append(("ok" if ok else "missing", f"nft rule {what}", ""))
         want = expected(vif) if vif is not None else []
         mine = []
         for (fam, s), elems in sorted(have.sets.items()):

@@ -255,14 +255,12 @@ def nft_state(ns):
         not re.fullmatch(r"(table .*\{|chain \S+ \{|type .*policy accept;|\}|)", line.strip())
         for line in b.splitlines()))
     elements = []
-    for family in ("ip", "ip6"):
-        for name in ("allowed", "downstream"):
-            got = ns.exec(["nft", "-j", "list", "set", family, "qubes", name], check=False)
-            if got.returncode != 0:
-                continue
-            for item in json.loads(got.stdout)["nftables"]:
-                for elem in item.get("set", {}).get("elem", []):
-                    elements.append(f"{family} {name} {json.dumps(elem, sort_keys=True)}")
+    got = ns.exec(["nft", "-j", "list", "sets"], check=False)
+    for item in json.loads(got.stdout or "{}").get("nftables", []) if got.returncode == 0 else ():
+        st = item.get("set")
+        if st and st.get("table") == "qubes" and st.get("family") in ("ip", "ip6"):
+            for elem in st.get("elem", []):
+                elements.append(f"{st['family']} {st['name']} {json.dumps(elem, sort_keys=True)}")
     return other, "\n".join(sorted(elements))
 
 
