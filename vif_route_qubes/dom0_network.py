@@ -471,7 +471,7 @@ def up(ctx, netvm=None, ip=None, resolv_conf=DEFAULT_RESOLV_CONF) -> int:
             ifname = "IFACE"
         else:
             if record["devid"] is None:
-                raise Failure(f"xl network-attach left no vif under /local/domain/0/device/vif")
+                raise Failure("xl network-attach left no vif under /local/domain/0/device/vif")
             ifname, mac = _wait_connected(ctx, nid, record["devid"])
             record.update(ifname=ifname, mac=mac)
             ctx.save(record)
