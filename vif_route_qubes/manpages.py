@@ -61,6 +61,24 @@ FALLBACK_SECTIONS = {
         "FILES": "\b\n"
         "/etc/resolv.conf    written with DNS1/DNS2 (--resolv-conf, QUBES_SETUP_IP_RESOLV_CONF)",
     },
+    "qvm-dom0-network-via-netvm": {
+        "EXIT STATUS": "\b\n"
+        "0    done, or nothing to do (up when attached already, down without up)\n"
+        "1    failed (one line on stderr says why); a failed up is rolled back, paused domains unpaused\n"
+        "2    usage error (unknown option or command, a bad --timeout)",
+        "FILES": "\b\n"
+        "/run/vif-route-qubes/dom0-network.json    what up did (paused domains, the vif, saved files)\n"
+        "/run/vif-route-qubes/dom0-network.lock    one up/down at a time\n"
+        "/etc/resolv.conf                          written by up, restored by down (--resolv-conf)",
+    },
+    "vif-route-qubes-keys": {
+        "EXIT STATUS": "\b\n"
+        "0    the keys were written\n"
+        "1    failed (one line on stderr says why); nothing written when the input was bad\n"
+        "2    usage error (unknown option or command)",
+        "FILES": "\b\n"
+        "/var/run/xenstored/socket    XenStore (XENSTORED_PATH)",
+    },
 }
 
 
