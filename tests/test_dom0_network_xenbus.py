@@ -47,7 +47,7 @@ def server(sockdir):
 
 def _store(server, monkeypatch, bus):
     cls = _BusLike if bus else UnixSocketConnection
-    monkeypatch.setattr(xsmod, "_connection", lambda env: cls(server.socket_path))
+    monkeypatch.setattr(xsmod, "_connection", lambda env: (cls(server.socket_path), ""))  # (connection, places tried)
     return xsmod.XenStore(env={}, timeout=5)
 
 
