@@ -627,9 +627,8 @@ def _steps(link, env, steps, tmp_path):
     return [json.loads(line) for line in res.stdout.splitlines()]
 
 
-# The stand-in, for machines without systemd-resolved and dbus-daemon (CI
-# must not install systemd-resolved: its postinst replaces the host's
-# /etc/resolv.conf). What stands in: for "resolved is running", a listener
+# The stand-in pins down the exact calls, which the real daemon's tests
+# cannot observe from outside. What stands in: for "resolved is running", a listener
 # on /run/systemd/resolve/io.systemd.Resolve (on a private tmpfs); for
 # resolved itself, a ``resolvectl`` first on PATH that records its argv.
 # It shows what qubes-setup-ip asks for and when; that resolved then
