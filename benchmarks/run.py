@@ -363,29 +363,47 @@ def bench_startup(drv, venv, world, n, results):
     say(f"  -X importtime 'pass' (site, encodings):        total {fmt(imp_base['total_ms'])}")
 
 
+class _Cycles:
+    """online/offline pairs of one contender (a command and its
+    environment, one vif in one netvm), timed by that netvm's driver."""
+
+    def __init__(self, name, drv, xs, argv, env):
+        self.name, self.drv, self.xs, self.argv, self.env = name, drv, xs, argv, env
+        self.reset()
+
+    def reset(self):
+        self.on, self.off, self.on_cpu, self.off_cpu, self.rss = [], [], [], [], []
+
+    def cycle(self):
+        r = self.drv.run([*self.argv, "online", "type_if=vif"], self.env)
+        self.on += check(r, f"{self.name} online")
+        self.rss.append(r[0]["maxrss_kb"])
+        self.on_cpu.append(r[0]["cpu_ms"])
+        if len(self.on) == 1:
+            path = f"/local/domain/0/{self.env['XENBUS_PATH']}/hotplug-status"
+            status = self.xs.read(path)
+            if status != "connected":
+                raise RuntimeError(f"{self.name}: online did not write hotplug-status=connected (got {status!r})")
+            self.xs.rm(path)  # the next contender's check must see its own write
+        r = self.drv.run([*self.argv, "offline", "type_if=vif"], self.env)
+        self.off += check(r, f"{self.name} offline")
+        self.rss.append(r[0]["maxrss_kb"])
+        self.off_cpu.append(r[0]["cpu_ms"])
+
+    def summary(self):
+        return {"online_ms": stats(self.on), "offline_ms": stats(self.off),
+                "online_cpu_ms": stats(self.on_cpu), "offline_cpu_ms": stats(self.off_cpu),
+                "maxrss_mb": stats([k / 1024 for k in self.rss])}
+
+
 def bench_single(drv, venv, world, n, results):
     script = os.path.join(venv, "bin", "vif-route-qubes")
     g = world.add_guest(10, ["10.137.0.10"])
     env = hotplug_env(world, g.domid)
-    on, off, rss, on_cpu, off_cpu = [], [], [], [], []
-    for i in range(n):
-        r = drv.run([script, "online", "type_if=vif"], env)
-        on += check(r, "online")
-        rss.append(r[0]["maxrss_kb"])
-        on_cpu.append(r[0]["cpu_ms"])
-        if i == 0:
-            status = world.xs.read(f"/local/domain/0/{g.xenbus_path}/hotplug-status")
-            if status != "connected":
-                raise RuntimeError(f"online did not write hotplug-status=connected (got {status!r})")
-        r = drv.run([script, "offline", "type_if=vif"], env)
-        off += check(r, "offline")
-        rss.append(r[0]["maxrss_kb"])
-        off_cpu.append(r[0]["cpu_ms"])
-    results["online_ms"] = stats(on)
-    results["offline_ms"] = stats(off)
-    results["online_cpu_ms"] = stats(on_cpu)
-    results["offline_cpu_ms"] = stats(off_cpu)
-    results["maxrss_mb"] = stats([k / 1024 for k in rss])
+    c = _Cycles("iptables backend", drv, world.xs, [script], env)
+    for _ in range(n):
+        c.cycle()
+    results.update(c.summary())
     say(f"  online  {fmt(results['online_ms'])}   CPU {fmt(results['online_cpu_ms'])}")
     say(f"  offline {fmt(results['offline_ms'])}   CPU {fmt(results['offline_cpu_ms'])}")
     say(f"  peak RSS of a hotplug run: {fmt(results['maxrss_mb'], 'MB')}")
@@ -407,6 +425,103 @@ def bench_single(drv, venv, world, n, results):
     say("    largest self times (median ms): " + ", ".join(f"{name} {ms}" for name, ms in imp["self_ms"][:15]))
     if imp["heavy_loaded"]:
         say(f"    heavy modules loaded: {', '.join(imp['heavy_loaded'])}")
+
+
+# the iptables-era Qubes script is not part of this project: the run takes a
+# copy of it (--shell-script) and Xen's helper scripts it sources
+# (--xen-scripts: vif-common.sh, xen-hotplug-common.sh, ...); qubesdb-read,
+# which a Qubes netvm has, is answered by a small stand-in on its PATH
+XEN_HELPERS = ("vif-common.sh", "xen-hotplug-common.sh", "xen-script-common.sh", "xen-network-common.sh",
+               "locking.sh", "logging.sh", "hotplugpath.sh")
+QUBESDB_STANDIN = """#!/bin/sh
+# answers the keys vif-route-qubes reads, as a Qubes netvm's QubesDB would
+case "$1" in
+/qubes-netvm-gateway) echo {gateway} ;;
+/qubes-netvm-primary-dns) echo 10.139.1.1 ;;
+/qubes-netvm-secondary-dns) echo 10.139.1.2 ;;
+*) exit 1 ;;
+esac
+"""
+
+
+def prepare_shell(shell_script, xen_scripts, tmp, gateway):
+    """A directory with the shell script and Xen's helpers next to it (it
+    sources "$(dirname $0)/vif-common.sh"), and a bin directory with the
+    qubesdb-read stand-in. -> (script path, bin dir)"""
+    missing = [h for h in XEN_HELPERS if not os.path.exists(os.path.join(xen_scripts, h))]
+    if missing:
+        raise SystemExit(f"--xen-scripts {xen_scripts}: missing {', '.join(missing)}")
+    d = os.path.join(tmp, "shell", "scripts")
+    b = os.path.join(tmp, "shell", "bin")
+    os.makedirs(d, exist_ok=True)
+    os.makedirs(b, exist_ok=True)
+    for h in XEN_HELPERS:
+        shutil.copy(os.path.join(xen_scripts, h), d)
+    script = os.path.join(d, "vif-route-qubes")
+    shutil.copy(shell_script, script)
+    os.chmod(script, 0o755)
+    # xen-hotplug-common.sh appends stderr to the log a Xen host has
+    os.makedirs("/var/log/xen", exist_ok=True)
+    stub = os.path.join(b, "qubesdb-read")
+    with open(stub, "w") as f:
+        f.write(QUBESDB_STANDIN.format(gateway=gateway))
+    os.chmod(stub, 0o755)
+    return script, b
+
+
+def bench_side_by_side(venv, xs, tmp, n, results, shell=None):
+    """One vif, one IPv4 address: online/offline of the iptables-era shell
+    script (if given), ours with the iptables backend and ours with the nft
+    backend, interleaved round by round (one online+offline of each in turn)
+    so the load of a shared machine falls on all three alike; each in its
+    own netvm namespace (its own netfilter state). Ratios to the shell
+    script's medians are the numbers to compare."""
+    script = os.path.join(venv, "bin", "vif-route-qubes")
+    contenders = []
+    if shell:
+        contenders.append(("shell script", "iptables", None))
+    contenders += [("ours, iptables", "iptables", [script]), ("ours, nft", "nft", [script])]
+    worlds, drivers, cycles = [], [], []
+    try:
+        for i, (name, firewall, argv) in enumerate(contenders):
+            world = World(xs, os.path.join(tmp, f"side-{i}"), upstream=False, firewall=firewall)
+            worlds.append(world)
+            g = world.add_guest(30 + i, [f"10.137.0.{30 + i}"])
+            env = hotplug_env(world, g.domid)
+            if argv is None:
+                shell_script, stub_bin = prepare_shell(shell[0], shell[1], tmp, world.gateway)
+                argv = [shell_script]
+                env["PATH"] = stub_bin + ":" + HOTPLUG_PATH
+            drv = Driver(world.netvm)
+            drivers.append(drv)
+            cycles.append(_Cycles(name, drv, xs, argv, env))
+        for c in cycles:  # warm-up: the first nft online creates the tables
+            c.cycle()
+            c.reset()
+        for _ in range(n):
+            for c in cycles:
+                c.cycle()
+    finally:
+        for drv in drivers:
+            drv.close()
+        for world in worlds:
+            world.close()
+        xs.rm("/local/domain/0/backend")
+    out = {c.name: c.summary() for c in cycles}
+    ref = out.get("shell script")
+    for name, row in out.items():
+        if ref:
+            row["ratio_to_shell"] = {k: round(row[k]["median"] / ref[k]["median"], 2)
+                                     for k in ("online_ms", "offline_ms", "online_cpu_ms", "offline_cpu_ms")}
+        say(f"  {name:16s} online  {fmt(row['online_ms'])}  CPU {fmt(row['online_cpu_ms'])}")
+        say(f"  {'':16s} offline {fmt(row['offline_ms'])}  CPU {fmt(row['offline_cpu_ms'])}")
+        if ref:
+            r = row["ratio_to_shell"]
+            say(f"  {'':16s} / shell script (medians): online {r['online_ms']} wall, {r['online_cpu_ms']} CPU; "
+                f"offline {r['offline_ms']} wall, {r['offline_cpu_ms']} CPU")
+    results["side_by_side"] = {"rounds": n, "contenders": out}
+    if shell:
+        results["side_by_side"]["shell_script_sha256"] = hashlib.sha256(open(shell[0], "rb").read()).hexdigest()
 
 
 def bench_dnat(drv_factory, venv, world, n, results):
@@ -679,34 +794,45 @@ def _children(world, env, argv):
     return [p for p in progs[1:] if not p.startswith("python")]
 
 
-def bench_children(venv, xs, tmp, reps, results):
-    """Child processes per online/offline, each backend, the tables already
-    made (the steady state; the first online on a host also reads them)."""
+def bench_children(venv, xs, tmp, reps, results, shell=None):
+    """Child processes per online/offline, each backend (and the iptables-era
+    shell script if given), the tables already made (the steady state; the
+    first online on a host also reads them)."""
     if not shutil.which("strace"):
         say("  strace is not installed: skipped")
         return
-    script = os.path.join(venv, "bin", "vif-route-qubes")
     out = {}
-    for firewall in ("iptables", "nft"):
-        world = World(xs, os.path.join(tmp, f"children-{firewall}"), dns=None, firewall=firewall)
+    for firewall in ("iptables", "nft") + (("shell script",) if shell else ()):
+        script = os.path.join(venv, "bin", "vif-route-qubes")
+        world = World(xs, os.path.join(tmp, f"children-{firewall.replace(' ', '-')}"), dns=None,
+                      firewall="iptables" if firewall == "shell script" else firewall)
         try:
             made = bulk_guests(world, [20, 21])
             warm = hotplug_env(world, 21)
+            env = hotplug_env(world, 20)
+            if firewall == "shell script":
+                script, stub_bin = prepare_shell(shell[0], shell[1], tmp, world.gateway)
+                warm["PATH"] = env["PATH"] = stub_bin + ":" + HOTPLUG_PATH
             world.netvm.exec([script, "online", "type_if=vif"], env=warm)
             world.netvm.exec([script, "offline", "type_if=vif"], env=warm)
-            env = hotplug_env(world, 20)
-            on, off, names = [], [], set()
+            on, off, names, order = [], [], set(), {}
             for _ in range(reps):
-                progs = _children(world, env, [script, "online", "type_if=vif"])
+                progs = order["online"] = _children(world, env, [script, "online", "type_if=vif"])
                 on.append(len(progs))
                 names |= set(progs)
-                progs = _children(world, env, [script, "offline", "type_if=vif"])
+                progs = order["offline"] = _children(world, env, [script, "offline", "type_if=vif"])
                 off.append(len(progs))
                 names |= set(progs)
+            # the last run's programs in the order started, to say what they are
             out[firewall] = {"online": statistics.median(on), "offline": statistics.median(off),
-                             "programs": sorted(names)}
-            say(f"  {firewall:8s} children per online {out[firewall]['online']:.0f}, per offline "
-                f"{out[firewall]['offline']:.0f} ({', '.join(sorted(names))})")
+                             "programs": sorted(names), "online_programs": order["online"],
+                             "offline_programs": order["offline"]}
+            say(f"  {firewall:12s} children per online {out[firewall]['online']:.0f}, per offline "
+                f"{out[firewall]['offline']:.0f}")
+            if firewall != "shell script":
+                say(f"  {'':12s} online: {' '.join(order['online'])}; offline: {' '.join(order['offline'])}")
+            else:
+                say(f"  {'':12s} ({', '.join(sorted(names))})")
             del made
         finally:
             world.close()
@@ -820,6 +946,15 @@ def main():
                     help="only the firewall backends: forwarding rate, child processes, the nft curve, the plot")
     ap.add_argument("--fwd-sizes", default=None,
                     help="vif counts for the forwarding rate (default 1,250,1000; --quick 1,50,200)")
+    ap.add_argument("--shell-script", metavar="FILE",
+                    help="a copy of the iptables-era Qubes vif-route-qubes shell script (not shipped here): "
+                         "timed side by side with both backends, its child processes counted")
+    ap.add_argument("--xen-scripts", metavar="DIR", default="/etc/xen/scripts",
+                    help="Xen's hotplug helpers the shell script sources (vif-common.sh, ...; "
+                         "default /etc/xen/scripts)")
+    ap.add_argument("--side-by-side-only", action="store_true",
+                    help="only online/offline of the shell script and both backends side by side, "
+                         "and the child processes per run")
     ap.add_argument("--plot", default=os.path.join(HERE, "firewall.png"), help="where to write the plot")
     ap.add_argument("--plot-from", metavar="JSON", help="only draw the plot from an earlier run's --json file")
     opts = ap.parse_args()
@@ -848,12 +983,20 @@ def main():
     try:
         xsd = start_xenstored(os.path.join(tmp, "xenstored.sock"))
         xs = XsClient(os.path.join(tmp, "xenstored.sock"))
+        shell = (os.path.abspath(opts.shell_script), os.path.abspath(opts.xen_scripts)) if opts.shell_script else None
+        say("\n== online/offline side by side, one vif, one IPv4 address"
+            + (": the iptables-era shell script and both backends" if shell else ": both backends (no --shell-script)"))
+        bench_side_by_side(venv, xs, tmp, n, results, shell=shell)
+        if opts.side_by_side_only:
+            say("\n== child processes per hotplug run")
+            bench_children(venv, xs, tmp, 3 if quick else 5, results, shell=shell)
+            raise _Done()
         fwd_sizes = [int(x) for x in (opts.fwd_sizes or ("1,50,200" if quick else "1,250,1000")).split(",")]
         say("\n== firewall backends: forwarding rate against the number of vifs")
         for firewall in ("iptables", "nft"):
             bench_forwarding(venv, xs, tmp, firewall, fwd_sizes, 1.0 if quick else 2.0, 3, results)
         say("\n== firewall backends: child processes per hotplug run")
-        bench_children(venv, xs, tmp, 3 if quick else 5, results)
+        bench_children(venv, xs, tmp, 3 if quick else 5, results, shell=shell)
         if opts.firewall_only and not opts.skip_curve:
             say(f"\n== flatness: {size} vifs, nft backend")
             bench_curve(venv, xs, tmp, None, size, checkpoints, reps, results, firewall="nft")
@@ -901,11 +1044,12 @@ def main():
     if opts.json:  # before the plot: a plotting problem must not lose the numbers
         with open(opts.json, "w") as f:
             json.dump(results, f, indent=1)
-    say("\n== plot")
-    try:
-        results["plot"] = plot(results, opts.plot)
-    except Exception as exc:  # noqa: BLE001 - the numbers above stand without it
-        say(f"  no plot: {type(exc).__name__}: {exc} (redraw with --plot-from)")
+    if results.get("forwarding") or results.get("curve"):  # --side-by-side-only has nothing to draw
+        say("\n== plot")
+        try:
+            results["plot"] = plot(results, opts.plot)
+        except Exception as exc:  # noqa: BLE001 - the numbers above stand without it
+            say(f"  no plot: {type(exc).__name__}: {exc} (redraw with --plot-from)")
     say("\n== targets")
     for name, v in results["verdicts"].items():
         say(f"  {'MET ' if v['met'] else 'MISS'}  {name:45s} {v['value']}")
