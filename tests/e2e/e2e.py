@@ -17,7 +17,9 @@ Environment:
                      (default: <project>/hotplug/vif-route-qubes)
   VRQ_E2E_TIMEOUT    overall qemu timeout in seconds (default 600)
   VRQ_E2E_FIREWALL   iptables|nft|auto: VIF_ROUTE_QUBES_FIREWALL in the netvm
-                     (default unset: the product's own default)
+                     for a1, a2 and up/down (default unset: the product's own
+                     default, nft here); AppVM a3 then runs with the other one.
+                     dom0 as the backend runs every check with both.
 """
 
 from __future__ import annotations

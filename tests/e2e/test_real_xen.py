@@ -20,25 +20,41 @@ import pytest
 HERE = Path(__file__).resolve().parent
 pytestmark = pytest.mark.e2e
 
+# dom0 as the backend: the same checks once per firewall backend, named
+# "<backend>-..." (dom0/checks.sh, dom0_round)
 GUEST_CHECKS = ["hotplug-status", "route", "gateway-addr", "neighbour", "proxy-arp",
-                "chains", "state-record", "offline-clean"]
+                "guard", "state-record", "offline-clean"]
+BACKENDS = ("iptables", "nft")
+
+
+def dom0_round(fw):
+    return (
+        [f"{fw}-dnat-setup", f"{fw}-dnat-unchanged", f"{fw}-g1-create", f"{fw}-g2-create"]
+        + [f"{fw}-{g}-{c}" for g in ("g1", "g2") for c in GUEST_CHECKS]
+        + [f"{fw}-guest-g1-ping-gateway", f"{fw}-guest-g2-ping-gateway", f"{fw}-guest-g1-dns",
+           f"{fw}-guest-g2-dns", f"{fw}-guest-g1-forged-source", f"{fw}-dns-reached-upstream",
+           f"{fw}-forged-source-dropped", f"{fw}-ipv6-dropped",
+           f"{fw}-bad-ip-create-fails", f"{fw}-bad-ip-hotplug-error", f"{fw}-bad-ip-nothing-left",
+           f"{fw}-no-guard-left"]
+    )
+
+
 CHECKS = (
-    ["xen-up", "drop-in-installed", "netvm-keys", "dnat-setup", "dnat-unchanged",
-     "g1-create", "g2-create"]
-    + [f"{g}-{c}" for g in ("g1", "g2") for c in GUEST_CHECKS]
-    + ["guest-g1-ping-gateway", "guest-g2-ping-gateway", "guest-g1-dns", "guest-g2-dns",
-       "guest-g1-forged-source", "dns-reached-upstream", "forged-source-dropped",
-       "ipv6-dropped",
-       "bad-ip-create-fails", "bad-ip-hotplug-error", "bad-ip-nothing-left",
-       "no-vrq-rules-left", "debug-log"]
+    ["xen-up", "drop-in-installed", "netvm-keys"]
+    + [c for fw in BACKENDS for c in dom0_round(fw)]
+    + ["nft-dnat-moved-from-iptables", "debug-log"]
 )
 # the seed's layout: a netvm driver domain, AppVMs behind it, dom0 attached
-# through it by qvm-dom0-network-via-netvm (dom0/netvm.sh, domu/*)
+# through it by qvm-dom0-network-via-netvm (dom0/netvm.sh, domu/*), with the
+# netvm's backend (VRQ_E2E_FIREWALL; unset or auto: nft, which the image
+# has); then the netvm moves to the other backend and AppVM a3 runs with it
+NETVM_FW = "iptables" if os.environ.get("VRQ_E2E_FIREWALL") == "iptables" else "nft"
+OTHER_FW = "nft" if NETVM_FW == "iptables" else "iptables"
 NETVM_CHECKS = (
     ["netvm-keys-written", "netvm-create", "netvm-dnat", "dom0-no-route-before-up",
      "a1-create", "a2-create"]
     + [f"{g}-{c}" for g in ("a1", "a2") for c in ("hotplug-in-netvm", "keys-perms", "no-script-in-dom0")]
-    + ["netvm-routing-table"]
+    + ["netvm-routing-table", f"netvm-{NETVM_FW}-guard"]
     + [f"appvm-{g}-{c}" for g in ("a1", "a2") for c in ("setup-ip", "keys-private", "reach-upstream", "dns")]
     + ["appvm-a2-forged-source", "appvm-dns-upstream", "appvm-forged-dropped-in-netvm",
        "dom0-up", "libxl-empty-hotplug-status", "appvms-paused-during-up", "a1-no-ticks-while-paused",
@@ -46,6 +62,10 @@ NETVM_CHECKS = (
        "netvm-routes-dom0", "dom0-down", "dom0-no-route-after-down", "dom0-resolv-restored",
        "down-unpauses-only-its-own", "a1-ticks-after-down", "dom0-down-twice",
        "netvm-clean-after-down", "netvm-clean-after-destroy", "netvm-no-route-after-destroy"]
+    + [f"netvm-{OTHER_FW}-{c}" for c in (
+        "switch", "a3-create", "a3-hotplug-in-netvm", "a3-guard", "appvm-a3-setup-ip",
+        "appvm-a3-keys-private", "appvm-a3-reach-upstream", "appvm-a3-dns", "appvm-a3-forged-source",
+        "dns-upstream", "forged-dropped-in-netvm", "clean-after-destroy")]
 )
 CHECKS = CHECKS + NETVM_CHECKS
 CHECK_RE = re.compile(r"^E2E CHECK (\S+) (PASS|FAIL)\b ?(.*)$", re.M)

@@ -10,6 +10,12 @@ KEYS=$VENV/bin/vif-route-qubes-keys
 D0NET=$VENV/bin/qvm-dom0-network-via-netvm
 NLOG=/var/log/xen/console/guest-netvm.log
 unset VIF_ROUTE_QUBES_DEBUG VIF_ROUTE_QUBES_FIREWALL
+# the netvm's backend (VRQ_E2E_FIREWALL; unset or auto: nft, the image has
+# it) and the other one, which a last AppVM a3 runs with (section "the
+# other backend" below)
+NFW=${NETVM_FIREWALL:-auto}; [ "$NFW" = auto ] && NFW=nft
+if [ "$NFW" = nft ]; then OFW=iptables; else OFW=nft; fi
+A3=10.137.0.22 FORGED3=10.137.0.97
 
 # what is left of the dom0-backend part must not give dom0 a way out
 ip link del dns0 2>/dev/null
@@ -27,6 +33,8 @@ ip -n up route add 10.137.0.0/24 via $UPNET.2   # the guests' range, routed (no 
 ip netns exec up python3 /e2e/dns_responder.py $UP >/tmp/updns.log 2>&1 &
 ip netns exec up iptables -w -A INPUT -s $FORGED2 -p icmp -j ACCEPT
 ip netns exec up iptables -w -A INPUT -s $A2 -p icmp -j ACCEPT
+ip netns exec up iptables -w -A INPUT -s $FORGED3 -p icmp -j ACCEPT
+ip netns exec up iptables -w -A INPUT -s $A3 -p icmp -j ACCEPT
 upcnt() { ip netns exec up iptables-save -c -t filter | grep -- "-A INPUT -s $1/32 -p icmp" | sed -n 's/^\[\([0-9]*\):.*/\1/p' | head -1; }
 
 snap() {  # n: ask the netvm for a snapshot, into /tmp/snap-n
@@ -36,6 +44,17 @@ snap() {  # n: ask the netvm for a snapshot, into /tmp/snap-n
     tr -d '\r' <$NLOG | sed -n "s/^NETVM SNAP $1 //p" >/tmp/snap-$1
 }
 section() { sed -n "/^== $2\$/,/^== /p" /tmp/snap-$1 | grep -v '^== '; }
+snap_guard() {  # n backend vif ip: the backend's guard of vif in snapshot n, none of the other's
+    if [ "$2" = nft ]; then
+        section $1 nft | grep -qF "\"$3\" . $4" || { echo "no \"$3\" . $4 in ip qubes allowed"; return 1; }
+        section $1 iptables | grep -q -- "vrq-in-$3\b" && { echo "iptables chains for $3 too"; return 1; }
+        echo "\"$3\" . $4 in ip qubes allowed, no iptables chain"
+    else
+        section $1 iptables | grep -q -- "-A vrq-in-$3 -s $4/32 -j RETURN" || { echo "no -A vrq-in-$3 -s $4/32 -j RETURN"; return 1; }
+        section $1 nft | grep -q "table ip6\? qubes" && { echo "nft tables still loaded: $(section $1 nft | tr '\n' ' ' | head -c 400)"; return 1; }
+        echo "vrq-in-$3 RETURNs $4, no nft table qubes"
+    fi
+}
 state_part() { sed '/^== hotplug-log$/,$d' /tmp/snap-$1; }  # without the logs (they name past vifs)
 wait_console() {  # domain pattern seconds
     i=0
@@ -145,6 +164,9 @@ section 1 records | grep -q "vif$A1ID.0.json" || miss="$miss record-vif$A1ID.0"
 [ -z "$miss" ] && check netvm-routing-table PASS "$(echo "$r" | tr '\n' ';')" \
     || check netvm-routing-table FAIL "missing:$miss; routes: $(echo "$r" | tr '\n' ';'); $(tr '\n' ';' </tmp/snap-1 | tail -c 600)"
 
+d1=$(snap_guard 1 $NFW vif$A1ID.0 $A1) && d2=$(snap_guard 1 $NFW vif$A2ID.0 $A2) \
+    && check netvm-$NFW-guard PASS "a1: $d1; a2: $d2" || check netvm-$NFW-guard FAIL "$d1 $d2"
+
 for g in a1 a2; do
     if wait_console $g "^GUEST DONE" 240; then note "$g finished its checks at +$(elapsed)s"
     else check $g-finished FAIL "no GUEST DONE: $(tail -c 1200 /var/log/xen/console/guest-$g.log 2>&1 | tr '\n' ' ')"; fi
@@ -238,8 +260,60 @@ state_part 4 | grep -q "vif$A1ID\.0" && check netvm-clean-after-destroy FAIL "$(
     || check netvm-clean-after-destroy PASS "no route, neighbour, link, record or rule of vif$A1ID.0 in the netvm"
 section 4 routes | grep -q "^$A1 " && check netvm-no-route-after-destroy FAIL "$(section 4 routes | grep "^$A1 ")" \
     || check netvm-no-route-after-destroy PASS "no route to $A1 left"
+# ------------------------------------------------------- the other backend
+# The netvm moves to the other backend the way the README says (no vif
+# left: xl devd restarted with the new setting, DNAT moved, nft's tables
+# dropped when leaving nft), then one more AppVM a3 goes through hotplug,
+# its guard, upstream, DNS, a forged source and destroy with it.
+timeout 120 xl destroy a2 >/tmp/xl-destroy-a2.log 2>&1 || check a2-destroy FAIL "$(tr '\n' ' ' </tmp/xl-destroy-a2.log)"
+i=0
+while xenstore-ls /local/domain/$NID/backend/vif/$A2ID >/dev/null 2>&1 && [ $i -lt 60 ]; do sleep 0.5; i=$((i+1)); done
+xenstore-write /local/domain/$NID/e2e-req "switch-$OFW-1"
+wait_console netvm "^NETVM SWITCHED switch-$OFW-1 " 60
+sw=$(tr -d '\r' <$NLOG | sed -n "s/^NETVM SWITCHED switch-$OFW-1 //p" | head -1)
+case "$sw" in
+    PASS*) check netvm-$OFW-switch PASS "${sw#PASS }" ;;
+    *) check netvm-$OFW-switch FAIL "${sw:-no answer from the netvm}" ;;
+esac
+appvm_cfg a3 $A3 "e2e_dns=resolv e2e_forged=$FORGED3"
+if timeout 200 xl create -p /tmp/a3.cfg >/tmp/xl-a3.log 2>&1 && $KEYS guest a3 >/tmp/keys-a3.log 2>&1 \
+        && xl unpause a3; then
+    check netvm-$OFW-a3-create PASS "at +$(elapsed)s, domid $(xl domid a3)"
+else
+    check netvm-$OFW-a3-create FAIL "$(tail -c 600 /tmp/xl-a3.log /tmp/keys-a3.log | tr '\n' ' ')"
+fi
+A3ID=$(xl domid a3 2>/dev/null)
+if [ -n "$A3ID" ] && wait_connected $A3ID; then
+    check netvm-$OFW-a3-hotplug-in-netvm PASS "hotplug-status=connected at +$(elapsed)s"
+else
+    check netvm-$OFW-a3-hotplug-in-netvm FAIL "hotplug-status='$(xenstore-read /local/domain/$NID/backend/vif/$A3ID/0/hotplug-status 2>&1)' error='$(xenstore-read /local/domain/$NID/backend/vif/$A3ID/0/hotplug-error 2>&1)'"
+fi
+snap 5
+d=$(snap_guard 5 $OFW vif$A3ID.0 $A3) && check netvm-$OFW-a3-guard PASS "$d" || check netvm-$OFW-a3-guard FAIL "$d"
+if wait_console a3 "^GUEST DONE" 240; then note "a3 finished its checks at +$(elapsed)s"
+else check netvm-$OFW-a3-finished FAIL "no GUEST DONE: $(tail -c 1200 /var/log/xen/console/guest-a3.log 2>&1 | tr '\n' ' ')"; fi
+tr -d '\r' </var/log/xen/console/guest-a3.log 2>/dev/null |
+    sed -n 's/^GUEST CHECK \([^ ]*\) \(PASS\|FAIL\) \?\(.*\)$/\1 \2 \3/p' |
+    while read -r n s d; do echo "E2E CHECK netvm-$OFW-appvm-$n $s $d"; done
+tr -d '\r' </var/log/xen/console/guest-a3.log 2>/dev/null | grep -q "^GUEST CHECK .* FAIL" && FAILED=1
+tr -d '\r' </var/log/xen/console/guest-a3.log 2>/dev/null | grep -q "^GUEST CHECK" || FAILED=1
+grep -q "query from $A3 " /tmp/updns.log \
+    && check netvm-$OFW-dns-upstream PASS "$(grep -c "query from $A3 " /tmp/updns.log) queries from $A3 reached the resolver at $UP" \
+    || check netvm-$OFW-dns-upstream FAIL "resolver log: $(tr '\n' ' ' </tmp/updns.log)"
+forged=$(upcnt $FORGED3); genuine=$(upcnt $A3)
+[ "${forged:-x}" = 0 ] && [ "${genuine:-0}" -gt 0 ] \
+    && check netvm-$OFW-forged-dropped-in-netvm PASS "upstream saw 0 packets from $FORGED3, $genuine from $A3" \
+    || check netvm-$OFW-forged-dropped-in-netvm FAIL "upstream saw '$forged' from $FORGED3, '$genuine' from $A3"
+timeout 120 xl destroy a3 >/tmp/xl-destroy-a3.log 2>&1 || check a3-destroy FAIL "$(tr '\n' ' ' </tmp/xl-destroy-a3.log)"
+i=0
+while xenstore-ls /local/domain/$NID/backend/vif/$A3ID >/dev/null 2>&1 && [ $i -lt 60 ]; do sleep 0.5; i=$((i+1)); done
+sleep 2
+snap 6
+state_part 6 | grep -qE "vif$A3ID\.0|$A3\b" && check netvm-$OFW-clean-after-destroy FAIL "$(state_part 6 | grep -E "vif$A3ID\.0|$A3\b" | tr '\n' ';')" \
+    || check netvm-$OFW-clean-after-destroy PASS "no route, neighbour, link, record or $OFW rule of vif$A3ID.0 or $A3 in the netvm"
+
 if [ $FAILED != 0 ]; then
     tail -n 30 $NLOG | sed 's/^/E2E CONSOLE-netvm /'
-    for g in a1 a2; do tail -n 15 /var/log/xen/console/guest-$g.log 2>/dev/null | sed "s/^/E2E CONSOLE-$g /"; done
+    for g in a1 a2 a3; do tail -n 15 /var/log/xen/console/guest-$g.log 2>/dev/null | sed "s/^/E2E CONSOLE-$g /"; done
     tail -n 20 /tmp/up.err /tmp/down.err 2>/dev/null | sed 's/^/E2E DOM0-NET /'
 fi
