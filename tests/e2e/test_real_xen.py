@@ -30,7 +30,7 @@ CHECKS = (
        "guest-g1-forged-source", "dns-reached-upstream", "forged-source-dropped",
        "ipv6-dropped",
        "bad-ip-create-fails", "bad-ip-hotplug-error", "bad-ip-nothing-left",
-       "no-vrq-rules-left", "debug-log"]
+       "no-vrq-rules-left", "guard-stays", "debug-log"]
 )
 # the seed's layout: a netvm driver domain, AppVMs behind it, dom0 attached
 # through it by qvm-dom0-network-via-netvm (dom0/netvm.sh, domu/*)

@@ -94,6 +94,9 @@ vif = [ 'script=vif-route-qubes,ip=$2' ]
 EOF
 }
 raw_chains() { { iptables -w -t raw -S; ip6tables -w -t raw -S; } 2>/dev/null | grep -- 'vrq-' ; }
+# the guard (default deny) as it stays once no vif is left: one per family
+GUARD_JUMP='-A PREROUTING -m devgroup --src-group 0x2 -m comment --comment vrq-guard -j vrq-guard'
+idle_guard() { grep -v -x -e '-N vrq-guard' -e '-A vrq-guard -j DROP' -e "$GUARD_JUMP" ; }
 
 guest_cfg g1 10.137.0.10 "e2e_dns=$DNS1 e2e_forged=$FORGED e2e_ipv6=1"
 guest_cfg g2 10.137.0.11 "e2e_dns=$DNS2"
@@ -132,10 +135,18 @@ for g in g1 g2; do
     for c in vrq-in-$vif vrq-src-$vif; do
         echo "$c4" | grep -q -- "-N $c\$" || miss="$miss iptables:-N $c"
         echo "$c6" | grep -q -- "-N $c\$" || miss="$miss ip6tables:-N $c"
-        echo "$c4" | grep -q -- "-A PREROUTING .*-j $c\$" || miss="$miss iptables:PREROUTING->$c"
-        echo "$c6" | grep -q -- "-A PREROUTING .*-j $c\$" || miss="$miss ip6tables:PREROUTING->$c"
     done
-    [ -z "$miss" ] && check $g-chains PASS "vrq-in-$vif, vrq-src-$vif hooked in raw PREROUTING (v4+v6)" \
+    # vrq-in-VIF is reached by a goto from the guard, vrq-src-VIF by a jump
+    # from PREROUTING; the guard is jumped to once and ends with its DROP
+    for t in c4 c6; do
+        eval "rules=\$$t"
+        echo "$rules" | grep -q -x -- "-A vrq-guard -i $vif -g vrq-in-$vif" || miss="$miss $t:vrq-guard->vrq-in-$vif"
+        echo "$rules" | grep -q -- "-A PREROUTING .*-j vrq-src-$vif\$" || miss="$miss $t:PREROUTING->vrq-src-$vif"
+        echo "$rules" | grep -q -x -- "$GUARD_JUMP" || miss="$miss $t:PREROUTING->vrq-guard"
+        [ "$(echo "$rules" | grep -- '^-A vrq-guard ' | tail -n 1)" = "-A vrq-guard -j DROP" ] \
+            || miss="$miss $t:vrq-guard DROP last"
+    done
+    [ -z "$miss" ] && check $g-chains PASS "vrq-in-$vif (via vrq-guard), vrq-src-$vif hooked in raw PREROUTING (v4+v6)" \
         || check $g-chains FAIL "missing:$miss"
     [ -s /run/vif-route-qubes/$vif.json ] && check $g-state-record PASS "/run/vif-route-qubes/$vif.json" \
         || check $g-state-record FAIL "no /run/vif-route-qubes/$vif.json ($(ls /run/vif-route-qubes 2>&1))"
@@ -217,9 +228,13 @@ for g in g1 g2; do
     [ -z "$left" ] && check $g-offline-clean PASS "no route, neighbour, vrq rule or record for $vif" \
         || check $g-offline-clean FAIL "$left"
 done
-left=$(raw_chains | tr '\n' ';')
-[ -z "$left" ] && check no-vrq-rules-left PASS "raw tables hold no vrq rule" \
+left=$(raw_chains | idle_guard | tr '\n' ';')
+[ -z "$left" ] && check no-vrq-rules-left PASS "raw tables hold no vrq rule but the idle guard" \
     || check no-vrq-rules-left FAIL "$left"
+# the default deny outlives the last vif (offline never removes the guard)
+n=$(raw_chains | grep -c -x -e '-A vrq-guard -j DROP' -e "$GUARD_JUMP")
+[ "$n" = 4 ] && check guard-stays PASS "vrq-guard and its jump stay in both families" \
+    || check guard-stays FAIL "$(raw_chains | grep -- vrq-guard | tr '\n' ';')"
 
 # ---------------------------------------------------------------- 7. argv + env, for the record
 grep -h -i -E "argv|environ|XENBUS_PATH" /var/log/xen/xen-hotplug.log /tmp/xl-*.log 2>/dev/null \
