@@ -22,13 +22,12 @@ FIREWALL_CMD = {"iptables": "iptables-restore", "nft": "nft"}
 
 
 def tables_made(world):
-    """nft: the tables exist (made once per host, by the first online, which
-    reads the kernel for it): the steady state, where a run is exactly the
-    one transaction its dry run prints."""
-    if world.firewall == "nft":
-        other = world.add_guest(9, ["10.137.0.19"])
-        assert world.hotplug(other, "online").returncode == 0
-        assert world.hotplug(other, "offline").returncode == 0
+    """The nft tables or the iptables guard chain exist (made once per host,
+    by the first online, which reads the kernel for it): the steady state,
+    where a run is exactly the transaction its dry run prints."""
+    other = world.add_guest(9, ["10.137.0.19"])
+    assert world.hotplug(other, "online").returncode == 0
+    assert world.hotplug(other, "offline").returncode == 0
 
 
 def cli(world, guest, *args, env=None, path=None):

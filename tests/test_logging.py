@@ -147,6 +147,11 @@ def test_debug_raises_the_level_on_stderr(world, syslog, how):
 
 
 def test_injected_failure_names_the_command_and_its_stderr(world, syslog):
+    # the guard chain exists (the steady state: only a host's first online
+    # makes it, with restores of its own)
+    other = world.add_guest(4, ["10.137.0.14"])
+    assert world.hotplug(other, "online").returncode == 0
+    assert world.hotplug(other, "offline").returncode == 0
     g = world.add_guest(3, ["10.137.0.12"])
     before = world.snapshot()
     res = world.hotplug(g, "online", env=g.env(VIF_ROUTE_QUBES_FAIL_AT="3"))

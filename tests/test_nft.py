@@ -345,13 +345,20 @@ def test_moving_a_running_vif_between_backends(world, first, then):
     has_nft = "vif3.0" in snap["nft-elements"]
     assert (has_ipt, has_nft) == (then == "iptables", then == "nft"), "both backends' rules, or none"
     g.configure()
+    # the old backend's default deny outlives the move (the nft tables may
+    # be Qubes', the iptables guard other vifs'): the log says so, and
+    # deleting it is the documented step
+    assert "default deny drops everything" in res.stderr
+    assert not reaches(world, g, "10.137.0.12", world.UPLINK_UPSTREAM, "denied", world.upstream)
     if then == "iptables":
-        # the nft tables' default deny outlives the move (they may be
-        # Qubes'): the log says so, and deleting them is the documented step
-        assert "their default deny drops everything" in res.stderr
-        assert not reaches(world, g, "10.137.0.12", world.UPLINK_UPSTREAM, "denied", world.upstream)
         world.netvm.exec(["nft", "delete", "table", "ip", "qubes"])
         world.netvm.exec(["nft", "delete", "table", "ip6", "qubes"])
+    else:
+        for tool in ("iptables", "ip6tables"):
+            world.netvm.exec([tool, "-t", "raw", "-D", "PREROUTING", "-m", "devgroup", "--src-group", "2",
+                              "-m", "comment", "--comment", "vrq-guard", "-j", "vrq-guard"])
+            world.netvm.exec([tool, "-t", "raw", "-F", "vrq-guard"])
+            world.netvm.exec([tool, "-t", "raw", "-X", "vrq-guard"])
     assert reaches(world, g, "10.137.0.12", world.UPLINK_UPSTREAM, "moved", world.upstream)
     # status sees no mix either
     env = g.env(VIF_ROUTE_QUBES_FIREWALL=then)

@@ -120,12 +120,14 @@ def check_all_rules(world, guests):
             key = line.split(" [")[0] if line.startswith(":") else line
             counts[key] = counts.get(key, 0) + 1
         jumps = [line for line in lines if line.startswith("-A PREROUTING ")]
-        assert len(jumps) == 2 * len(guests), (tool, len(jumps))
+        assert len(jumps) == len(guests) + 1, (tool, len(jumps))  # the src jumps and the guard's
+        gotos = [line for line in lines if line.startswith("-A vrq-guard ")]
+        assert len(gotos) == len(guests) + 1 and gotos[-1] == "-A vrq-guard -j DROP", (tool, gotos[-3:])
         for g in guests:
             cin, csrc = f"vrq-in-{g.vif}", f"vrq-src-{g.vif}"
             expect = [
                 f":{cin} -", f":{csrc} -",
-                f"-A PREROUTING -i {g.vif} -m comment --comment vrq-in -j {cin}",
+                f"-A vrq-guard -i {g.vif} -g {cin}",
                 f"-A PREROUTING -m devgroup ! --src-group 0x2 -m comment --comment vrq-src -j {csrc}",
                 f"-A {cin} -j DROP",
             ]

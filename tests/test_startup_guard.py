@@ -50,6 +50,8 @@ HEAVY = ("urllib.request", "http.client", "email", "ssl", "click")
 HELPERS_ONLINE = {"iptables-restore", "ip6tables-restore", "ip"}
 HELPERS_OFFLINE = {"iptables-restore", "ip6tables-restore", "ip"}
 MAX_HELPERS = 4  # the vif's state read (ip -j), both firewall families, the ip batch
+# (once the guard chain exists: the very first online on a host also reads
+# iptables-save and creates it)
 # the nft backend: one transaction for both families (once its tables
 # exist: the very first online on a host also reads and creates them)
 NFT_HELPERS = {"nft", "ip"}
@@ -169,11 +171,13 @@ def helpers_of(programs):
 
 
 def expected_helpers(world, online):
+    # make the nft tables or the iptables guard first, with another guest:
+    # the steady state (only the first online on a host creates them, and
+    # pays for it with a read of the ruleset)
+    other = world.add_guest(7, ["10.137.0.17"])
+    assert world.hotplug(other, "online").returncode == 0
+    assert world.hotplug(other, "offline").returncode == 0
     if world.firewall == "nft":
-        # make the tables first, with another guest: the steady state
-        other = world.add_guest(7, ["10.137.0.17"])
-        assert world.hotplug(other, "online").returncode == 0
-        assert world.hotplug(other, "offline").returncode == 0
         return NFT_HELPERS, NFT_MAX_HELPERS
     return (HELPERS_ONLINE if online else HELPERS_OFFLINE), MAX_HELPERS
 

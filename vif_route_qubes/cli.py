@@ -180,8 +180,9 @@ error: the record alone is used then.
 Has: routes with metric 32752-domid, the gateway /32 (/128) address,
 permanent neighbour entries with the guest's MAC, link up, group 2,
 proxy_arp (proxy_ndp), and the firewall: with the iptables backend the
-vrq- chains (rules compared in order) and PREROUTING jumps in the raw table
-of both families; with the nft backend the elements of the sets allowed and
+vrq- chains (rules compared in order), their jumps and the guard chain
+vrq-guard (its PREROUTING jump, its final DROP: the default deny) in the
+raw table of both families; with the nft backend the elements of the sets allowed and
 downstream of tables ip/ip6 qubes and the rules they depend on. The other
 backend's rules for the vif are listed as unexpected (one ip -j -batch and
 the backend's reads, iptables-save -t raw of both families or nft -j list;

@@ -3,10 +3,24 @@ pair of chains per interface in the raw table of both families.
 
 Layout (``iptables`` and ``ip6tables``, table ``raw``)::
 
-    PREROUTING -i VIF                      -j vrq-in-VIF   # ingress check
+    PREROUTING -m devgroup --src-group 2   -j vrq-guard    # once per host
     PREROUTING -m devgroup ! --src-group 2 -j vrq-src-VIF  # our addresses elsewhere
+    vrq-guard:   -i VIF -g vrq-in-VIF (each vif, inserted at the top) ; -j DROP
     vrq-in-VIF:  -s ADDR -j RETURN (each address) ; -j DROP
     vrq-src-VIF: -s ADDR -j DROP   (each address)
+
+Default deny: everything from interface group 2 enters ``vrq-guard``, and an
+interface without a ``-g`` line of ours there (a run that never finished, a
+vif put in the group by hand) meets the guard's final DROP. The ``-g``
+(goto) matters: the RETURN of ``vrq-in-VIF`` for an allowed source then
+returns to PREROUTING past the guard jump, so everyone else's raw rules still
+see the packet. The guard is made by the first online on a host (the payload
+that assumes it fails, and the fallback reads ``iptables-save`` and creates
+it) and never removed by offline: other vifs and the default deny rely on it.
+Removing it by hand, once no vif uses this backend (both families)::
+
+    iptables -t raw -D PREROUTING -m devgroup --src-group 2 -m comment --comment vrq-guard -j vrq-guard
+    iptables -t raw -F vrq-guard ; iptables -t raw -X vrq-guard
 
 The ingress chain RETURNs for *every* address of the vif before its single
 DROP, so several addresses on one vif all work (the iptables-era shell script
@@ -15,8 +29,8 @@ others). "A non-vif interface" is "not in interface group 2", the group Qubes
 gives every vif, rather than ``! -i vif+``: it stays right for interfaces
 renamed through XenStore's ``vifname``.
 
-Every packet walks the PREROUTING jumps of every vif, so a packet's cost
-grows with the number of guests (benchmarks/README.md); the nft backend's
+Every packet walks the guard's gotos or the src jumps of every vif, so a
+packet's cost grows with the number of guests (benchmarks/README.md); the nft backend's
 sets do not. The upper half of this module is pure (payload text in, text
 out, tested without root); :class:`Backend` applies it through the
 :class:`~vif_route_qubes.system.System` seam.
@@ -38,15 +52,28 @@ def chains(name: str) -> tuple:
     return cin, csrc
 
 
-class Firewall(namedtuple("Firewall", "version create replace teardown jumps chain_names")):
+GUARD = "vrq-guard"
+# the one jump into the guard, and its final rule (the default deny)
+GUARD_JUMP = f"PREROUTING -m devgroup --src-group {VIF_GROUP} -m comment --comment {GUARD} -j {GUARD}"
+GUARD_DROP = f"{GUARD} -j DROP"
+# in every payload but the teardown: fails when the guard's jump or its
+# DROP is gone (then the fallback rebuilds the guard from iptables-save),
+# and keeps the DROP last without moving the jump among others' rules
+GUARD_CHECK = (f"-C {GUARD_JUMP}", f"-D {GUARD_DROP}", f"-A {GUARD_DROP}")
+
+
+class Firewall(namedtuple("Firewall", "version create replace teardown jumps chain_names core")):
     """The rules of one address family, as iptables-restore payload variants.
 
     ``create`` makes the chains with ``-N`` (fails if they exist, and since
     the chains and their jumps are only ever made and removed together in one
     atomic payload, "exists" means "jumps exist too"). ``replace`` refills
-    existing chains and re-adds the jumps with ``-D`` + ``-A`` (fails if a
-    jump is missing, so it never duplicates one). ``teardown`` removes both.
-    ``jumps`` are the "PREROUTING ..." rule specs, for exact removal.
+    existing chains and re-adds the jumps with ``-D`` + ``-I``/``-A`` (fails
+    if a jump is missing, so it never duplicates one). Both fail when the
+    guard is absent or damaged. ``teardown`` removes the vif's chains and
+    jumps (never the guard). ``jumps`` are the rule specs that lead into our
+    chains (the guard's goto, the src jump), for exact removal; ``core`` the
+    lines of ``create`` without the guard check, for the rebuild.
     """
 
     __slots__ = ()
@@ -74,33 +101,63 @@ def chain_rules(vif: Vif, version: int) -> list:
 
 
 def jump_specs(name: str) -> tuple:
+    """The guard's goto into the ingress chain (inserted at the guard's
+    top, before its DROP) and the PREROUTING jump into the src chain."""
     cin, csrc = chains(name)
     return (
-        f"PREROUTING -i {name} -m comment --comment vrq-in -j {cin}",
+        f"{GUARD} -i {name} -g {cin}",
         f"PREROUTING -m devgroup ! --src-group {VIF_GROUP} -m comment --comment vrq-src -j {csrc}",
     )
+
+
+def _add(spec: str) -> str:
+    return f"-I {spec}" if spec.startswith(GUARD + " ") else f"-A {spec}"
 
 
 def firewall(vif: Vif, version: int) -> Firewall:
     cin, csrc = chains(vif.name)
     rules = chain_rules(vif, version)
     jumps = jump_specs(vif.name)
-    create = [f"-N {cin}", f"-N {csrc}", *rules, *(f"-A {j}" for j in jumps)]
+    core = [f"-N {cin}", f"-N {csrc}", *rules, *(_add(j) for j in jumps)]
     replace = [
         f":{cin} - [0:0]",
         f":{csrc} - [0:0]",
         *rules,
         *(f"-D {j}" for j in jumps),
-        *(f"-A {j}" for j in jumps),
+        *(_add(j) for j in jumps),
+        *GUARD_CHECK,
     ]
     return Firewall(
         version=version,
-        create=_payload(create),
+        create=_payload(core + list(GUARD_CHECK)),
         replace=_payload(replace),
         teardown=teardown_payload(jumps, (cin, csrc)),
         jumps=jumps,
         chain_names=(cin, csrc),
+        core=_payload(core),
     )
+
+
+def guard_from_save(save_text: str) -> tuple:
+    """(lines before, lines after) a vif's ``core`` that make the guard whole
+    again from what ``iptables-save -t raw`` shows: the chain and its jump
+    when absent, and exactly one DROP, last."""
+    keys = [rule_key(line) for line in save_text.splitlines()]
+    head = []
+    if not any(line.split(" ", 1)[0] == f":{GUARD}" for line in keys):
+        head.append(f"-N {GUARD}")
+    if rule_key(f"-A {GUARD_JUMP}") not in keys:
+        head.append(f"-A {GUARD_JUMP}")
+    drops = keys.count(f"-A {GUARD_DROP}")
+    return head, [f"-D {GUARD_DROP}"] * drops + [f"-A {GUARD_DROP}"]
+
+
+def rebuild_payload(save_text: str, fw: Firewall, name: str) -> str:
+    """The last resort of apply: remove exactly what is left of the vif's
+    rules, make the guard whole, then install the vif (one transaction)."""
+    head, tail = guard_from_save(save_text)
+    core = fw.core.split("\n", 1)[1].rsplit("COMMIT\n", 1)[0].splitlines()
+    return merge_payloads(teardown_from_save(save_text, name), _payload(head + core + tail))
 
 
 def teardown_payload(jumps, chain_names) -> str:
@@ -122,7 +179,7 @@ def teardown_from_save(save_text: str, name: str) -> str:
     for line in save_text.splitlines():
         if line.startswith(":") and line[1:].split(" ", 1)[0] in ours:
             present.add(line[1:].split(" ", 1)[0])
-        elif line.startswith("-A ") and line.split()[-1] in ours and line.split()[-2] == "-j":
+        elif line.startswith("-A ") and line.split()[-1] in ours and line.split()[-2] in ("-j", "-g"):
             if line.split()[1] != cin and line.split()[1] != csrc:
                 jumps.append(line[3:])
     if not present and not jumps:
@@ -193,7 +250,7 @@ def compare(save_text: str, vif, name: str, kind: str) -> list:
             parts = line.split()
             if parts[1] in ours:
                 in_chain[parts[1]].append(rule_key(line))
-            elif len(parts) > 2 and parts[-2] == "-j" and parts[-1] in ours:
+            elif len(parts) > 2 and parts[-2] in ("-j", "-g") and parts[-1] in ours:
                 jumps.append(rule_key(line))
     out = []
     if vif is None:
@@ -203,6 +260,7 @@ def compare(save_text: str, vif, name: str, kind: str) -> list:
         for r in jumps + in_chain[cin] + in_chain[csrc]:
             out.append(("unexpected", f"{kind} {r}", ""))
         return out
+    out += guard_rows(save_text, kind)
     for c in ours:
         out.append(("ok" if c in present else "missing", f"{kind} chain {c}", ""))
     # jumps first: without them the chains do nothing; their place among
@@ -221,6 +279,25 @@ def compare(save_text: str, vif, name: str, kind: str) -> list:
         want = [r for r in expected if r.split()[1] == c]
         have = in_chain[c]
         out += _sequence(want, have, kind)
+    return out
+
+
+def guard_rows(save_text: str, kind: str) -> list:
+    """The guard every vif relies on: its chain, its jump from PREROUTING,
+    and the DROP that must stay its last rule (the default deny)."""
+    keys = [rule_key(line) for line in save_text.splitlines()]
+    chain = any(line.split(" ", 1)[0] == f":{GUARD}" for line in keys)
+    out = [("ok" if chain else "missing", f"{kind} chain {GUARD}", "")]
+    jump = rule_key(f"-A {GUARD_JUMP}")
+    out.append(("ok" if jump in keys else "missing", f"{kind} {jump}", ""))
+    drop = f"-A {GUARD_DROP}"
+    rules = [line for line in keys if line.split()[:2] == ["-A", GUARD]]
+    if rules and rules[-1] == drop:
+        out.append(("ok", f"{kind} {drop}", "last: the default deny"))
+    elif drop in rules:
+        out.append(("missing", f"{kind} {drop}", "present, but not last: the default deny"))
+    else:
+        out.append(("missing", f"{kind} {drop}", "the default deny"))
     return out
 
 
@@ -303,8 +380,7 @@ class Backend:
             started = []
             for fw in pending:
                 if mode == "rebuild":
-                    saved = self._save(fw.version, check=False)
-                    data = merge_payloads(teardown_from_save(saved, name), fw.create)
+                    data = rebuild_payload(self._save(fw.version, check=False), fw, name)
                 else:
                     data = getattr(fw, mode)
                 started.append((fw, self._try(fw.version, data)))
@@ -329,7 +405,9 @@ class Backend:
         first = "replace" if previous is not None else "create"
         if s.dry_run:
             s.note(f"firewall: '{first}' variant; if the chains turn out to be "
-                   + ("missing" if previous is not None else "present already") + ", the other one is applied")
+                   + ("missing" if previous is not None else "present already") + ", the other one is applied"
+                   + f"; if the guard chain {GUARD} is absent or damaged (the first vif on this host), "
+                   "it is made whole from iptables-save")
         failed = self._install([firewall(vif, v) for v in FAMILIES], vif.name, first, s.log)
         if not failed:
             return
@@ -393,8 +471,12 @@ class Backend:
         return removed
 
     def moved_away(self):
-        """What to tell when a vif leaves this backend: nothing stays behind."""
-        return None
+        """What to tell when a vif leaves this backend for nft: the guard
+        stays (other vifs may rely on it), and so does its default deny."""
+        return (f"the iptables chain {GUARD} stays, and its default deny drops everything from interface "
+                f"group {VIF_GROUP} that has no chains of ours: once no vif uses the iptables backend, delete it "
+                f"in both families (iptables -t raw -D {GUARD_JUMP}; iptables -t raw -F {GUARD}; "
+                f"iptables -t raw -X {GUARD}; the same with ip6tables)")
 
     def addresses(self, name):
         from ipaddress import ip_interface

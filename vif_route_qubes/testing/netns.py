@@ -211,9 +211,18 @@ class World:
 
 def _rules(save_text):
     """iptables-save output without comments and counters, and without
-    tables that hold nothing (an emptied table stays listed once touched)."""
+    tables that hold nothing (an emptied table stays listed once touched).
+    An idle guard (chain ``vrq-guard`` holding only its DROP, and its jump)
+    is left out too: the first online on a host makes it and no offline
+    removes it, by design, so "as before" means "as before, guard aside";
+    a guard that still holds a vif's goto stays in, and shows."""
+    lines = save_text.splitlines()
+    if not any(line.startswith("-A vrq-guard ") and line != "-A vrq-guard -j DROP" for line in lines):
+        idle = {":vrq-guard", "-A vrq-guard -j DROP",
+                "-A PREROUTING -m devgroup --src-group 0x2 -m comment --comment vrq-guard -j vrq-guard"}
+        lines = [line for line in lines if line.split(" [")[0] not in idle and line != ":vrq-guard - [0:0]"]
     blocks, cur = [], []
-    for line in save_text.splitlines():
+    for line in lines:
         if line.startswith("#"):
             continue
         cur.append(line.split(" [")[0] if line.startswith(":") else line)
@@ -249,6 +258,11 @@ def nft_state(ns):
     if res.returncode != 0:
         return "", ""
     blocks = re.split(r"(?m)^(?=table )", res.stdout)
+    # the iptables backend's idle guard, as iptables-nft shows it in the
+    # raw table: left out as in _rules() (it stays by design)
+    idle = r"(?m)^\s*chain vrq-guard \{\n\s*counter drop\n\s*\}\n"
+    blocks = [re.sub(r"(?m)^.*jump vrq-guard.*\n", "", re.sub(idle, "", b)) if re.search(idle, b) else b
+              for b in blocks]
     # as in _rules(): a table that holds no rule (iptables-nft leaves its
     # emptied base chains behind) is as good as none
     other = "".join(b for b in blocks if not b.startswith(QUBES_TABLES) and any(

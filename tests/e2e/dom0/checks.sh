@@ -83,6 +83,10 @@ on_crash = "destroy"
 vif = [ 'script=vif-route-qubes,ip=$2' ]
 EOF
 }
+raw_chains() { { iptables -w -t raw -S; ip6tables -w -t raw -S; } 2>/dev/null | grep -- 'vrq-' ; }
+# the guard (default deny) as it stays once no vif is left: one per family
+GUARD_JUMP='-A PREROUTING -m devgroup --src-group 0x2 -m comment --comment vrq-guard -j vrq-guard'
+idle_guard() { grep -v -x -e '-N vrq-guard' -e '-A vrq-guard -j DROP' -e "$GUARD_JUMP" ; }
 # what the backend holds for guests: iptables raw rules naming a vif (not a
 # shared dispatch chain, whose layout may change), nft set elements
 fw_state() {
@@ -118,6 +122,13 @@ fw_guard() {
             echo "$c6" | grep -qE -- "-[jg] $c\$" || miss="$miss ip6tables:->$c"
         done
         echo "$c4" | grep -q -- "-A vrq-in-$1 .*-s $2/32" || miss="$miss iptables:vrq-in-$1-s-$2"
+        # the default deny: everything from group 2 enters the guard, whose DROP is last
+        for t in c4 c6; do
+            eval "rules=\$$t"
+            echo "$rules" | grep -q -x -- "$GUARD_JUMP" || miss="$miss $t:PREROUTING->vrq-guard"
+            [ "$(echo "$rules" | grep -- '^-A vrq-guard ' | tail -n 1)" = "-A vrq-guard -j DROP" ] \
+                || miss="$miss $t:vrq-guard-DROP-last"
+        done
         [ -z "$miss" ] && echo "vrq-in-$1, vrq-src-$1 reached from raw (v4+v6), $2 allowed" && return 0
     fi
     echo "missing:$miss"; return 1
@@ -277,11 +288,23 @@ done
 left=$(fw_state | tr '\n' ';')
 [ -z "$left" ] && check $FW-no-guard-left PASS "$FW holds nothing for any vif or guest address" \
     || check $FW-no-guard-left FAIL "$left"
+if [ "$FW" = iptables ]; then
+    # the default deny outlives the last vif (offline never removes the guard)
+    n=$(raw_chains | grep -c -x -e '-A vrq-guard -j DROP' -e "$GUARD_JUMP")
+    [ "$n" = 4 ] && check $FW-guard-stays PASS "vrq-guard and its jump stay in both families" \
+        || check $FW-guard-stays FAIL "$(raw_chains | grep -- vrq-guard | tr '\n' ';')"
+fi
 }
 
 # iptables first, then nft with the DNAT moved over as the README says
 # (whose default deny then stays in dom0: nft's tables outlive their vifs)
 dom0_round iptables
+# leaving iptables, its guard goes by hand as the README says: its default
+# deny would drop every guest of the nft backend
+for t in iptables ip6tables; do
+    $t -w -t raw -D PREROUTING -m devgroup --src-group 2 -m comment --comment vrq-guard -j vrq-guard
+    $t -w -t raw -F vrq-guard; $t -w -t raw -X vrq-guard
+done
 dom0_round nft iptables
 unset VIF_ROUTE_QUBES_FIREWALL
 
