@@ -17,7 +17,7 @@ and iptables in both flavours (iptables-nft, iptables-legacy).
 
 ``DBUS_SYSTEM_BUS_ADDRESS`` points at a socket that does not exist unless a
 test starts the real systemd-resolved on a private dbus-daemon
-(:class:`Resolved`): the machine's own bus, if it has one, is never asked.
+(:func:`real_resolved`): the machine's own bus, if it has one, is never asked.
 """
 
 import os
@@ -30,6 +30,7 @@ import time
 
 import pytest
 
+from vif_route_qubes.testing import resolved as resolved_rig
 from vif_route_qubes.testing.netns import PY, World
 from vif_route_qubes.testing.xenstored import XenStored
 
@@ -436,102 +437,21 @@ def test_systemd_resolved_file_when_resolved_does_not_answer(rig):
 
 
 # The real systemd-resolved, on a private dbus-daemon, inside the netvm's
-# network namespace and a private mount namespace (tmpfs over /run/systemd,
-# our resolved.conf bind-mounted over /etc/systemd/resolved.conf): the
-# machine's own resolved, bus and files are never touched.
-BUS_CONF = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path={socket}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <allow own="*"/>
-    <allow send_destination="*"/>
-    <allow receive_sender="*"/>
-  </policy>
-</busconfig>
-"""
-
-RESOLVED_RUN = r"""
-set -e
-mount -t tmpfs tmpfs /run/systemd
-mount --bind "$1" /etc/systemd/resolved.conf
-dbus-daemon --config-file="$2" --nofork --nopidfile &
-i=0
-while [ ! -S "$3" ] && [ $i -lt 100 ]; do sleep 0.05; i=$((i + 1)); done
-DBUS_SYSTEM_BUS_ADDRESS="unix:path=$3" exec "$4"
-"""
-
+# network namespace and a private mount namespace (the shared rig in
+# vif_route_qubes.testing.resolved): the machine's own resolved, bus and
+# files are never touched. The command runs outside that mount namespace
+# and reaches resolved over its bus (resolved.env).
 STUB = "# managed by systemd-resolved\nnameserver 127.0.0.53\noptions edns0 trust-ad\nsearch .\n"
 
 
-def _resolved_binary():
-    for path in ("/lib/systemd/systemd-resolved", "/usr/lib/systemd/systemd-resolved"):
-        if os.access(path, os.X_OK):
-            return path
-    pytest.fail("systemd-resolved is not installed (tests/install-packages installs it, keeping the host's "
-                "/etc/resolv.conf), so the real-resolved tests cannot run")
-
-
-class Resolved:
+def real_resolved(rig, global_dns):
     """systemd-resolved with ``DNS=`` (its global servers) as given."""
-
-    def __init__(self, rig, global_dns):
-        for tool in ("dbus-daemon", "busctl", "resolvectl"):
-            if not shutil.which(tool):
-                pytest.fail(f"{tool} is not installed: the real-resolved tests need it")
-        self.rig = rig
-        d = tempfile.mkdtemp(prefix="rsv", dir=rig.tmp)
-        # resolved drops to its own user before it connects to the bus
-        for path in (rig.tmp, d):
-            os.chmod(path, 0o755)
-        self.socket = os.path.join(d, "bus")
-        self.address = f"unix:path={self.socket}"
-        conf = rig.file(f"resolved.conf.{time.monotonic_ns()}",
-                        f"[Resolve]\nDNS={' '.join(global_dns)}\nFallbackDNS=\nLLMNR=no\nMulticastDNS=no\n"
-                        "DNSStubListener=no\n")
-        bus = os.path.join(d, "bus.conf")
-        with open(bus, "w") as f:
-            f.write(BUS_CONF.format(socket=self.socket))
-        self.proc = rig.netvm.popen(["unshare", "-m", "sh", "-c", RESOLVED_RUN, "sh", conf, bus, self.socket,
-                                     _resolved_binary()], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, start_new_session=True)
-        self.env = dict(rig.env, DBUS_SYSTEM_BUS_ADDRESS=self.address)
-        deadline = time.monotonic() + 10
-        while True:
-            res = rig.netvm.exec(["busctl", "get-property", "org.freedesktop.resolve1", "/org/freedesktop/resolve1",
-                                  "org.freedesktop.resolve1.Manager", "DNS"], check=False, env=self.env)
-            if res.returncode == 0:
-                break
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                self.close()
-                pytest.fail(f"systemd-resolved did not come up: {res.stderr.strip()} {self.output}")
-            time.sleep(0.1)
-
-    def resolvectl(self, *args):
-        return self.rig.netvm.exec(["resolvectl", *args], env=self.env).stdout
-
-    def close(self):
-        # the process group started above: resolved and its dbus-daemon,
-        # which outlives resolved if resolved failed
-        try:
-            os.killpg(self.proc.pid, 15)
-        except ProcessLookupError:
-            pass
-        self.output = self.proc.communicate(timeout=10)[0]
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+    return resolved_rig.Resolved(rig.netvm, resolved_rig.config(global_dns, stub_listener=False), env=rig.env)
 
 
 def test_real_resolved_global_servers_only(rig):
     set_dns6(rig)
-    with Resolved(rig, [UP1, UP6_1]) as resolved:
+    with real_resolved(rig, [UP1, UP6_1]) as resolved:
         # a per-link server too, as a VPN client or NetworkManager sets one
         resolved.resolvectl("dns", "eth0", UP2, UP6_2)
         shown = resolved.resolvectl("dns")
@@ -556,7 +476,7 @@ def test_real_resolved_global_servers_only(rig):
 
 
 def test_real_resolved_per_link_servers_without_global_ones(rig):
-    with Resolved(rig, []) as resolved:
+    with real_resolved(rig, []) as resolved:
         resolved.resolvectl("dns", "eth0", UP2)
         res = rig.dnat(resolv=STUB, env=resolved.env)
         assert res.returncode == 0, res.stderr

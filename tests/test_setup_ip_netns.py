@@ -19,7 +19,6 @@ real packets and (where it can run here) the real systemd-resolved.
   the rule pulls in that unit.
 """
 
-import json
 import os
 import shutil
 import subprocess
@@ -30,6 +29,7 @@ import uuid
 import pytest
 
 from vif_route_qubes import setup_ip as S
+from vif_route_qubes.testing import resolved as resolved_rig
 from vif_route_qubes.testing.netns import Netns, UdpSink, udp_send
 from vif_route_qubes.testing.xenstored import XenStored
 
@@ -520,67 +520,15 @@ def test_ip_netns_exec_resolv_conf(xenstored, env, link):
 # ----------------------------------------------------------------------------
 # systemd-resolved, the real one
 
-RESOLVED = next((p for p in ("/lib/systemd/systemd-resolved", "/usr/lib/systemd/systemd-resolved")
-                 if os.access(p, os.X_OK)), None)
-HAVE_RESOLVED = bool(RESOLVED and shutil.which("dbus-daemon") and shutil.which("resolvectl"))
-
-
 @pytest.fixture
 def have_resolved():
     """The real daemon or a failure that says what is missing: never a skip
     (tests/install-packages installs it, keeping the host's resolv.conf)."""
-    if not HAVE_RESOLVED:
-        pytest.fail("systemd-resolved, dbus-daemon or resolvectl is not installed (tests/install-packages installs them)")
+    try:
+        resolved_rig.binary()
+    except resolved_rig.ResolvedUnavailable as exc:
+        pytest.fail(str(exc))
 
-BUS_CONF = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>system</type>
-  <listen>unix:path={path}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow user="*"/>
-    <allow own="*"/>
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-  </policy>
-</busconfig>
-"""
-
-# Runs inside the guest's network namespace and a private mount namespace:
-# a tmpfs over /run/systemd (the host's stays untouched; resolved's
-# sockets and files appear only here), a private system bus, the real
-# systemd-resolved on it; then the steps (argv lists) one by one, each
-# result as a JSON line; the daemons are stopped at the end.
-HARNESS = r"""
-import json, os, socket, subprocess, sys, time
-conf, bus, resolved, steps = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
-subprocess.run(["mount", "-t", "tmpfs", "tmpfs", "/run/systemd"], check=True)
-os.makedirs("/run/systemd/resolve")
-subprocess.run(["chown", "systemd-resolve:systemd-resolve", "/run/systemd/resolve"], check=False)
-env = dict(os.environ, DBUS_SYSTEM_BUS_ADDRESS="unix:path=" + bus)
-procs = [subprocess.Popen(["dbus-daemon", "--config-file=" + conf, "--nofork", "--nosyslog"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-try:
-    for _ in range(100):
-        if os.path.exists(bus):
-            break
-        time.sleep(0.05)
-    procs.append(subprocess.Popen([resolved], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    sock = "/run/systemd/resolve/io.systemd.Resolve"
-    for _ in range(100):
-        if os.path.exists(sock) and subprocess.run(["resolvectl", "status"], env=env,
-                                                   capture_output=True).returncode == 0:
-            break
-        time.sleep(0.05)
-    for argv in steps:
-        res = subprocess.run(argv, env=env, capture_output=True, text=True)
-        print(json.dumps([argv, res.returncode, res.stdout, res.stderr]), flush=True)
-finally:
-    for p in reversed(procs):
-        p.terminate()
-        p.wait()
-"""
 
 # A minimal DNS client: query NAME (type A) at SERVER, print the answers.
 DIG = r"""
@@ -612,19 +560,17 @@ print(" ".join(out))
 RESPONDER = os.path.join(ROOT, "tests", "e2e", "dom0", "dns_responder.py")
 
 
-# The bus socket lives on the private tmpfs: resolved drops to its own user
-# before it connects, and pytest's tmp_path is root's alone.
-BUS = "/run/systemd/test-system-bus"
-
-
+# The steps (argv lists) one by one in the guest's network namespace,
+# inside resolved's private mount namespace (its /run/systemd: the host's
+# stays untouched) and on its bus; [argv, returncode, stdout, stderr] each.
+# resolved.conf: no global or fallback servers, the stub listener on.
 def _steps(link, env, steps, tmp_path):
-    conf = tmp_path / "bus.conf"
-    bus = BUS
-    conf.write_text(BUS_CONF.format(path=bus))
-    res = link.guest.exec(["unshare", "-m", "--propagation", "private", PY, "-c", HARNESS, str(conf), bus,
-                           RESOLVED, json.dumps(steps)], env=env, check=False, timeout=120)
-    assert res.returncode == 0, res.stderr
-    return [json.loads(line) for line in res.stdout.splitlines()]
+    with resolved_rig.Resolved(link.guest, resolved_rig.config(), env=env) as resolved:
+        results = []
+        for argv in steps:
+            res = resolved.run(argv, timeout=60)
+            results.append([argv, res.returncode, res.stdout, res.stderr])
+        return results
 
 
 # The stand-in pins down the exact calls, which the real daemon's tests
