@@ -146,6 +146,29 @@ def test_a_qubes_table_is_reused_as_it_is():
     assert not any(w in text for w in ("add table", "add chain", "add rule", "flush", "delete table"))
 
 
+def test_which_default_deny_drops_a_vif_of_the_other_backend():
+    # status asks the backend not in use: is its default deny in force,
+    # and does it let nothing of this vif through?
+    from vif_route_qubes.firewall import iptables as I
+
+    save = ("*raw\n:PREROUTING ACCEPT [0:0]\n:vrq-guard - [0:0]\n"
+            "-A PREROUTING -m devgroup --src-group 0x2 -m comment --comment vrq-guard -j vrq-guard\n"
+            "-A vrq-guard -i vif4.0 -g vrq-in-vif4.0\n-A vrq-guard -j DROP\nCOMMIT\n")
+    assert I.guard_denies(save, "vif3.0") and not I.guard_denies(save, "vif4.0")
+    no_jump = "\n".join(line for line in save.splitlines() if not line.startswith("-A PREROUTING"))
+    no_drop = save.replace("-A vrq-guard -j DROP\n", "")
+    assert not I.guard_denies(no_jump, "vif3.0") and not I.guard_denies(no_drop, "vif3.0")
+    # a Qubes table as listed without its rules denies nothing; with them it does
+    assert not N.Ruleset.parse(json.dumps(QUBES_JSON)).denies(4)
+    match = {"match": {"op": "==", "left": {"meta": {"key": "iifgroup"}}, "right": 2}}
+    have = N.Ruleset(tables={"ip"}, hooks={("ip", "prerouting"): ("prerouting", -300)},
+                     rules={("ip", "prerouting"): [[match, {"goto": {"target": "antispoof"}}]],
+                            ("ip", "antispoof"): [[{"counter": None}, {"drop": None}]]})
+    assert have.denies(4) and not have.denies(6)
+    have.rules[("ip", "antispoof")].append([{"accept": None}])
+    assert not have.denies(4)
+
+
 # ----------------------------------------------------------------------------
 # Namespaces: helpers
 
@@ -210,6 +233,12 @@ def test_ipv6_own_source_passes_with_neighbour_discovery_and_forged_is_dropped(w
     world.upstream.ip("-6", "addr", "add", "fd09:24ef:4179::a89:c/128", "dev", "eth0", "nodad")
     world.upstream.ip("-6", "addr", "add", "fd09:24ef:4179::77/128", "dev", "eth0", "nodad")
     with UdpSink(world.netvm, "fd00:1::2", PORT) as sink:
+        # resolve the netvm first from a plain source: Linux sends a neighbour
+        # solicitation from the source of the packet that waits for it, and
+        # one from the forged source is dropped like the packet, so the
+        # control would wait for the retransmission (1 s, the sink's limit)
+        udp_send(world.upstream, "fd00:1::2", PORT, "hello", src="fd00:1::1")
+        assert sink.got("hello"), "the uplink should work"
         udp_send(world.upstream, "fd00:1::2", PORT, "forged", src="fd09:24ef:4179::a89:c")
         udp_send(world.upstream, "fd00:1::2", PORT, "control", src="fd09:24ef:4179::77")
         assert sink.got("control"), "the control packet should arrive"
@@ -367,6 +396,58 @@ def test_moving_a_running_vif_between_backends(world, first, then):
     after = world.snapshot()
     for key in ("iptables-save", "ip6tables-save", "nft-elements", "routes", "neigh", "records"):
         assert after[key] == before[key], key
+
+
+GUARD_JUMP = ["PREROUTING", "-m", "devgroup", "--src-group", "2", "-m", "comment", "--comment", "vrq-guard",
+              "-j", "vrq-guard"]
+
+
+@pytest.mark.parametrize("first,then", [("iptables", "nft"), ("nft", "iptables")])
+def test_status_flags_the_other_backends_default_deny_left_on_the_host(world, first, then):
+    """A netvm moved between backends, each vif offline with the old one
+    and online with the new: the old default deny stays on the host and
+    drops the guest's traffic, and status (under the new backend) says so,
+    with the hand removal; after it, traffic passes and status is ok."""
+    g = world.add_guest(3, ["10.137.0.12", "fd09:24ef:4179::a89:c"])
+    online(world, g, env=g.env(VIF_ROUTE_QUBES_FIREWALL=first))
+    assert world.hotplug(g, "offline", env=g.env(VIF_ROUTE_QUBES_FIREWALL=first)).returncode == 0
+    env = g.env(VIF_ROUTE_QUBES_FIREWALL=then)
+    online(world, g, env=env)
+    g.configure()
+    assert not reaches(world, g, "10.137.0.12", world.UPLINK_UPSTREAM, "denied", world.upstream)
+    res = status(world, g, env=env)
+    assert res.returncode == 1, res.stdout
+    if then == "nft":
+        want = [("unexpected", "iptables", "-A vrq-guard -j DROP"), ("unexpected", "ip6tables", "-A vrq-guard -j DROP")]
+        how = ["iptables -t raw -D " + " ".join(GUARD_JUMP) + "; iptables -t raw -F vrq-guard; "
+               "iptables -t raw -X vrq-guard",
+               "ip6tables -t raw -D " + " ".join(GUARD_JUMP).replace("iptables", "ip6tables")
+               + "; ip6tables -t raw -F vrq-guard; ip6tables -t raw -X vrq-guard",
+               "(no -g vrq-in-vif3.0 in vrq-guard)"]
+    else:
+        want = [("unexpected", "nft", f"rule {fam} qubes antispoof: ends in drop (default deny)") for fam in ("ip", "ip6")]
+        how = ["nft delete table ip qubes (unless", "nft delete table ip6 qubes (unless",
+               '(no "vif3.0" . 10.137.0.12 in ip qubes allowed)',
+               '(no "vif3.0" . fd09:24ef:4179::a89:c in ip6 qubes allowed)']
+    # the deny lines are the only findings: the new backend's rules are all ok
+    assert [r for r in rows(res.stdout) if r[0] != "ok"] == want, res.stdout
+    assert res.stdout.count(f"{first} backend's, but {then} is in use; its default deny drops vif3.0's traffic") == 2
+    for text in how:
+        assert text in res.stdout, (text, res.stdout)
+    data = json.loads(status(world, g, "--json", env=env).stdout)
+    assert [(c["verdict"], c["kind"], c["item"]) for c in data["vifs"][0]["checks"] if c["verdict"] != "ok"] == want
+    # the hand removal, as the detail gives it: then traffic passes, all ok
+    if first == "iptables":
+        for tool in ("iptables", "ip6tables"):
+            world.netvm.exec([tool, "-t", "raw", "-D", *GUARD_JUMP])
+            world.netvm.exec([tool, "-t", "raw", "-F", "vrq-guard"])
+            world.netvm.exec([tool, "-t", "raw", "-X", "vrq-guard"])
+    else:
+        world.netvm.exec(["nft", "delete", "table", "ip", "qubes"])
+        world.netvm.exec(["nft", "delete", "table", "ip6", "qubes"])
+    assert reaches(world, g, "10.137.0.12", world.UPLINK_UPSTREAM, "passes", world.upstream)
+    res = status(world, g, env=env)
+    assert res.returncode == 0, res.stdout
 
 
 @pytest.mark.parametrize("world", ["nft"], indirect=True)

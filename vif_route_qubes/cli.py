@@ -184,7 +184,10 @@ vrq- chains (rules compared in order), their jumps and the guard chain
 vrq-guard (its PREROUTING jump, its final DROP: the default deny) in the
 raw table of both families; with the nft backend the elements of the sets allowed and
 downstream of tables ip/ip6 qubes and the rules they depend on. The other
-backend's rules for the vif are listed as unexpected (one ip -j -batch and
+backend's rules for the vif are listed as unexpected, and so is its default
+deny left on the host (vrq-guard without a goto for the vif, or tables
+ip/ip6 qubes without its addresses in allowed): it drops the guest's
+traffic, and the line says how to remove it (one ip -j -batch and
 the backend's reads, iptables-save -t raw of both families or nft -j list;
 nothing is changed). The first lines say which backend and why.
 

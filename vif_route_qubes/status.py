@@ -16,7 +16,10 @@ the firewall backend's own reads (``iptables-save -t raw`` of both
 families, or one ``nft -j list``); ``proxy_arp`` and ``proxy_ndp`` are
 /proc reads. Nothing is changed. The firewall lines come from the chosen
 backend (:mod:`vif_route_qubes.firewall`); what the *other* backend has for
-a vif is listed as unexpected, so a silent mix of both shows.
+a vif is listed as unexpected, so a silent mix of both shows, and so is
+its default deny (iptables' ``vrq-guard``, nft's ``antispoof``) when it is
+left on the host and has no allowance for a vif the chosen backend guards:
+it drops the guest's traffic.
 
 Exit status: 0 when every line is ok, 1 otherwise.
 """
@@ -402,13 +405,21 @@ def _link_checks(st, want, kernel):
 def _firewall_checks(st, want, kernel):
     """The chosen backend's verdicts on what the vif should have; then the
     other backend's rules for the same vif, all unexpected (moving between
-    backends is offline with one, online with the other: never a mix)."""
+    backends is offline with one, online with the other: never a mix), and
+    its default deny when it is in force and lets nothing of the vif through."""
     for i, fw in enumerate(kernel.firewalls):
         for verdict, item, detail in fw.check(want.vif() if want is not None and i == 0 else None, st.name):
             kind, _, rest = item.partition(" ")
             if i > 0 and verdict == UNEXPECTED:
                 detail = f"{fw.name} backend's, but {kernel.firewalls[0].name} is in use" + (f"; {detail}" if detail else "")
             st.add(verdict, kind, rest, detail)
+        if i > 0 and want is not None:
+            # the other backend's default deny, left on the host, drops
+            # what the chosen backend lets through (the log of the move
+            # warned; this says it for as long as it lasts)
+            for item, detail in fw.denies(want.vif()):
+                kind, _, rest = item.partition(" ")
+                st.add(UNEXPECTED, kind, rest, f"{fw.name} backend's, but {kernel.firewalls[0].name} is in use; {detail}")
 
 
 # ----------------------------------------------------------------------------

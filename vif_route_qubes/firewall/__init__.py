@@ -62,7 +62,9 @@ def backend_for(sys_, env, requested=None):
     in the kernel; ``.check(vif, name)`` -> [(verdict, item, detail)] for
     status, where an item starts with the table kind it concerns
     (``iptables``, ``ip6tables``, ``nft``), and ``vif`` None means nothing
-    of ours is expected."""
+    of ours is expected; ``.denies(vif)`` -> [(item, detail)] when it is
+    *not* the chosen backend: its default deny, left on the host, in force
+    for ``vif`` (status lists each as unexpected)."""
     name, reason = choose(env, requested)
     if name == "nft":
         from . import nft as module

@@ -301,6 +301,20 @@ def guard_rows(save_text: str, kind: str) -> list:
     return out
 
 
+def guard_denies(save_text: str, name: str) -> bool:
+    """The guard is in force in this family (a PREROUTING jump into it, and
+    its DROP) and ``name`` has no goto there: the DROP takes its packets.
+    What matters to a vif the other backend guards (status)."""
+    keys = [rule_key(line) for line in save_text.splitlines()]
+    jumped = any(k.split()[:2] == ["-A", "PREROUTING"] and k.split()[-2:] == ["-j", GUARD] for k in keys)
+    return jumped and f"-A {GUARD_DROP}" in keys and rule_key(f"-A {jump_specs(name)[0]}") not in keys
+
+
+def removal(tool: str) -> str:
+    """The hand removal of the guard in one family (README, moved_away)."""
+    return f"{tool} -t raw -D {GUARD_JUMP}; {tool} -t raw -F {GUARD}; {tool} -t raw -X {GUARD}"
+
+
 def kind_version(kind: str) -> int:
     return 6 if kind == "ip6tables" else 4
 
@@ -475,8 +489,7 @@ class Backend:
         stays (other vifs may rely on it), and so does its default deny."""
         return (f"the iptables chain {GUARD} stays, and its default deny drops everything from interface "
                 f"group {VIF_GROUP} that has no chains of ours: once no vif uses the iptables backend, delete it "
-                f"in both families (iptables -t raw -D {GUARD_JUMP}; iptables -t raw -F {GUARD}; "
-                f"iptables -t raw -X {GUARD}; the same with ip6tables)")
+                f"in both families ({removal('iptables')}; the same with ip6tables)")
 
     def addresses(self, name):
         from ipaddress import ip_interface
@@ -519,4 +532,18 @@ class Backend:
         out = []
         for v, text in sorted(self._saves().items()):
             out += compare(text, vif, name, "iptables" if v == 4 else "ip6tables")
+        return out
+
+    def denies(self, vif):
+        """[(item, detail)]: while the other backend guards ``vif``, this
+        backend's default deny left on the host drops its traffic (the guard
+        is in force and has no goto for it), per family it has addresses in."""
+        out = []
+        for v, text in sorted(self._saves().items()):
+            if vif.family(v) and guard_denies(text, vif.name):
+                tool = "iptables" if v == 4 else "ip6tables"
+                cin = chains(vif.name)[0]
+                out.append((f"{tool} -A {GUARD_DROP}",
+                            f"its default deny drops {vif.name}'s traffic (no -g {cin} in {GUARD}); once no vif "
+                            f"uses the iptables backend, remove it: {removal(tool)}"))
         return out

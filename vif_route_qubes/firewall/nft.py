@@ -137,6 +137,14 @@ class Ruleset:
                 rules.setdefault((obj["family"], obj.get("chain")), []).append(obj.get("expr") or [])
         return cls(tables, sets, chains, raw, rules, hooks)
 
+    def denies(self, version):
+        """The family's default deny is in force: a prerouting hook sends
+        interface group 2 to ``antispoof``, which ends in a drop."""
+        fam = FAMILIES[version]
+        hook = self.hooks.get((fam, "prerouting"), (None, None))
+        return hook[0] == "prerouting" and _sends_group(self.rules.get((fam, "prerouting"), [])) \
+            and _ends_in_drop(self.rules.get((fam, "antispoof"), []))
+
     def policy_checks(self, version):
         """[(ok, description)]: the element-independent rules the sets
         depend on, as they are (ours or Qubes'): without them the elements
@@ -148,14 +156,12 @@ class Ruleset:
         return [
             (hook[0] == "prerouting" and isinstance(hook[1], int) and hook[1] <= -300,
              f"{fam} {TABLE} prerouting: hook prerouting, priority raw or earlier"),
-            (any(_matches(r, "iifgroup", VIF_GROUP) and _verdict(r) in ("goto antispoof", "jump antispoof")
-                 for r in pre), f"{fam} {TABLE} prerouting: iifgroup {VIF_GROUP} goto antispoof"),
+            (_sends_group(pre), f"{fam} {TABLE} prerouting: iifgroup {VIF_GROUP} goto antispoof"),
             (any(_matches(r, None, "@downstream") and _verdict(r) == "drop" for r in pre),
              f"{fam} {TABLE} prerouting: {_saddr(version)} @downstream drop"),
             (any(_matches(r, None, "@allowed") and _verdict(r) == "accept" for r in anti),
              f"{fam} {TABLE} antispoof: iifname . {_saddr(version)} @allowed accept"),
-            (bool(anti) and _verdict(anti[-1]) == "drop" and not any("match" in e for e in anti[-1]),
-             f"{fam} {TABLE} antispoof: ends in drop (default deny)"),
+            (_ends_in_drop(anti), DENY_RULE.format(fam=fam)),
         ]
 
     def holders(self, addr, but=()):
@@ -180,6 +186,18 @@ class Ruleset:
         names |= {e for e in self.sets.get(("ip6", ND_SET), []) if isinstance(e, str)}
         names |= {e for e in self.sets.get(("ip", GUARDED), []) if isinstance(e, str)}
         return names
+
+
+DENY_RULE = "{fam} " + TABLE + " antispoof: ends in drop (default deny)"
+
+
+def _sends_group(prerouting):
+    return any(_matches(r, "iifgroup", VIF_GROUP) and _verdict(r) in ("goto antispoof", "jump antispoof")
+               for r in prerouting)
+
+
+def _ends_in_drop(antispoof):
+    return bool(antispoof) and _verdict(antispoof[-1]) == "drop" and not any("match" in e for e in antispoof[-1])
 
 
 def _matches(rule, meta_key, right):
@@ -224,6 +242,14 @@ def _element(e):
     if isinstance(e, dict) and "concat" in e:
         return tuple(str(x) for x in e["concat"])
     return str(e)
+
+
+LOADER = "qubes-antispoof.service"
+
+
+def removal(fam):
+    """The hand removal of one family's table (README, moved_away)."""
+    return f"nft delete table {fam} {TABLE}"
 
 
 def skeleton(version, ruleset=None):
@@ -463,8 +489,7 @@ class Backend:
         tables stay (they may be Qubes'), and so does their default deny."""
         return ("the nft tables ip/ip6 qubes stay, and their default deny drops everything from "
                 "interface group 2 that is not in their sets: once no vif uses the nft backend, delete "
-                "them (nft delete table ip qubes; nft delete table ip6 qubes), unless "
-                "qubes-antispoof.service loads them (then stay with nft)")
+                f"them ({removal('ip')}; {removal('ip6')}), unless {LOADER} loads them (then stay with nft)")
 
     def addresses(self, name):
         try:
@@ -496,6 +521,26 @@ class Backend:
 
     def owners(self):
         return self._ruleset().owners()
+
+    def denies(self, vif):
+        """[(item, detail)]: while the other backend guards ``vif``, the
+        default deny of tables left on the host drops its traffic (the
+        family's antispoof is in force and ``allowed`` lacks an address of
+        the vif), per family it has addresses in."""
+        have = self._ruleset()
+        out = []
+        for version, fam in FAMILIES.items():
+            if not vif.family(version) or not have.denies(version):
+                continue
+            held = [e[1] for e in have.sets.get((fam, "allowed"), []) if isinstance(e, tuple) and e[0] == vif.name]
+            lacking = [a for a in vif.family(version) if not any(_same(h, a) for h in held)]
+            if lacking:
+                shown = ", ".join(f'"{vif.name}" . {a}' for a in lacking)
+                out.append((f"nft rule {DENY_RULE.format(fam=fam)}",
+                            f"its default deny drops {vif.name}'s traffic (no {shown} in {fam} {TABLE} allowed); "
+                            f"once no vif uses the nft backend, delete the table: {removal(fam)} (unless "
+                            f"{LOADER} loads it: then stay with nft)"))
+        return out
 
     def check(self, vif, name):
         have = self._ruleset()
