@@ -209,6 +209,22 @@ class World:
         self.close()
 
 
+# The iptables backend's guard as iptables-save shows it once no vif is left
+# (its chain, its DROP, its jump): it stays by design (default deny).
+IDLE_GUARD = frozenset({
+    ":vrq-guard", ":vrq-guard -", "-A vrq-guard -j DROP",
+    "-A PREROUTING -m devgroup --src-group 0x2 -m comment --comment vrq-guard -j vrq-guard",
+})
+
+
+def without_idle_guard(lines):
+    """``lines`` of iptables-save less the idle guard; a guard that still
+    holds a vif's goto is not idle and stays."""
+    if any(line.startswith("-A vrq-guard ") and line != "-A vrq-guard -j DROP" for line in lines):
+        return list(lines)
+    return [line for line in lines if line.split(" [")[0] not in IDLE_GUARD]
+
+
 def _rules(save_text):
     """iptables-save output without comments and counters, and without
     tables that hold nothing (an emptied table stays listed once touched).
@@ -216,11 +232,7 @@ def _rules(save_text):
     is left out too: the first online on a host makes it and no offline
     removes it, by design, so "as before" means "as before, guard aside";
     a guard that still holds a vif's goto stays in, and shows."""
-    lines = save_text.splitlines()
-    if not any(line.startswith("-A vrq-guard ") and line != "-A vrq-guard -j DROP" for line in lines):
-        idle = {":vrq-guard", "-A vrq-guard -j DROP",
-                "-A PREROUTING -m devgroup --src-group 0x2 -m comment --comment vrq-guard -j vrq-guard"}
-        lines = [line for line in lines if line.split(" [")[0] not in idle and line != ":vrq-guard - [0:0]"]
+    lines = without_idle_guard(save_text.splitlines())
     blocks, cur = [], []
     for line in lines:
         if line.startswith("#"):
