@@ -51,6 +51,7 @@ from collections import namedtuple
 from . import validate
 from .errors import Failure
 from .log import Log
+from .plan import json_arrays
 from .system import System
 
 TAG = "qubes-setup-ip"
@@ -388,26 +389,12 @@ def probe_start(s: System, ifname: str):
     return s.start(["ip", "-j", "-batch", "-"], PROBE_BATCH.format(n=ifname), readonly=True)
 
 
-def _json_arrays(text: str) -> list:
-    """``ip -j -batch`` prints one JSON array per command, back to back."""
-    import json
-
-    decoder, out, i = json.JSONDecoder(), [], 0
-    while True:
-        while i < len(text) and text[i].isspace():
-            i += 1
-        if i >= len(text):
-            return out
-        value, i = decoder.raw_decode(text, i)
-        out.append(value)
-
-
 def probe_result(started, ifname: str) -> Current:
     import ipaddress
 
     res = started.wait()
     try:
-        arrays = _json_arrays(res.stdout)
+        arrays = json_arrays(res.stdout)
         link, neigh = arrays[0][0], arrays[1]
     except (ValueError, IndexError):
         raise Failure(f"ip -j -batch (addr show, neigh show dev {ifname}): unexpected output") from None
