@@ -5,9 +5,9 @@ performance issue (see benchmarks/README.md for what each number means).
     sudo python benchmarks/run.py [--quick] [--json out.json] [--venv DIR]
 
 Builds its own fixture from the project's rig: an in-memory XenStore server
-(``python -m vif_route_qubes.testing.xenstored``, a separate process so it
+(``python -m tests.rigs.xenstored``, a separate process so it
 does not share this process's GIL) and throwaway network namespaces
-(``vif_route_qubes.testing.netns.World``). Commands are timed from inside the
+(``tests.rigs.netns.World``). Commands are timed from inside the
 netvm namespace by ``_nsdriver.py`` (exec to exit of the command itself,
 rusage from ``wait4``). Every namespace is removed at the end, also on errors.
 
@@ -39,7 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
-from vif_route_qubes.testing.netns import World, run as sh  # noqa: E402
+from tests.rigs.netns import World, run as sh  # noqa: E402
 
 DRIVER = os.path.join(HERE, "_nsdriver.py")
 DEFAULT_VENV = "/tmp/vrq-bench-venv"
@@ -143,7 +143,7 @@ class XsClient:
 
 def start_xenstored(sock_path):
     env = dict(os.environ, PYTHONPATH=ROOT)
-    proc = subprocess.Popen([sys.executable, "-m", "vif_route_qubes.testing.xenstored", "--socket", sock_path],
+    proc = subprocess.Popen([sys.executable, "-m", "tests.rigs.xenstored", "--socket", sock_path],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
     line = proc.stdout.readline()
     if not line.startswith("ready"):

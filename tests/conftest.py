@@ -1,5 +1,5 @@
 """Shared fixtures: a XenStore server speaking the real wire protocol, and
-the network-namespace world (vif_route_qubes.testing.netns) around it."""
+the network-namespace world (tests.rigs.netns) around it."""
 
 import os
 import shutil
@@ -7,8 +7,8 @@ import tempfile
 
 import pytest
 
-from vif_route_qubes.testing.netns import World
-from vif_route_qubes.testing.xenstored import XenStored
+from tests.rigs.netns import World
+from tests.rigs.xenstored import XenStored
 
 
 @pytest.fixture

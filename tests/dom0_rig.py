@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.rigs.faults import command as faulty
+
 HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
 DOMAINS = [
@@ -81,10 +83,12 @@ class Rig:
         return env
 
     def run(self, prog, *args, ns=None, **extra):
-        argv = [str(BIN / prog), *args]
+        env = self.env(**extra)
+        argv, env = faulty(str(BIN / prog), env)
+        argv = [*argv, *args]
         if ns:
             argv = ["ip", "netns", "exec", ns] + argv
-        return subprocess.run(argv, capture_output=True, text=True, env=self.env(**extra), timeout=60)
+        return subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
 
     def d0(self, *args, ns=None, **extra):
         return self.run("qvm-dom0-network-via-netvm", *args, ns=ns, **extra)

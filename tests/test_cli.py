@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from vif_route_qubes import manpages
 from vif_route_qubes.cli import vif_route_qubes
-from vif_route_qubes.testing.netns import _script
+from tests.rigs.netns import _script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MAN = os.path.join(ROOT, "man")

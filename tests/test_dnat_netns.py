@@ -30,9 +30,9 @@ import time
 
 import pytest
 
-from vif_route_qubes.testing import resolved as resolved_rig
-from vif_route_qubes.testing.netns import PY, World
-from vif_route_qubes.testing.xenstored import XenStored
+from tests.rigs import resolved as resolved_rig
+from tests.rigs.netns import PY, World
+from tests.rigs.xenstored import XenStored
 
 CMD = os.path.join(os.path.dirname(sys.executable), "qubes-setup-dnat-to-ns")
 DNS1, DNS2 = "10.139.1.1", "10.139.1.2"
@@ -438,7 +438,7 @@ def test_systemd_resolved_file_when_resolved_does_not_answer(rig):
 
 # The real systemd-resolved, on a private dbus-daemon, inside the netvm's
 # network namespace and a private mount namespace (the shared rig in
-# vif_route_qubes.testing.resolved): the machine's own resolved, bus and
+# tests.rigs.resolved): the machine's own resolved, bus and
 # files are never touched. The command runs outside that mount namespace
 # and reaches resolved over its bus (resolved.env).
 STUB = "# managed by systemd-resolved\nnameserver 127.0.0.53\noptions edns0 trust-ad\nsearch .\n"

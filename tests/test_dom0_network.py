@@ -12,7 +12,7 @@ import pytest
 from vif_route_qubes import dom0_network as D
 from vif_route_qubes.errors import Failure
 
-from dom0_rig import Rig
+from tests.dom0_rig import Rig
 
 XL_LIST = """Name                                        ID   Mem VCPUs\tState\tTime(s)
 Domain-0                                     0  1024     2     r-----      12.1

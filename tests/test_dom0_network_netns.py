@@ -11,9 +11,9 @@ import uuid
 
 import pytest
 
-from vif_route_qubes.testing.netns import Netns
+from tests.rigs.netns import Netns
 
-from dom0_rig import Rig
+from tests.dom0_rig import Rig
 
 
 def snapshot(ns):

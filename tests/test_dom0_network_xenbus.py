@@ -15,7 +15,7 @@ import pytest
 from pyxs.connection import UnixSocketConnection, XenBusConnection
 
 from vif_route_qubes import xs as xsmod
-from vif_route_qubes.testing.xenstored import XenStored
+from tests.rigs.xenstored import XenStored
 
 
 class _BusLike(UnixSocketConnection, XenBusConnection):

@@ -12,7 +12,7 @@ import stat
 
 import pytest
 
-from vif_route_qubes.testing.netns import _script
+from tests.rigs.netns import _script
 
 SCRIPT = _script("vif-route-qubes")
 READS = ("ip -j ", "iptables-save", "ip6tables-save", "nft -j list", "nft list")

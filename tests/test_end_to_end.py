@@ -30,8 +30,8 @@ import time
 
 import pytest
 
-from vif_route_qubes.testing.netns import PY, World
-from vif_route_qubes.testing.xenstored import XenStored
+from tests.rigs.netns import PY, World
+from tests.rigs.xenstored import XenStored
 
 BIN = os.path.dirname(sys.executable)
 GATEWAY = "10.137.0.1"

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from tests.rigs import faults
+
 BOTH = pytest.mark.parametrize("world", ["iptables", "nft"], indirect=True)
 
 DRIVE = r"""
@@ -21,11 +23,13 @@ from vif_route_qubes.errors import Failure
 from vif_route_qubes.firewall import backend_for
 from vif_route_qubes.plan import Vif
 from vif_route_qubes.system import System
+from tests.rigs import faults
 
 def vif(addrs):
     return Vif(name="vif3.0", domid=3, addresses=tuple(ip_address(a) for a in addrs)) if addrs is not None else None
 
 req = json.loads(sys.argv[1])
+faults.install()
 fw = backend_for(System(env=os.environ), os.environ)
 out = {"name": fw.name}
 try:
@@ -46,6 +50,7 @@ print(json.dumps(out))
 
 def drive(world, env=None, **req):
     env = dict(env or world.env)
+    env["PYTHONPATH"] = faults.ROOT
     res = world.netvm.exec([sys.executable, "-c", DRIVE, json.dumps(req)], env=env, check=False)
     assert res.returncode == 0, res.stderr
     return json.loads(res.stdout)

@@ -14,8 +14,8 @@ import os
 
 import pytest
 
-from vif_route_qubes.testing.netns import World, _script, comparable
-from vif_route_qubes.testing.xenstored import XenStored
+from tests.rigs.netns import World, _script, comparable
+from tests.rigs.xenstored import XenStored
 
 SCRIPT = _script("vif-route-qubes")
 GUEST_IP = "10.137.0.12"

@@ -202,6 +202,6 @@ def test_missing_program_is_named_with_its_package(world, syslog, tmp_path):
 
 
 def _script():
-    from vif_route_qubes.testing.netns import _script as s
+    from tests.rigs.netns import _script as s
 
     return s("vif-route-qubes")

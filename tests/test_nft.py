@@ -10,7 +10,7 @@ from ipaddress import ip_address
 import pytest
 
 from vif_route_qubes.firewall import nft as N
-from vif_route_qubes.testing.netns import UdpSink, _script, udp_send
+from tests.rigs.netns import UdpSink, _script, udp_send
 
 A = ip_address
 SCRIPT = _script("vif-route-qubes")

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from vif_route_qubes.testing.netns import _script, add_vif_guests, comparable
+from tests.rigs.netns import _script, add_vif_guests, comparable
 
 SCRIPT = _script("vif-route-qubes")
 DNAT = _script("qubes-setup-dnat-to-ns")

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from vif_route_qubes.testing.netns import _script, comparable
+from tests.rigs.netns import _script, comparable
 
 SCRIPT = _script("vif-route-qubes")
 PY = sys.executable

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 
 from vif_route_qubes import setup_ip as S
 from vif_route_qubes.errors import Failure
-from vif_route_qubes.testing.netns import Netns
-from vif_route_qubes.testing.xenstored import XenStored
+from tests.rigs.netns import Netns
+from tests.rigs.xenstored import XenStored
 
 GUEST_DOMID = 12
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "qubes-setup-ip")

@@ -29,9 +29,9 @@ import uuid
 import pytest
 
 from vif_route_qubes import setup_ip as S
-from vif_route_qubes.testing import resolved as resolved_rig
-from vif_route_qubes.testing.netns import Netns, UdpSink, udp_send
-from vif_route_qubes.testing.xenstored import XenStored
+from tests.rigs import resolved as resolved_rig
+from tests.rigs.netns import Netns, UdpSink, udp_send
+from tests.rigs.xenstored import XenStored
 
 GUEST_DOMID = 12
 BIN = os.path.dirname(sys.executable)

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from vif_route_qubes.testing.netns import _script
+from tests.rigs.netns import _script
 
 SCRIPT = _script("vif-route-qubes")
 

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from vif_route_qubes.testing import routes
-from vif_route_qubes.testing.netns import UdpSink, udp_send
+from tests.rigs import routes
+from tests.rigs.netns import UdpSink, udp_send
 
 PORT = 5353
 
@@ -336,7 +336,7 @@ def test_type_if_pairing_does_nothing(world):
 
 
 def world_script():
-    from vif_route_qubes.testing.netns import _script
+    from tests.rigs.netns import _script
 
     return _script("vif-route-qubes")
 

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from vif_route_qubes.testing.netns import comparable
+from tests.rigs.netns import comparable
 
 XS_TIMEOUT = 0.5
 BACKEND = "/local/domain/0/backend"

@@ -1,4 +1,4 @@
-"""Tests for vif_route_qubes.testing.xenstored against pyxs, raw sockets and
+"""Tests for tests.rigs.xenstored against pyxs, raw sockets and
 Debian's xenstore-utils command-line clients."""
 
 import copy
@@ -16,7 +16,7 @@ import pytest
 from pyxs import Client, PyXSError
 from pyxs.exceptions import ConnectionError as PyXSConnectionError
 
-from vif_route_qubes.testing.xenstored import OPS, XenStored
+from tests.rigs.xenstored import OPS, XenStored
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADER = struct.Struct("<IIII")
@@ -542,7 +542,7 @@ def test_missing_socket_does_not_fall_back_to_xenbus(sockdir):
 def start_cli(sockdir, *args):
     path = os.path.join(sockdir, "cli.sock")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vif_route_qubes.testing.xenstored",
+        [sys.executable, "-m", "tests.rigs.xenstored",
          "--socket", path] + list(args),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     line = proc.stdout.readline()
@@ -594,7 +594,7 @@ def test_cli_sigint_and_fault_flags(sockdir):
 
 def test_cli_rejects_bad_set(sockdir):
     r = subprocess.run(
-        [sys.executable, "-m", "vif_route_qubes.testing.xenstored",
+        [sys.executable, "-m", "tests.rigs.xenstored",
          "--socket", os.path.join(sockdir, "s"), "--set", "novalue"],
         capture_output=True, text=True, timeout=20, cwd=ROOT)
     assert r.returncode == 2

@@ -39,7 +39,6 @@ Environment (as libxl and udev set it):
   VIF_ROUTE_QUBES_DEBUG=1     debug logging on stderr (like -v)
   VIF_ROUTE_QUBES_SYSLOG      syslog socket (default /dev/log)
   VIF_ROUTE_QUBES_HOTPLUG_LOG hotplug log (default /var/log/xen/xen-hotplug.log)
-  VIF_ROUTE_QUBES_FAIL_AT=N   testing: make the N-th change fail
 
 \b
 XenStore keys read:

@@ -318,7 +318,7 @@ def _replace_file(ctx, path: str, text: str) -> None:
     if ctx.dry_run:
         ctx.say(f"write {path} <<'EOF'\n{text}EOF")
         return
-    ctx.system.fault_point(["write", path])
+    ctx.system.before_change(["write", path])
     ctx.log.debug(f"write {path}")
     tmp = f"{path}.{TAG}.tmp"
     try:
@@ -341,7 +341,7 @@ def _restore_file(ctx, path: str, saved: dict) -> None:
     if ctx.dry_run:
         ctx.say(f"restore {path} from the record ({', '.join(saved)})")
         return
-    ctx.system.fault_point(["restore", path])
+    ctx.system.before_change(["restore", path])
     try:
         if "link" in saved:
             tmp = f"{path}.{TAG}.tmp"
@@ -656,7 +656,7 @@ def write_keys(ctx, domid: int, pairs) -> None:
         for path, value in items:
             ctx.say(f"xenstore write {path} = {value} (perms {' '.join(perms_for(domid))})")
         return
-    ctx.system.fault_point(["xenstore-write", home])
+    ctx.system.before_change(["xenstore-write", home])
     ctx.store.xs.write_many(items)
     for path, _ in items:
         ctx.store.set_perms(path, perms_for(domid))
@@ -716,7 +716,6 @@ Environment:
   QVM_DOM0_NETWORK_TIMEOUT   default for --timeout (60 s)
   QVM_DOM0_NETWORK_RESOLV_CONF  default for --resolv-conf (/etc/resolv.conf)
   VIF_ROUTE_QUBES_DEBUG=1    debug logging on stderr (like -v)
-  VIF_ROUTE_QUBES_FAIL_AT=N  testing: make the N-th change fail
 
 \b
 Exit status: 0 done (or nothing to do), 1 error (up rolled back).

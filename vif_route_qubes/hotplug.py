@@ -422,7 +422,7 @@ def _report(ctx, xp, items, clear_error=False):
         # there: writing would create it, holding only our keys
         ctx.log.warning(f"{xp} does not exist in XenStore: hotplug-status not written")
         return
-    ctx.sys.fault_point(["xenstore-write", xp])
+    ctx.sys.before_change(["xenstore-write", xp])
     for path, value in items:
         ctx.log.debug(f"xenstore-write {path} {value}")
     ctx.xs.write_many(items)

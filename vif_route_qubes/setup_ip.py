@@ -576,7 +576,7 @@ class ResolvWrite:
         self.path, self.text = path, text
         self.tmp = self.fd = None
         self.mounted = is_mount_point(path)
-        s.fault_point(["write", path])
+        s.before_change(["write", path])
         opened = None
         try:
             # O_NOFOLLOW: through a symlink (resolved's stub) we would write

@@ -7,9 +7,10 @@ and every /proc or /sys file it writes goes through :class:`System`.
   performed (the same argv and the same stdin text) and performs none;
   read-only probes still run, so the printed plan is the one a real run
   would choose.
-* ``VIF_ROUTE_QUBES_FAIL_AT=N`` makes the N-th mutating action fail as if
-  the command had exited non-zero. It exists for the rollback tests (every
-  step of ``online`` is failed once, and the host must end as it began).
+* :meth:`System.before_change` is called before every mutating action
+  (command, file write, XenStore write). It does nothing here; the rollback
+  tests override it (tests/rigs/faults.py) to fail the N-th change, so no
+  fault injection ships in the product.
 """
 
 import os
@@ -69,9 +70,6 @@ class System:
         self.dry_run = dry_run
         self.out = out or sys.stdout
         self.log = log
-        self.actions = 0
-        fail_at = env.get("VIF_ROUTE_QUBES_FAIL_AT", "")
-        self.fail_at = int(fail_at) if fail_at.isdigit() else None
         # Which iptables the host uses is the administrator's choice
         # (update-alternatives); this only lets benchmarks and tests pick one.
         backend = env.get("VIF_ROUTE_QUBES_IPTABLES", "")
@@ -108,10 +106,9 @@ class System:
         return [self.iptables(version, "restore"), "--noflush", "--wait", XTABLES_WAIT]
 
     # -- commands ------------------------------------------------------------
-    def fault_point(self, what):
-        self.actions += 1
-        if self.fail_at is not None and self.actions == self.fail_at:
-            raise CommandFailed(what, 99, f"injected fault (VIF_ROUTE_QUBES_FAIL_AT={self.fail_at})")
+    def before_change(self, what):
+        """Called before each mutating action ``what`` (an argv-like list)
+        is carried out: the one place a test makes a change fail."""
 
     def start(self, argv, data=None, ok=(0,), readonly=False) -> _Started:
         """Start a command; ``.wait()`` collects it. Several started before
@@ -122,7 +119,7 @@ class System:
             if self.dry_run:
                 self._print(argv, data)
                 return _Started(argv, None, None, ok)
-            self.fault_point(argv)
+            self.before_change(argv)
         if self.log:
             self.log.debug("run: " + " ".join(argv) + (f" <<{len(data.splitlines())} lines" if data else ""))
             if data:
@@ -166,7 +163,7 @@ class System:
         if self.dry_run:
             print(f"write {path} = {value}", file=self.out)
             return
-        self.fault_point(["write", path])
+        self.before_change(["write", path])
         if self.log:
             self.log.debug(f"write {path} = {value}")
         try:

@@ -1,4 +1,5 @@
-"""vif-route-qubes-demo: the real job, in throwaway network namespaces.
+"""The real job, in throwaway network namespaces: ``python -m tests.rigs.demo``
+from a checkout, with the product installed in the running interpreter.
 
 Builds the seed document's netvm (an uplink to 192.168.0.0/24 with a
 default route, five guests on vif3.0 ... vif10.0), serves XenStore with the
@@ -26,7 +27,7 @@ def say(text=""):
 
 def main(argv=None):
     if os.geteuid() != 0:
-        say("vif-route-qubes-demo: needs root (it creates network namespaces and firewall rules)")
+        say("tests.rigs.demo: needs root (it creates network namespaces and firewall rules)")
         return 1
     script = _script("vif-route-qubes")
     with tempfile.TemporaryDirectory(prefix="vrq-demo-") as tmp:

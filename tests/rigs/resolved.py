@@ -85,7 +85,7 @@ def config(dns=(), stub_listener=True):
 
 class Resolved:
     """systemd-resolved with resolved.conf ``conf`` (text) in network
-    namespace ``ns`` (a :class:`~vif_route_qubes.testing.netns.Netns`),
+    namespace ``ns`` (a :class:`~tests.rigs.netns.Netns`),
     answering on its bus when the constructor returns. ``env`` is the base
     environment of :meth:`run` and :attr:`env` (default: this process's).
     A context manager; :meth:`close` stops it."""

@@ -89,7 +89,7 @@ b'dom0'
 
 CLI
 ---
-``python3 -m vif_route_qubes.testing.xenstored --socket PATH [--domid N]
+``python3 -m tests.rigs.xenstored --socket PATH [--domid N]
 [--set PATH=VALUE ...] [--delay S] [--deny P ...] [--close-on P ...]
 [--drop-after N]`` runs in the foreground, prints ``ready PATH`` once it
 accepts connections, and removes its socket on SIGTERM/SIGINT.
@@ -881,7 +881,7 @@ def main(argv=None):
     import signal
 
     parser = argparse.ArgumentParser(
-        prog="python3 -m vif_route_qubes.testing.xenstored",
+        prog="python3 -m tests.rigs.xenstored",
         description="Serve an in-memory XenStore on a Unix socket.")
     parser.add_argument("--socket", required=True, help="socket path")
     parser.add_argument("--domid", type=int, default=0,

@@ -168,8 +168,13 @@ class World:
 
     def hotplug(self, guest, command="online", *words, env=None, check=False, cmd=None):
         """Run the installed console script in the netvm as libxl would."""
-        argv = [cmd or _script("vif-route-qubes"), command, "type_if=vif", *words]
-        return self.netvm.exec(argv, check=check, env=env or guest.env())
+        env = env or guest.env()
+        prog = [cmd] if cmd else None
+        if prog is None:
+            from .faults import command as faulty
+
+            prog, env = faulty(_script("vif-route-qubes"), env)
+        return self.netvm.exec([*prog, command, "type_if=vif", *words], check=check, env=env)
 
     def snapshot(self, ns=None):
         """The netvm's networking state as comparable text: links, addresses,
