@@ -16,6 +16,16 @@ of that child (Linux: including its waited-for descendants, i.e. the
 iptables-restore and ip it runs; maxrss is the largest of them). CPU time is
 what to compare when the machine is busy with other work: it barely changes
 with load, wall time does.
+``--private RUN LOG`` (the driver started under ``unshare -m``): bind-mount
+RUN over /run and LOG over /var/log first, so what the commands under test
+keep there (QubesDB's sockets in /run/qubes, Xen's hotplug locks and log)
+is this run's own and nothing of the host's is touched.
+``--private RUN LOG RESOLV``: also bind-mount the file RESOLV over
+/etc/resolv.conf, so the DNAT contenders read the upstreams the benchmark
+writes there (rewritten in place between runs) and the host's file is
+untouched. Where /etc/resolv.conf is a link, the file it points to is the
+one covered (made, empty, in the private /run if it is under it).
+
 Standard library only.
 """
 
@@ -69,7 +79,23 @@ def parallel(jobs):
     return {"total_ms": (time.perf_counter() - t0) * 1000, "runs": runs}
 
 
+def private_dirs(run, log, resolv=None):
+    for src, dst in ((run, "/run"), (log, "/var/log")):
+        subprocess.run(["mount", "--bind", src, dst], check=True)
+    for d in ("/run/qubes", "/var/log/qubes", "/var/log/xen"):
+        os.makedirs(d, exist_ok=True)
+    if resolv:
+        # a bind mount follows a link at its target: cover the file itself
+        target = os.path.realpath("/etc/resolv.conf")
+        if not os.path.exists(target):
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            open(target, "a").close()
+        subprocess.run(["mount", "--bind", resolv, target], check=True)
+
+
 def main():
+    if sys.argv[1:2] == ["--private"]:
+        private_dirs(*sys.argv[2:5])
     for line in sys.stdin:
         req = json.loads(line)
         if req["op"] == "run":

@@ -27,9 +27,7 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
@@ -85,60 +83,18 @@ def say(text=""):
 
 
 class XsClient:
-    """A minimal XenStore wire-protocol client (pipelined writes for bulk set-up).
-    Has what World needs of a server object: ``socket_path`` and ``write``."""
-
-    HDR = struct.Struct("<IIII")
-    READ, WRITE, RM, ERROR = 2, 11, 13, 16
+    """The fixture's XenStore client: the package's own (vif_route_qubes.xs,
+    pyxs, writes pipelined), with what World needs of a server object
+    (``socket_path``)."""
 
     def __init__(self, socket_path):
+        from vif_route_qubes.xs import XenStore
+
         self.socket_path = socket_path
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.connect(socket_path)
-        self.rq = 0
+        self._xs = XenStore({"XENSTORED_PATH": socket_path})
 
-    def _send(self, op, payload):
-        self.rq += 1
-        self.sock.sendall(self.HDR.pack(op, self.rq, 0, len(payload)) + payload)
-
-    def _recv(self):
-        def exact(n):
-            buf = b""
-            while len(buf) < n:
-                chunk = self.sock.recv(n - len(buf))
-                if not chunk:
-                    raise RuntimeError("xenstored closed the connection")
-                buf += chunk
-            return buf
-
-        op, _, _, length = self.HDR.unpack(exact(16))
-        return op, exact(length)
-
-    def write_many(self, items):
-        items = list(items)
-        for i in range(0, len(items), 256):  # pipelined, bounded in flight
-            chunk = items[i:i + 256]
-            for path, value in chunk:
-                self._send(self.WRITE, path.encode() + b"\0" + value.encode())
-            for path, _ in chunk:
-                op, payload = self._recv()
-                if op == self.ERROR:
-                    raise RuntimeError(f"xenstore write {path}: {payload!r}")
-
-    def write(self, path, value):
-        self.write_many([(path, value)])
-
-    def read(self, path):
-        self._send(self.READ, path.encode() + b"\0")
-        op, payload = self._recv()
-        return None if op == self.ERROR else payload.rstrip(b"\0").decode()
-
-    def rm(self, path):
-        self._send(self.RM, path.encode() + b"\0")
-        self._recv()
-
-    def close(self):
-        self.sock.close()
+    def __getattr__(self, name):  # read, write, write_many, rm, close
+        return getattr(self._xs, name)
 
 
 def start_xenstored(sock_path):
@@ -155,11 +111,17 @@ def start_xenstored(sock_path):
 class Driver:
     """_nsdriver.py running inside a namespace."""
 
-    def __init__(self, ns):
+    def __init__(self, ns, private=None):
         # cwd "/": ``python -c`` puts the working directory first on sys.path,
-        # which must not be the checkout (it would shadow the installed package)
-        self.proc = subprocess.Popen(["ip", "netns", "exec", ns.name, sys.executable, DRIVER],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
+        # which must not be the checkout (it would shadow the installed package).
+        # private=(run, log): in a mount namespace of its own, with these
+        # directories over /run and /var/log (see _nsdriver.py)
+        argv = ["ip", "netns", "exec", ns.name]
+        if private:
+            argv += ["unshare", "-m", "--propagation", "private", sys.executable, DRIVER, "--private", *private]
+        else:
+            argv += [sys.executable, DRIVER]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/")
 
     def call(self, **req):
         self.proc.stdin.write(json.dumps(req) + "\n")
@@ -891,6 +853,21 @@ def verdicts(results):
     def med(st):
         return st["median"] if st else None
 
+    vq = results.get("vs_qubes") or {}
+    if vq.get("single"):
+        r = vq["single"]["contenders"]["ours, nft"]["ratio_to_qubes"]
+        v.append(("ours/Qubes today: one online <= 0.9x (wall, CPU)", (r["online_ms"], r["online_cpu_ms"]), 0.9))
+        v.append(("ours/Qubes today: one offline <= 0.9x (wall, CPU)", (r["offline_ms"], r["offline_cpu_ms"]), 0.9))
+    if (vq.get("dnat") or {}).get("contenders"):
+        r = vq["dnat"]["contenders"]["ours, nft"]["ratio_to_qubes"]
+        v.append(("ours/Qubes today: dnat, upstreams changed <= 1.0x (wall, CPU)",
+                  (r["changed_ms"], r["changed_cpu_ms"]), 1.0))
+        v.append(("ours/Qubes today: dnat, unchanged (exit 100) <= 1.0x (wall, CPU)",
+                  (r["unchanged_ms"], r["unchanged_cpu_ms"]), 1.0))
+    for size, row in ((vq.get("storms") or {}).get("results") or {}).items():
+        r = row["ours, nft"]["ratio_to_qubes"]
+        v.append((f"ours/Qubes today: storm of {size} online, offline <= 1.0x (wall)",
+                  (r["online_ms"], r["offline_ms"]), 1.0))
     v.append(("online <= 55 ms (median)", med(results.get("online_ms")), 55))
     v.append(("offline <= 60 ms (median)", med(results.get("offline_ms")), 60))
     for label, c in (results.get("curve") or {}).items():
@@ -931,6 +908,504 @@ def verdicts(results):
     return out
 
 
+# ----------------------------------------------------------------------------
+# side by side with today's Qubes script (the main anchor)
+#
+# Nothing of Qubes is part of this project: the run reads Qubes' files at run
+# time from a checkout of QubesOS/qubes-core-agent-linux (--qubes, or
+# $VRQ_QUBES_CHECKOUT; a work tree, or a git directory without one), runs
+# them from a scratch directory and deletes them at the end.
+
+QUBES_SCRIPT = "network/vif-route-qubes"
+QUBES_ANTISPOOF = "network/qubes-antispoof.nft"
+QUBES_NAT = "network/vif-qubes-nat.sh"
+QUBES_DNAT = "network/qubes-setup-dnat-to-ns"
+# the iptables-era script (R4.1), the second line
+IPTABLES_ERA_REV = "release4.1"
+# these kernels have no nf_flow_table: today's script's flowtable block
+# (every online redefines table inet qubes-nat-accel over all interfaces)
+# would fail; it is switched off by replacing its condition
+FLOWTABLE_IF = 'if [[ -n "$separator" ]]; then'
+FLOWTABLE_OFF = "if false; then  # vrq benchmark: flowtable switched off (no nf_flow_table)"
+CACHE = "/var/cache/vif-route-qubes-bench"
+BUILD_QUBESDB = os.path.join(os.path.dirname(ROOT), "shared", "vendor", "build-qubesdb")
+QUBESDB_STANDIN_KEYS = """#!/bin/sh
+# qubesdb-read stand-in (only when the real QubesDB cannot run): the keys
+# vif-route-qubes reads, as a netvm's QubesDB answers them; others absent (2)
+[ "$1" = -- ] && shift
+case "$1" in
+/qubes-netvm-gateway) echo {gateway} ;;
+/qubes-netvm-primary-dns) echo 10.139.1.1 ;;
+/qubes-netvm-secondary-dns) echo 10.139.1.2 ;;
+*) exit 2 ;;
+esac
+"""
+
+
+# the two upstream lists the DNAT runs alternate between (two virtual
+# nameservers: with one upstream both go to it, with two one each), and the
+# chain each must leave: {virtual nameserver: upstream}
+DNAT_UPSTREAMS = ("nameserver 192.168.0.1\n", "nameserver 192.168.0.1\nnameserver 192.168.0.3\n")
+DNAT_WANT = ({"10.139.1.1": {"192.168.0.1"}, "10.139.1.2": {"192.168.0.1"}},
+             {"10.139.1.1": {"192.168.0.1"}, "10.139.1.2": {"192.168.0.3"}})
+# a system bus of our own with nothing on it (no systemd-resolved, no
+# service files: a call to org.freedesktop.resolve1 is ServiceUnknown at
+# once, and Qubes' script falls back to /etc/resolv.conf as it is written to)
+from tests.rigs.resolved import BUS_CONF as SYSTEM_BUS_CONF  # noqa: E402
+
+
+class QubesCheckout:
+    """Files of a qubes-core-agent-linux checkout: a work tree (read from
+    disk, or from its .git at a revision) or a bare git directory (what the
+    ``fetch`` tool gives: ``git --git-dir=DIR show REV:PATH``)."""
+
+    def __init__(self, path):
+        self.path = os.path.abspath(path)
+        if os.path.isdir(os.path.join(self.path, ".git")):
+            self.git_dir = os.path.join(self.path, ".git")
+        elif os.path.isfile(os.path.join(self.path, "HEAD")) and os.path.isdir(os.path.join(self.path, "objects")):
+            self.git_dir = self.path
+        else:
+            self.git_dir = None
+        if self.git_dir is None and not os.path.isfile(os.path.join(self.path, QUBES_SCRIPT)):
+            raise SystemExit(f"--qubes {path}: neither a git directory nor a work tree with {QUBES_SCRIPT}")
+
+    def _git(self, *args):
+        return subprocess.run(["git", "--git-dir", self.git_dir, *args], capture_output=True, check=True).stdout
+
+    def read(self, relpath, rev=None):
+        if self.git_dir is None or (rev is None and os.path.isfile(os.path.join(self.path, relpath))):
+            if rev is not None:
+                raise SystemExit(f"--qubes {self.path}: no git directory, so no {rev}:{relpath}")
+            with open(os.path.join(self.path, relpath), "rb") as f:
+                return f.read()
+        try:
+            return self._git("show", f"{rev or 'HEAD'}:{relpath}")
+        except subprocess.CalledProcessError as exc:
+            raise SystemExit(f"--qubes {self.path}: git show {rev or 'HEAD'}:{relpath}: "
+                             f"{exc.stderr.decode(errors='replace').strip()}") from None
+
+    def commit(self, rev="HEAD"):
+        if self.git_dir is None:
+            return None
+        try:
+            return self._git("rev-parse", rev).decode().strip()
+        except subprocess.CalledProcessError:
+            return None
+
+    def has(self, rev):
+        return self.commit(rev) is not None
+
+
+def xen_helpers(opt):
+    """A directory with Xen's hotplug helpers (vif-common.sh, ...) that the
+    Qubes scripts source: --xen-scripts, else /etc/xen/scripts, else Debian's
+    xen-utils-common unpacked into the cache (apt-get download, dpkg-deb -x;
+    nothing installed)."""
+    for d in ([opt] if opt else []) + ["/etc/xen/scripts", os.path.join(CACHE, "xen-utils-common/etc/xen/scripts")]:
+        if all(os.path.exists(os.path.join(d, h)) for h in XEN_HELPERS):
+            return d
+        if d == opt:
+            raise SystemExit(f"--xen-scripts {opt}: missing some of {', '.join(XEN_HELPERS)}")
+    say(f"  Xen's hotplug helpers: apt-get download xen-utils-common into {CACHE} ...")
+    os.makedirs(CACHE, exist_ok=True)
+    subprocess.run(["apt-get", "download", "-q", "xen-utils-common"], cwd=CACHE, check=True,
+                   stdout=subprocess.DEVNULL)
+    deb = sorted(f for f in os.listdir(CACHE) if f.startswith("xen-utils-common_") and f.endswith(".deb"))[-1]
+    subprocess.run(["dpkg-deb", "-x", os.path.join(CACHE, deb), os.path.join(CACHE, "xen-utils-common")], check=True)
+    return os.path.join(CACHE, "xen-utils-common/etc/xen/scripts")
+
+
+def qubesdb_prefix(opt):
+    """The real QubesDB (daemon, qubesdb-read, the python module): --qubesdb
+    PREFIX or $VRQ_QUBESDB, else built once into the cache by
+    ../shared/vendor/build-qubesdb; None if neither can be had (then a
+    qubesdb-read stand-in answers, and the results say so)."""
+    prefix = opt or os.environ.get("VRQ_QUBESDB")
+    if prefix:
+        if not os.access(os.path.join(prefix, "bin", "qubesdb-daemon"), os.X_OK):
+            raise SystemExit(f"--qubesdb {prefix}: no bin/qubesdb-daemon")
+        return os.path.abspath(prefix)
+    prefix = os.path.join(CACHE, "qubesdb")
+    if os.access(os.path.join(prefix, "bin", "qubesdb-daemon"), os.X_OK):
+        return prefix
+    if os.access(BUILD_QUBESDB, os.X_OK):
+        say(f"  building QubesDB into {prefix} ({BUILD_QUBESDB}) ...")
+        r = subprocess.run([BUILD_QUBESDB, prefix, PROD_PYTHON], capture_output=True, text=True)
+        if r.returncode == 0:
+            return prefix
+        say(f"  build-qubesdb failed: {r.stderr.strip()[-400:]}")
+    return None
+
+
+class QubesNetvm:
+    """One netvm namespace set up as a Qubes R4.2 netvm is for its hotplug
+    scripts: Qubes' qubes-antispoof.nft loaded, a QubesDB daemon (the real
+    one, local-only, in the driver's private /run) with the netvm keys the
+    script reads, Qubes' scripts beside Xen's helpers. Every contender runs
+    in this one namespace, through one driver."""
+
+    def __init__(self, xs, tmp, checkout, xen_dir, qdb, iptables_era=True):
+        self.tmp = os.path.join(tmp, "qubes")
+        self.world = World(xs, os.path.join(self.tmp, "world"), upstream=False, firewall="nft")
+        self.drv = None
+        self.qdb = qdb
+        self.run_dir = os.path.join(self.tmp, "run")
+        self.log_dir = os.path.join(self.tmp, "log")
+        try:
+            self.info = {"checkout": checkout.path, "commit": checkout.commit(), "qubesdb": "real" if qdb else "stand-in"}
+            scripts = os.path.join(self.tmp, "scripts")
+            self.bin = os.path.join(self.tmp, "bin")
+            for d in (scripts, self.bin, self.run_dir, self.log_dir):
+                os.makedirs(d, exist_ok=True)
+            for h in XEN_HELPERS:
+                shutil.copy(os.path.join(xen_dir, h), scripts)
+            with open(os.path.join(scripts, "vif-qubes-nat.sh"), "wb") as f:
+                f.write(checkout.read(QUBES_NAT))
+            today = checkout.read(QUBES_SCRIPT).decode()
+            self.info["script_sha256"] = hashlib.sha256(today.encode()).hexdigest()
+            if today.count(FLOWTABLE_IF) != 1:
+                raise SystemExit(f"{QUBES_SCRIPT} of {checkout.path}: the flowtable block's condition "
+                                 f"{FLOWTABLE_IF!r} is not there once; cannot switch it off")
+            self.script = self._write(scripts, "vif-route-qubes", today.replace(FLOWTABLE_IF, FLOWTABLE_OFF))
+            self.iptables_era = None
+            if iptables_era and checkout.has(IPTABLES_ERA_REV):
+                old = checkout.read(QUBES_SCRIPT, IPTABLES_ERA_REV)
+                self.iptables_era = self._write(scripts, "vif-route-qubes-r41", old.decode())
+                self.info["iptables_era"] = {"rev": IPTABLES_ERA_REV, "commit": checkout.commit(IPTABLES_ERA_REV),
+                                             "script_sha256": hashlib.sha256(old).hexdigest()}
+            dnat = checkout.read(QUBES_DNAT)
+            self.dnat = self._write(scripts, "qubes-setup-dnat-to-ns", dnat.decode())
+            self.info["dnat_sha256"] = hashlib.sha256(dnat).hexdigest()
+            antispoof = checkout.read(QUBES_ANTISPOOF).decode()
+            self.info["antispoof_sha256"] = hashlib.sha256(antispoof.encode()).hexdigest()
+            self.world.netvm.exec(["nft", "-f", "-"], input=antispoof)
+            if qdb:
+                for c in ("qubesdb-read", "qubesdb-write"):
+                    os.symlink(os.path.join(qdb, "bin", c), os.path.join(self.bin, c))
+            else:
+                self._write(self.bin, "qubesdb-read", QUBESDB_STANDIN_KEYS.format(gateway=self.world.gateway))
+            self.path = self.bin + ":" + HOTPLUG_PATH
+            # bind-mounted over /etc/resolv.conf in the driver's mount
+            # namespace: what both DNAT scripts read as the upstreams
+            self.resolv = os.path.join(self.tmp, "resolv.conf")
+            self.set_resolv(DNAT_UPSTREAMS[0])
+            self.drv = Driver(self.world.netvm, private=(self.run_dir, self.log_dir, self.resolv))
+            if qdb:
+                self._start_qubesdb()
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _write(d, name, text):
+        p = os.path.join(d, name)
+        with open(p, "w") as f:
+            f.write(text)
+        os.chmod(p, 0o755)
+        return p
+
+    def _start_qubesdb(self):
+        env = {"PATH": HOTPLUG_PATH, "HOME": "/"}
+        # without NOTIFY_SOCKET the daemon forks once it serves its socket
+        check(self.drv.run([os.path.join(self.qdb, "bin", "qubesdb-daemon"), "0", "dom0"], env), "qubesdb-daemon")
+        keys = {"/qubes-netvm-gateway": self.world.gateway, "/qubes-netvm-primary-dns": "10.139.1.1",
+                "/qubes-netvm-secondary-dns": "10.139.1.2", "/qubes-ip": "10.137.0.2", "/qubes-vm-type": "NetVM"}
+        for k, v in keys.items():
+            check(self.drv.run([os.path.join(self.qdb, "bin", "qubesdb-write"), k, v], env), f"qubesdb-write {k}")
+        r = self.drv.run([os.path.join(self.bin, "qubesdb-read"), "/qubes-netvm-gateway"], env)
+        if r[0]["rc"] != 0:
+            raise RuntimeError(f"qubesdb-read does not answer: {r[0]['stderr']}")
+
+    def set_resolv(self, text):
+        """Rewritten in place: the bind mount covers this inode."""
+        with open(self.resolv, "a+") as f:
+            f.seek(0)
+            f.truncate()
+            f.write(text)
+
+    def dnat_chain(self):
+        """{virtual nameserver: upstream} of the ``dnat-dns`` chain in force."""
+        out = self.world.netvm.exec(["nft", "list", "chain", "ip", "qubes", "dnat-dns"]).stdout
+        found = {}
+        for line in out.splitlines():
+            words = line.split()
+            if words[:2] == ["ip", "daddr"] and words[-3:-1] == ["dnat", "to"]:
+                found.setdefault(words[2], set()).add(words[-1])
+        return found
+
+    def env(self, domid, firewall="nft"):
+        env = hotplug_env(self.world, domid)
+        env["PATH"] = self.path
+        env["VIF_ROUTE_QUBES_FIREWALL"] = firewall
+        return env
+
+    def reset_vifs(self, vifs):
+        """What the kernel does when a guest's vif goes away (untimed):
+        Qubes' online adds a permanent neighbour entry that its offline does
+        not remove, and a second ``ip neighbour add`` would fail."""
+        lines = "".join(f"neigh flush dev {v} nud permanent\n" for v in vifs)
+        sh(["ip", "-n", self.world.netvm.name, "-force", "-batch", "-"], input=lines, check=False)
+
+    def elements(self, family="ip"):
+        """The (interface, address) elements of Qubes' ``allowed`` set."""
+        out = self.world.netvm.exec(["nft", "-j", "list", "set", family, "qubes", "allowed"]).stdout
+        found = set()
+        for item in json.loads(out)["nftables"]:
+            for e in (item.get("set") or {}).get("elem", []):
+                c = e["concat"] if isinstance(e, dict) and "concat" in e else (e.get("elem", {}).get("val", {}).get("concat") if isinstance(e, dict) else None)
+                if c:
+                    found.add((c[0], c[1]))
+        return found
+
+    def close(self):
+        if self.drv:
+            self.drv.close()
+            self.drv = None
+        pid_file = os.path.join(self.run_dir, "qubes", "qubesdb.dom0.pid")
+        if os.path.exists(pid_file):
+            try:
+                os.kill(int(open(pid_file).read().strip()), 15)
+            except (ValueError, ProcessLookupError):
+                pass
+        self.world.close()
+
+
+def ratios(row, ref, keys):
+    return {k: round(row[k]["median"] / ref[k]["median"], 3) for k in keys if row.get(k) and ref.get(k)}
+
+
+def bench_vs_qubes_single(q, venv, n, results):
+    """One vif, one IPv4 address each: today's Qubes script, ours (nft), and
+    the iptables-era script, in one netvm with Qubes' table, in rounds whose
+    order rotates, so load on the machine falls on all alike."""
+    script = os.path.join(venv, "bin", "vif-route-qubes")
+    contenders = [("qubes today", [q.script], 40), ("ours, nft", [script], 41)]
+    if q.iptables_era:
+        contenders.append(("qubes R4.1 (iptables)", [q.iptables_era], 42))
+    cycles = []
+    for name, argv, domid in contenders:
+        q.world.add_guest(domid, [f"10.137.0.{domid}"])
+        c = _Cycles(name, q.drv, q.world.xs, argv, q.env(domid, "nft"))
+        c.vif = f"vif{domid}.0"
+        cycles.append(c)
+    for c in cycles:  # warm-up: our first online adds our sets to Qubes' table
+        c.cycle()
+        q.reset_vifs([c.vif])
+        c.reset()
+    for i in range(n):
+        for c in cycles[i % len(cycles):] + cycles[:i % len(cycles)]:
+            c.cycle()
+            q.reset_vifs([c.vif])
+    out = {c.name: c.summary() for c in cycles}
+    ref = out["qubes today"]
+    keys = ("online_ms", "offline_ms", "online_cpu_ms", "offline_cpu_ms")
+    for name, row in out.items():
+        row["ratio_to_qubes"] = ratios(row, ref, keys)
+        r = row["ratio_to_qubes"]
+        say(f"  {name:22s} online  {fmt(row['online_ms'])}  CPU median {row['online_cpu_ms']['median']:.1f}")
+        say(f"  {'':22s} offline {fmt(row['offline_ms'])}  CPU median {row['offline_cpu_ms']['median']:.1f}")
+        if name != "qubes today":
+            say(f"  {'':22s} / qubes today: online {r['online_ms']} wall, {r['online_cpu_ms']} CPU; "
+                f"offline {r['offline_ms']} wall, {r['offline_cpu_ms']} CPU")
+    results.setdefault("vs_qubes", {})["single"] = {"rounds": n, "contenders": out}
+
+
+def bench_vs_qubes_storms(q, venv, sizes, reps, results):
+    """Storms: N onlines started at once, then N offlines, of the same N vifs
+    (peers in one guest namespace), Qubes' script and ours in turn, the order
+    alternating per round; total wall = first spawn to last exit, CPU = the
+    sum over the N runs (each with its children). After each storm: every
+    hotplug-status=connected, and Qubes' ``allowed`` set holds exactly the
+    N vifs' elements (none after the offlines)."""
+    script = os.path.join(venv, "bin", "vif-route-qubes")
+    contenders = [("qubes today", [q.script]), ("ours, nft", [script])]
+    guests = bulk_guests(q.world, range(100, 100 + max(sizes)))
+    base = {(f"vif{d}.0", a) for d, (_, a) in guests.items()}
+    out = {}
+    for size in sizes:
+        doms = list(guests)[:size]
+        want = {(f"vif{d}.0", guests[d][1]) for d in doms}
+        rows = {name: {"online": [], "offline": [], "online_cpu": [], "offline_cpu": []} for name, _ in contenders}
+        for rep in range(reps):
+            for name, argv in (contenders if rep % 2 == 0 else contenders[::-1]):
+                row = rows[name]
+                for what in ("online", "offline"):
+                    jobs = [{"argv": [*argv, what, "type_if=vif"], "env": q.env(d)} for d in doms]
+                    res = q.drv.parallel(jobs)
+                    check(res["runs"], f"{name}: storm of {size} {what}")
+                    row[what].append(res["total_ms"])
+                    row[f"{what}_cpu"].append(sum(r["cpu_ms"] for r in res["runs"]))
+                    have = q.elements() & base
+                    if what == "online":
+                        bad = [d for d in doms
+                               if q.world.xs.read(f"/local/domain/0/backend/vif/{d}/0/hotplug-status") != "connected"]
+                        if bad:
+                            raise RuntimeError(f"{name}: storm of {size}: no hotplug-status=connected for {bad[:5]}")
+                        if have != want:
+                            raise RuntimeError(f"{name}: storm of {size} online: allowed set differs "
+                                               f"(missing {sorted(want - have)[:3]}, extra {sorted(have - want)[:3]})")
+                    elif have:
+                        raise RuntimeError(f"{name}: storm of {size} offline left {sorted(have)[:3]}")
+                for d in doms:
+                    q.world.xs.rm(f"/local/domain/0/backend/vif/{d}/0/hotplug-status")
+                q.reset_vifs([f"vif{d}.0" for d in doms])
+        sized = {}
+        for name, row in rows.items():
+            sized[name] = {f"{what}{unit}": stats(row[f"{what}{key}"]) for what in ("online", "offline")
+                           for unit, key in (("_ms", ""), ("_cpu_ms", "_cpu"))}
+        ref = sized["qubes today"]
+        for name, row in sized.items():
+            row["ratio_to_qubes"] = ratios(row, ref, ("online_ms", "offline_ms", "online_cpu_ms", "offline_cpu_ms"))
+            r = row["ratio_to_qubes"]
+            say(f"  storm {size:3d} {name:12s} online {row['online_ms']['median']:7.0f} ms (CPU "
+                f"{row['online_cpu_ms']['median']:6.0f})  offline {row['offline_ms']['median']:7.0f} ms (CPU "
+                f"{row['offline_cpu_ms']['median']:6.0f})"
+                + ("" if name == "qubes today" else
+                   f"   ratio: online {r['online_ms']} wall / {r['online_cpu_ms']} CPU, "
+                   f"offline {r['offline_ms']} wall / {r['offline_cpu_ms']} CPU"))
+        out[str(size)] = sized
+    results.setdefault("vs_qubes", {})["storms"] = {"sizes": sizes, "rounds": reps, "results": out}
+
+
+def start_system_bus(d):
+    """A private dbus-daemon (system bus config, socket in ``d``) -> (process,
+    address). The caller terminates it."""
+    conf = os.path.join(d, "bus.conf")
+    sock = os.path.join(d, "bus")
+    with open(conf, "w") as f:
+        f.write(SYSTEM_BUS_CONF.format(socket=sock))
+    proc = subprocess.Popen(["dbus-daemon", f"--config-file={conf}", "--nofork", "--nopidfile", "--nosyslog",
+                             "--print-address"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline().strip()  # printed once it listens
+    if not line:
+        proc.kill()
+        raise RuntimeError(f"dbus-daemon did not start: {proc.stderr.read()[-400:]}")
+    return proc, f"unix:path={sock}"
+
+
+def bench_vs_qubes_dnat(q, venv, n, results):
+    """qubes-setup-dnat-to-ns: today's Qubes script (python3, dbus, qubesdb)
+    and ours (nft), in the same netvm, the same resolv.conf (bind-mounted
+    over /etc/resolv.conf in the driver's mount namespace), the same
+    virtual nameservers (QubesDB for Qubes', XenStore for ours), a system
+    bus with no systemd-resolved on it. Per round each contender, in an
+    order alternating per round: the upstreams switched to the other list
+    (so the chain the previous run left is wrong: a real change), one run
+    (exit 0, the chain checked), one more (already right: exit 100)."""
+    ours = os.path.join(venv, "bin", "qubes-setup-dnat-to-ns")
+    why = None
+    if not q.qdb:
+        why = "no real QubesDB (its python module is what Qubes' script reads)"
+    elif not os.path.exists(ours):
+        why = f"{ours} is not installed"
+    elif shutil.which("dbus-daemon") is None:
+        why = "no dbus-daemon"
+    elif subprocess.run([PROD_PYTHON, "-c", "import dbus"], capture_output=True).returncode != 0:
+        why = f"{PROD_PYTHON} cannot import dbus (Debian's python3-dbus: tests/install-packages)"
+    if why:
+        say(f"  DNAT side by side skipped: {why}")
+        results.setdefault("vs_qubes", {})["dnat"] = {"skipped": why}
+        return
+    service = os.path.join(q.run_dir, "qubes-service", "qubes-firewall")
+    if os.path.exists(service):  # Qubes' script would call systemctl
+        raise RuntimeError(f"{service} exists")
+    bus_dir = os.path.join(q.tmp, "dbus")
+    os.makedirs(bus_dir, exist_ok=True)
+    bus, address = start_system_bus(bus_dir)
+    try:
+        base = dict(q.world.env, PATH=q.path, VIF_ROUTE_QUBES_FIREWALL="nft", DBUS_SYSTEM_BUS_ADDRESS=address)
+        contenders = [("qubes today", [q.dnat],  # its #!/usr/bin/python3, as the hook runs it
+                       dict(base, PYTHONPATH=os.path.join(q.qdb, "python"))),
+                      ("ours, nft", [ours], base)]
+        rows = {name: {k: [] for k in ("changed", "changed_cpu", "unchanged", "unchanged_cpu")}
+                for name, _, _ in contenders}
+        variant = 0  # what /etc/resolv.conf says now (the fixture starts with 0)
+
+        def one(name, argv, env, keep):
+            nonlocal variant
+            variant = 1 - variant
+            q.set_resolv(DNAT_UPSTREAMS[variant])
+            r = q.drv.run(argv, env)[0]
+            if r["rc"] != 0:
+                raise RuntimeError(f"{name}: qubes-setup-dnat-to-ns (upstreams changed) exited {r['rc']}: "
+                                   f"{r['stderr'][-800:]}")
+            have = q.dnat_chain()
+            if have != DNAT_WANT[variant]:
+                raise RuntimeError(f"{name}: dnat-dns after the change is {have}, not {DNAT_WANT[variant]}")
+            u = q.drv.run(argv, env)[0]
+            if u["rc"] != 100:
+                raise RuntimeError(f"{name}: qubes-setup-dnat-to-ns (nothing changed) exited {u['rc']}, "
+                                   f"not 100: {u['stderr'][-800:]}")
+            if keep:
+                row = rows[name]
+                row["changed"].append(r["ms"])
+                row["changed_cpu"].append(r["cpu_ms"])
+                row["unchanged"].append(u["ms"])
+                row["unchanged_cpu"].append(u["cpu_ms"])
+
+        for c in contenders:  # warm-up: ours adds its guard chain once
+            one(*c, keep=False)
+        for i in range(n):
+            for c in (contenders if i % 2 == 0 else contenders[::-1]):
+                one(*c, keep=True)
+    finally:
+        bus.terminate()
+        try:
+            bus.wait(10)
+        except subprocess.TimeoutExpired:
+            bus.kill()
+    out = {}
+    for name, row in rows.items():
+        out[name] = {f"{k}_ms": stats(v) for k, v in row.items()}
+    ref = out["qubes today"]
+    keys = ("changed_ms", "unchanged_ms", "changed_cpu_ms", "unchanged_cpu_ms")
+    for name, row in out.items():
+        row["ratio_to_qubes"] = ratios(row, ref, keys)
+        r = row["ratio_to_qubes"]
+        say(f"  {name:12s} changed (exit 0)   {fmt(row['changed_ms'])}  CPU median {row['changed_cpu_ms']['median']:.1f}")
+        say(f"  {'':12s} unchanged (100)    {fmt(row['unchanged_ms'])}  CPU median "
+            f"{row['unchanged_cpu_ms']['median']:.1f}")
+        if name != "qubes today":
+            say(f"  {'':12s} / qubes today: changed {r['changed_ms']} wall, {r['changed_cpu_ms']} CPU; "
+                f"unchanged {r['unchanged_ms']} wall, {r['unchanged_cpu_ms']} CPU")
+    results.setdefault("vs_qubes", {})["dnat"] = {
+        "rounds": n, "upstreams": list(DNAT_UPSTREAMS), "virtual_nameservers": ["10.139.1.1", "10.139.1.2"],
+        "system_bus": "private dbus-daemon, no systemd-resolved", "contenders": out}
+
+
+def plot_storms(results, path):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        say(f"  matplotlib is not installed (pip install '.[bench]'): no plot written to {path}")
+        return None
+    st = results["vs_qubes"]["storms"]
+    m = results["machine"]
+    sizes = st["sizes"]
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    colors = {"qubes today": "tab:grey", "ours, nft": "tab:blue"}
+    for name in ("qubes today", "ours, nft"):
+        for what, ls, marker in (("online", "-", "o"), ("offline", "--", "s")):
+            ys = [st["results"][str(s)][name][f"{what}_ms"]["median"] / 1000 for s in sizes]
+            ax.plot(sizes, ys, ls, marker=marker, color=colors[name], label=f"{name}: {what}")
+    ax.set_xlabel("concurrent hotplug runs (guests starting / stopping at once)")
+    ax.set_ylabel("storm wall time, first spawn to last exit (s, median)")
+    ax.set_xticks(sizes)
+    ax.set_ylim(bottom=0)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"Storms: today's Qubes vif-route-qubes vs ours (nft), one netvm\n"
+                 f"{m['date']}, {m['cpus']} x {m['cpu']}, kernel {m['kernel']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    say(f"  plot written to {path}")
+    return path
+
+
 class _Done(Exception):
     """--firewall-only: the rest of the run is skipped."""
 
@@ -955,18 +1430,38 @@ def main():
     ap.add_argument("--side-by-side-only", action="store_true",
                     help="only online/offline of the shell script and both backends side by side, "
                          "and the child processes per run")
+    ap.add_argument("--qubes", metavar="CHECKOUT", default=os.environ.get("VRQ_QUBES_CHECKOUT"),
+                    help="a checkout of QubesOS/qubes-core-agent-linux (work tree or git directory; default "
+                         "$VRQ_QUBES_CHECKOUT): today's network/vif-route-qubes is timed side by side with ours "
+                         "(the main anchor), the iptables-era one (release4.1) as a second line")
+    ap.add_argument("--qubesdb", metavar="PREFIX",
+                    help="a built QubesDB (bin/qubesdb-daemon ...; default $VRQ_QUBESDB, else built into "
+                         f"{CACHE}/qubesdb by ../shared/vendor/build-qubesdb)")
+    ap.add_argument("--vs-qubes-only", action="store_true",
+                    help="only the comparison with today's Qubes script (needs --qubes)")
+    ap.add_argument("--storms", default="8,32,64", help="storm sizes (concurrent runs; default 8,32,64)")
+    ap.add_argument("--rounds", type=int, help="interleaved rounds of single runs (default 30; --quick 10)")
+    ap.add_argument("--storm-rounds", type=int, help="rounds per storm size (default 5; --quick 2)")
     ap.add_argument("--plot", default=os.path.join(HERE, "firewall.png"), help="where to write the plot")
+    ap.add_argument("--storm-plot", default=os.path.join(HERE, "storms.png"),
+                    help="where to write the plot of storm wall time against concurrency")
     ap.add_argument("--plot-from", metavar="JSON", help="only draw the plot from an earlier run's --json file")
     opts = ap.parse_args()
     if opts.plot_from:
         with open(opts.plot_from) as f:
-            plot(json.load(f), opts.plot)
+            earlier = json.load(f)
+        if earlier.get("forwarding") or earlier.get("curve"):
+            plot(earlier, opts.plot)
+        if (earlier.get("vs_qubes") or {}).get("storms"):
+            plot_storms(earlier, opts.storm_plot)
         return
     if os.geteuid() != 0:
         raise SystemExit("run as root: network namespaces and iptables")
 
+    if opts.vs_qubes_only and not opts.qubes:
+        raise SystemExit("--vs-qubes-only needs --qubes CHECKOUT (or $VRQ_QUBES_CHECKOUT)")
     quick = opts.quick
-    n = 10 if quick else 30
+    n = opts.rounds or (10 if quick else 30)
     size = opts.size or (200 if quick else 1000)
     checkpoints = sorted({1, 100, size // 2, size} if size >= 200 else {1, size})
     reps = 3 if quick else 7
@@ -984,6 +1479,28 @@ def main():
         xsd = start_xenstored(os.path.join(tmp, "xenstored.sock"))
         xs = XsClient(os.path.join(tmp, "xenstored.sock"))
         shell = (os.path.abspath(opts.shell_script), os.path.abspath(opts.xen_scripts)) if opts.shell_script else None
+        if opts.qubes:
+            say("\n== side by side with today's Qubes script (one netvm, Qubes' qubes-antispoof.nft loaded)")
+            checkout = QubesCheckout(opts.qubes)
+            xen_dir = xen_helpers(opts.xen_scripts if opts.xen_scripts != "/etc/xen/scripts" else None)
+            qdb = qubesdb_prefix(opts.qubesdb)
+            if not qdb:
+                say("  the real QubesDB cannot be had here: a qubesdb-read stand-in answers")
+            q = QubesNetvm(xs, tmp, checkout, xen_dir, qdb)
+            try:
+                results.setdefault("vs_qubes", {})["fixture"] = q.info
+                say(f"  Qubes checkout {q.info['commit'] or checkout.path}; QubesDB: {q.info['qubesdb']}")
+                bench_vs_qubes_single(q, venv, n, results)
+                say("  -- qubes-setup-dnat-to-ns")
+                bench_vs_qubes_dnat(q, venv, n, results)
+                sizes = [int(x) for x in opts.storms.split(",") if x]
+                if sizes:
+                    bench_vs_qubes_storms(q, venv, sizes, opts.storm_rounds or (2 if quick else 5), results)
+            finally:
+                q.close()
+                xs.rm("/local/domain/0/backend")
+            if opts.vs_qubes_only:
+                raise _Done()
         say("\n== online/offline side by side, one vif, one IPv4 address"
             + (": the iptables-era shell script and both backends" if shell else ": both backends (no --shell-script)"))
         bench_side_by_side(venv, xs, tmp, n, results, shell=shell)
@@ -1041,6 +1558,9 @@ def main():
     results["verdicts"] = verdicts(results)
     results["elapsed_s"] = round(time.monotonic() - started, 1)
     results["machine"]["loadavg_at_end"] = os.getloadavg()[0]
+    if opts.vs_qubes_only and not opts.json:
+        stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H%MZ")
+        opts.json = os.path.join(HERE, f"vs-qubes-{stamp}.json")
     if opts.json:  # before the plot: a plotting problem must not lose the numbers
         with open(opts.json, "w") as f:
             json.dump(results, f, indent=1)
@@ -1049,6 +1569,12 @@ def main():
         try:
             results["plot"] = plot(results, opts.plot)
         except Exception as exc:  # noqa: BLE001 - the numbers above stand without it
+            say(f"  no plot: {type(exc).__name__}: {exc} (redraw with --plot-from)")
+    if (results.get("vs_qubes") or {}).get("storms"):
+        say("\n== storm plot")
+        try:
+            results["storm_plot"] = plot_storms(results, opts.storm_plot)
+        except Exception as exc:  # noqa: BLE001
             say(f"  no plot: {type(exc).__name__}: {exc} (redraw with --plot-from)")
     say("\n== targets")
     for name, v in results["verdicts"].items():
@@ -1059,6 +1585,7 @@ def main():
     if opts.json:
         with open(opts.json, "w") as f:
             json.dump(results, f, indent=1)
+        say(f"results: {opts.json}")
 
 
 if __name__ == "__main__":

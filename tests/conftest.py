@@ -50,3 +50,16 @@ def pytest_collection_modifyitems(config, items):
     # The real-Xen end-to-end run is the slowest; it goes last, after
     # everything it builds on has been shown to work.
     items.sort(key=lambda item: "tests/e2e/" in str(item.fspath).replace(os.sep, "/"))
+
+
+@pytest.fixture
+def qdb():
+    """The real QubesDB daemon, local-only, in a mount namespace of its own
+    (tests/rigs/qubesdb.py)."""
+    from tests.rigs.qubesdb import Daemon
+
+    if os.geteuid() != 0:
+        pytest.fail("these tests need root (a mount namespace for the QubesDB daemon)")
+    with Daemon() as d:
+        yield d
+

@@ -43,6 +43,7 @@ class Rig:
             xenstored.write(f"/local/domain/{d['domid']}/name", d["name"])
         for front, ip in ((2, "10.137.0.10"), (3, "10.137.0.11")):
             xenstored.write(f"/local/domain/1/backend/vif/{front}/0/ip", ip)
+            xenstored.write(f"/local/domain/1/backend/vif/{front}/0/frontend-id", str(front))
         if keys:
             xenstored.write("/local/domain/1/qubes_netvm_gateway", "10.137.0.1")
             xenstored.write("/local/domain/1/qubes_netvm_primary_dns", "10.139.1.1")

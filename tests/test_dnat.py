@@ -97,18 +97,25 @@ class FakeSystem:
 
 
 class QuietLog:
+    def __init__(self):
+        self.warnings = []
+
     def debug(self, msg):
         pass
 
+    def warning(self, msg, loud=False):
+        assert loud, "a skipped upstream is said on stderr too"
+        self.warnings.append(msg)
 
-def upstreams(tmp_path, resolv, resolved=None, s=None):
+
+def upstreams(tmp_path, resolv, resolved=None, s=None, log=None):
     rc = tmp_path / "resolv.conf"
     rc.write_text(resolv)
     rd = tmp_path / "resolved.conf"
     if resolved is not None:
         rd.write_text(resolved)
     o = dnat.Options(resolv_conf=str(rc), resolved_conf=str(rd))
-    return dnat.find_upstreams(o, s or FakeSystem(missing=True), QuietLog())
+    return dnat.find_upstreams(o, s or FakeSystem(missing=True), log or QuietLog())
 
 
 def test_upstreams_from_resolv_conf_loopback_never_used(tmp_path):
@@ -253,8 +260,13 @@ def test_new_upstream_touches_the_nat_table_only():
 -A vrq-dnat-dns -d 10.139.1.2/32 -p tcp -m tcp --dport 53 -m comment --comment DNS2 -j DNAT --to-destination 192.168.0.54
 COMMIT
 """
-    # no upstream: the nat chain is emptied; the guard, already there, drops
-    assert ipt.render(want(D, []), saved) == "*nat\n:vrq-dnat-dns - [0:0]\nCOMMIT\n"
+    # no upstream: the nat chain is emptied; the guard refuses at once
+    # (issue 18 §5: the guest's resolver falls back now, not after a timeout)
+    payload = ipt.render(want(D, []), saved)
+    assert payload.endswith("*nat\n:vrq-dnat-dns - [0:0]\nCOMMIT\n")
+    guard = [line for line in payload.splitlines() if line.startswith("-A vrq-dns-guard")]
+    assert len(guard) == 4 and all("-j REJECT --reject-with" in line for line in guard)
+    assert sum("tcp-reset" in line for line in guard) == 2
 
 
 def test_one_dns_address():
@@ -352,23 +364,25 @@ delete chain ip6 qubes dnat-dns-guard
 table ip6 qubes {
 	chain dnat-dns {
 		type nat hook prerouting priority dstnat; policy accept;
-		ip6 daddr fd09:24ef:4179::a8b:1 udp dport 53 drop
-		ip6 daddr fd09:24ef:4179::a8b:1 tcp dport 53 drop
 	}
 	chain dnat-dns-guard {
 		type filter hook prerouting priority dstnat + 10; policy accept;
-		ip6 daddr fd09:24ef:4179::a8b:1 udp dport 53 drop
-		ip6 daddr fd09:24ef:4179::a8b:1 tcp dport 53 drop
+		ip6 daddr fd09:24ef:4179::a8b:1 udp dport 53 reject
+		ip6 daddr fd09:24ef:4179::a8b:1 tcp dport 53 reject with tcp reset
 	}
 }
 """
 
-# what nft --terse list ruleset prints on a netvm where the hotplug script
-# (or Qubes) has its own chains and sets in the same tables
+# a netvm where the hotplug script (or Qubes) has its own chains and sets in
+# the same tables, and someone else a chain of the same name elsewhere; the
+# test loads it into a real nft and reads its JSON listing as the DNAT does
 NFT_LISTED = """\
 table ip qubes {
 	set downstream {
 		type ipv4_addr
+	}
+	chain antispoof {
+		counter drop
 	}
 	chain prerouting {
 		type filter hook prerouting priority raw; policy accept;
@@ -393,13 +407,11 @@ table ip qubes {
 table ip6 qubes {
 	chain dnat-dns {
 		type nat hook prerouting priority dstnat; policy accept;
-		ip6 daddr fd09:24ef:4179::a8b:1 udp dport 53 drop
-		ip6 daddr fd09:24ef:4179::a8b:1 tcp dport 53 drop
 	}
 	chain dnat-dns-guard {
 		type filter hook prerouting priority dstnat + 10; policy accept;
-		ip6 daddr fd09:24ef:4179::a8b:1 udp dport 53 drop
-		ip6 daddr fd09:24ef:4179::a8b:1 tcp dport 53 drop
+		ip6 daddr fd09:24ef:4179::a8b:1 udp dport 53 reject
+		ip6 daddr fd09:24ef:4179::a8b:1 tcp dport 53 reject with tcp reset
 	}
 }
 table ip filter {
@@ -410,19 +422,39 @@ table ip filter {
 """
 
 
+def json_listing(ruleset):
+    """``nft -j --terse list ruleset`` of ``ruleset`` loaded into a real nft,
+    in a network namespace of its own."""
+    import uuid
+
+    from tests.rigs.netns import Netns
+
+    ns = Netns(f"vrqj{uuid.uuid4().hex[:6]}")
+    try:
+        ns.exec(["nft", "-f", "-"], input=ruleset)
+        return ns.exec(["nft", "-j", "--terse", "list", "ruleset"]).stdout
+    finally:
+        ns.delete()
+
+
 def test_nft_payload_golden_unchanged_and_owned_chain_only():
     v6 = [A6("fd09:24ef:4179::a8b:1")]
     the_plan = dnat.plan({4: D, 6: v6}, [A("192.168.0.53"), A("192.168.0.54")])
     assert nft.render(the_plan, {4: {}, 6: {}}) == NFT_FIRST_RUN
-    listed = nft.parse_ruleset(NFT_LISTED)
+    listed = nft.parse_ruleset(json_listing(NFT_LISTED))
+    assert set(listed[4]) == set(listed[6]) == {"dnat-dns", "dnat-dns-guard"}
+    assert listed[6]["dnat-dns-guard"][1:] == [
+        "ip6 daddr fd09:24ef:4179::a8b:1 udp dport 53 reject",
+        "ip6 daddr fd09:24ef:4179::a8b:1 tcp dport 53 reject with tcp reset"]
     assert listed[4]["dnat-dns"][1:] == [l.strip() for l in NFT_FIRST_RUN.splitlines()[8:12]]
     assert nft.render(the_plan, listed) == ""
     # a new upstream: only the IPv4 chains are replaced; the tables are never flushed or deleted
     moved = nft.render(dnat.plan({4: D, 6: v6}, [A("192.168.0.54")]), listed)
     assert moved.startswith("add table ip qubes\nadd chain ip qubes dnat-dns\ndelete chain ip qubes dnat-dns\n")
     assert "ip6" not in moved and "flush" not in moved and "delete table" not in moved
-    # no IPv4 upstream: Qubes' drop in the nat chain, and the guard
-    assert "ip daddr 10.139.1.2 tcp dport 53 drop" in nft.render(dnat.plan({4: D, 6: v6}, []), listed)
+    assert "dnat-dns-guard" not in moved  # its rules do not depend on the upstreams: left alone
+    # no IPv4 upstream: refused at once by the guard (issue 18 §5)
+    assert "ip daddr 10.139.1.2 tcp dport 53 reject with tcp reset" in nft.render(dnat.plan({4: D, 6: v6}, []), listed)
     # the IPv6 virtual nameservers gone: those chains alone are deleted
     assert nft.render(dnat.plan({4: D, 6: []}, [A("192.168.0.53"), A("192.168.0.54")]), listed) == \
         "delete chain ip6 qubes dnat-dns\ndelete chain ip6 qubes dnat-dns-guard\n"
@@ -537,12 +569,14 @@ def test_bad_options_are_usage_errors():
 
 def test_plain_call_does_not_import_click(tmp_path):
     # the hook's call: no click; an error still is one clear line and exit 1
-    code = ("import sys, vif_route_qubes.dnat as d\n"
-            "try:\n    d.main([])\nexcept SystemExit as e:\n    print('click' in sys.modules, e.code)\n")
+    # (it leaves without the interpreter's teardown: atexit handlers still run)
+    code = ("import atexit, sys, vif_route_qubes.dnat as d\n"
+            "atexit.register(lambda: print('click' in sys.modules))\n"
+            "d.main([])\nprint('not reached')\n")
     env = {"PATH": os.environ["PATH"], "XENSTORED_PATH": str(tmp_path / "none"),
            "VIF_ROUTE_QUBES_LOCK": str(tmp_path / "lock"), "VIF_ROUTE_QUBES_SYSLOG": str(tmp_path / "log")}
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
-    assert res.stdout == "False 1\n"
+    assert res.stdout == "False\n" and res.returncode == 1
     assert res.stderr.startswith("qubes-setup-dnat-to-ns: no DNS1/DNS2 address: XenStore")
     assert res.stderr.count("\n") == 1
 
@@ -624,3 +658,38 @@ def test_bad_backend_in_the_environment_is_one_line_and_exit_1(tmp_path):
         assert dnat.run(o, env, out=io.StringIO(), log=log) == 1
     assert err.getvalue().splitlines() == [
         "qubes-setup-dnat-to-ns: VIF_ROUTE_QUBES_FIREWALL='pf': expected one of iptables, nft, auto"] * 2
+
+
+def test_upstream_zones_never_reach_a_payload_and_are_said(tmp_path):
+    """issue 17 §3: a zone on a global address is stripped, a link-local
+    upstream skipped; either way a warning names it and its source."""
+    log = QuietLog()
+    text = "nameserver 2001:db8::1%xvlan9\nnameserver fe80::1%wlan0\nnameserver 127.0.0.1\n"
+    found, where = upstreams(tmp_path, text, log=log)
+    assert found == [A6("2001:db8::1")] and all("%" not in str(a) for a in found)
+    said = "\n".join(log.warnings)
+    assert "2001:db8::1%xvlan9: zone %xvlan9 stripped" in said
+    assert f"fe80::1%wlan0 from {where}: link-local, not a DNAT target; skipped" in said
+    assert "127.0.0.1" in said
+
+
+def resolved_json_ex(*entries):
+    import json
+
+    return json.dumps({"type": "a(iiayqs)", "data": [[i, f, list(b), port, ""] for i, f, b, port in entries]})
+
+
+def test_resolved_servers_on_other_ports_are_not_used(tmp_path):
+    answer = resolved_json_ex((0, 2, A("10.9.9.9").packed, 5353), (0, 2, A("10.9.9.8").packed, 53),
+                              (0, 2, A("10.9.9.7").packed, 0))
+    log = QuietLog()
+
+    class Said:
+        def debug(self, msg):
+            pass
+
+        warning = log.warning
+
+    found, _ = upstreams(tmp_path, "nameserver 127.0.0.53\n", s=FakeSystem(stdout=answer), log=Said())
+    assert found == [A("10.9.9.8"), A("10.9.9.7")]
+    assert any("10.9.9.9 port 5353" in w for w in log.warnings), log.warnings

@@ -117,7 +117,8 @@ def query(server, proto, timeout):
     s.settimeout(timeout)
     try:
         if proto == "udp":
-            s.sendto(q, (server, 53))
+            s.connect((server, 53))  # as resolvers do: an ICMP refusal then reaches recv
+            s.send(q)
             r = s.recv(4096)
         else:
             s.connect((server, 53))
@@ -130,7 +131,7 @@ def query(server, proto, timeout):
     except socket.timeout:
         return "timeout"
     except OSError as exc:
-        return "error:" + exc.__class__.__name__
+        return "refused" if isinstance(exc, ConnectionRefusedError) else "error:" + exc.__class__.__name__
     finally:
         s.close()
 
@@ -348,6 +349,40 @@ def test_two_upstreams_udp_and_tcp(rig):
     assert rig.dnat(resolv=TWO).returncode == 100
 
 
+def test_virtual_nameservers_from_qubesdb(rig, qdb):
+    """A netvm of today's Qubes: DNS1/DNS2 (and the IPv6 pair, under the
+    names of Qubes' PR 558/592) in QubesDB, none in XenStore (issue 18 §1)."""
+    for key in ("qubes_netvm_primary_dns", "qubes_netvm_secondary_dns"):
+        rig.world.xs.rm(f"/local/domain/0/{key}")
+    for path, value in (("/qubes-netvm-primary-dns", DNS1), ("/qubes-netvm-secondary-dns", DNS2),
+                        ("/qubes-netvm-primary-dns6", DNS6_1), ("/qubes-netvm-secondary-dns6", DNS6_2)):
+        assert qdb.cli("qubesdb-write", path, value).returncode == 0
+    env = qdb.env(rig.env)
+    res = rig.dnat("--status", resolv=FOUR, env=env)
+    assert res.returncode == 3, res.stdout + res.stderr
+    assert f"configuration: qubesdb (auto: QubesDB answers on {qdb.socket})" in res.stdout
+    assert f"DNS1: {DNS1} (from QubesDB /qubes-netvm-primary-dns)" in res.stdout
+    assert f"DNS6-2: {DNS6_2} (from QubesDB /qubes-netvm-secondary-dns6)" in res.stdout
+    res = rig.dnat(resolv=FOUR, env=env)
+    assert res.returncode == 0, res.stderr
+    got = rig.answers(*ALL, *ALL6)
+    assert got == {**{f"{DNS1}/{p}": ANSWER[UP1] for p in ("udp", "tcp")},
+                   **{f"{DNS2}/{p}": ANSWER[UP2] for p in ("udp", "tcp")},
+                   **{f"{DNS6_1}/{p}": ANSWER[UP6_1] for p in ("udp", "tcp")},
+                   **{f"{DNS6_2}/{p}": ANSWER[UP6_2] for p in ("udp", "tcp")}}, got
+    assert rig.dnat(resolv=FOUR, env=env).returncode == 100
+    # a bad value from QubesDB: refused naming the key, the rules kept
+    before = rig.translations()
+    assert qdb.cli("qubesdb-write", "/qubes-netvm-secondary-dns", "10.139.1.2 ; x").returncode == 0
+    res = rig.dnat(resolv=TWO, env=env)
+    assert res.returncode == 1 and "QubesDB /qubes-netvm-secondary-dns" in res.stderr, res.stderr
+    assert rig.translations() == before
+    # the daemon gone: auto is XenStore, which has no IPv4 pair here
+    qdb.stop()
+    res = rig.dnat("--status", resolv=TWO, env=env)
+    assert "configuration: xenstore (auto: no QubesDB on" in res.stdout, res.stdout
+
+
 def expected_nat(pairs):
     return [f"-A vrq-dnat-dns -d {d}/32 -p {p} -m {p} --dport 53 -m comment --comment DNS{i} "
             f"-j DNAT --to-destination {to}" for i, (d, to) in enumerate(pairs, 1) for p in ("udp", "tcp")]
@@ -377,7 +412,7 @@ def test_ipv6_only_upstreams_answer_ipv6_guests(rig):
     assert rig.translations(6) == [(DNS6_1, UP6_1), (DNS6_2, UP6_2)]
     # IPv4 guests have no path: dropped, nothing leaks, and --status says so
     before = len(rig.servers.queries())
-    assert rig.answers(*ALL, timeout=1.0) == {t: "timeout" for t in ALL}
+    assert rig.answers(*ALL, timeout=1.0) == {t: "refused" for t in ALL}
     assert rig.servers.queries(0.5)[before:] == []
     status = rig.dnat("--status", resolv=V6_ONLY)
     assert status.returncode == 0, status.stdout + status.stderr
@@ -411,7 +446,7 @@ def test_no_ipv6_upstream_drops_ipv6_queries(rig):
     assert rig.dnat(resolv=FOUR).returncode == 0
     assert rig.dnat(resolv=TWO).returncode == 0
     before = len(rig.servers.queries())
-    assert rig.answers(*ALL6, timeout=1.0) == {t: "timeout" for t in ALL6}
+    assert rig.answers(*ALL6, timeout=1.0) == {t: "refused" for t in ALL6}
     assert rig.servers.queries(0.5)[before:] == []
     assert set(rig.answers(*ALL).values()) == {"192.0.2.1", "192.0.2.2"}
 
@@ -507,11 +542,10 @@ def test_no_upstream_drops_and_nothing_leaks(rig):
     assert rig.dnat(resolv=TWO).returncode == 0
     res = rig.dnat(resolv="nameserver 127.0.0.1\n")  # loopback only: no usable upstream
     assert res.returncode == 0, res.stderr
-    assert rig.translations() == [(DNS1, "drop"), (DNS2, "drop")] if rig.firewall == "nft" else \
-        rig.translations() == []
+    assert rig.translations() == []
     before = len(rig.servers.queries())
     got = rig.answers(*ALL, timeout=1.0)
-    assert got == {t: "timeout" for t in ALL}
+    assert got == {t: "refused" for t in ALL}
     leaked = [q for q in rig.servers.queries(0.5)[before:]]
     assert leaked == []  # neither DNS1/DNS2 nor the upstreams saw anything
     # and back: the first query after an upstream appears is translated
@@ -563,8 +597,8 @@ def test_garbage_resolv_conf(rig):
     path = rig.file("garbage", garbage)
     res = rig.dnat("--resolv-conf", path)
     assert res.returncode == 0, res.stderr
-    assert all(to == "drop" for _, to in rig.translations())  # nothing valid: dropped
-    assert rig.answers(f"{DNS1}/udp", timeout=1.0) == {f"{DNS1}/udp": "timeout"}
+    assert rig.translations() == []  # nothing valid: refused
+    assert rig.answers(f"{DNS1}/udp", timeout=1.0) == {f"{DNS1}/udp": "refused"}
     # one valid line among the garbage is used
     res = rig.dnat("--resolv-conf", rig.file("garbage2", garbage + f"nameserver {UP2}\n".encode()))
     assert res.returncode == 0, res.stderr
@@ -747,7 +781,7 @@ def test_moving_to_the_other_backend_and_removing_the_old_one(rig):
     assert set(rig.answers(*ALL).values()) == {"192.0.2.1", "192.0.2.2"}  # the new backend answers
     # nothing left of the old one also means nothing leaks once the new one drops
     assert rig.dnat(resolv="# none\n", env=env).returncode == 0
-    assert rig.answers(*ALL, timeout=1.0) == {t: "timeout" for t in ALL}
+    assert rig.answers(*ALL, timeout=1.0) == {t: "refused" for t in ALL}
     res = rig.dnat("--remove", resolv=TWO, env=env)
     assert res.returncode == 0, res.stderr
 
@@ -833,3 +867,65 @@ def test_networkmanager_hook_runs_the_real_command(rig):
         res = nm(action)
         assert res.returncode == 0 and res.stderr == "", res.stderr
     assert set(rig.answers(*ALL).values()) == {"192.0.2.1", "192.0.2.2"}
+
+
+def test_a_global_upstream_with_a_zone_is_used_without_it(rig):
+    """issue 17 §3: a zone (``%x``) never reaches nft/iptables (they refuse
+    it, and every later run would fail with the rules frozen): stripped from a
+    global address, the link-local entry skipped, each said on stderr."""
+    set_dns6(rig)
+    res = rig.dnat(resolv=f"nameserver {UP1}\nnameserver {UP6_1}%xvlan9\nnameserver fe80::1%wlan0\n")
+    assert res.returncode == 0, res.stderr
+    assert f"{UP6_1}%xvlan9: zone %xvlan9 stripped" in res.stderr
+    assert "fe80::1%wlan0" in res.stderr and "link-local, not a DNAT target; skipped" in res.stderr
+    assert rig.translations(6) == [(DNS6_1, UP6_1), (DNS6_2, UP6_1)]
+    assert rig.answers(f"{DNS6_1}/udp") == {f"{DNS6_1}/udp": ANSWER[UP6_1]}
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_WORDS = st.one_of(
+    st.sampled_from([UP1, UP2, UP6_1, UP6_2, "fe80::1%eth0", f"{UP6_1}%x", f"{UP6_2}%25", f"{UP1}%1",
+                     "::1", "0.0.0.0", "ff02::1", "::ffff:192.0.2.1", "1.2.3", "300.1.1.1", "::", ""]),
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=30),
+)
+_LINES = st.lists(st.one_of(st.builds("nameserver {}".format, _WORDS),
+                            st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)),
+                  max_size=6)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=_LINES)
+def test_any_resolv_conf_gives_rules_the_firewall_accepts(rig, lines):
+    """issue 17 §3, property: whatever resolv.conf says, either the rules in
+    force become exactly what a run writes (exit 0, or 100 unchanged) or the
+    run exits 1 and the rules stay as they were."""
+    set_dns6(rig)
+    text = "\n".join(lines) + "\n"
+    before = rig.state()
+    res = rig.dnat(resolv=text)
+    assert "Traceback" not in res.stderr, res.stderr
+    if res.returncode == 1:
+        assert rig.state() == before, res.stderr
+        return
+    assert res.returncode in (0, 100), res.stderr
+    status = rig.dnat("--status", resolv=text)
+    assert status.returncode == 0, status.stdout + status.stderr
+
+
+@pytest.mark.parametrize("only", [4, 6], ids=["ipv4-upstreams-only", "ipv6-upstreams-only"])
+def test_a_family_without_upstream_is_refused_at_once(rig, only):
+    """issue 18 §5: a guest asking a virtual nameserver of a family with no
+    upstream is refused at once (port unreachable for UDP, a reset for TCP),
+    so its resolver falls back now, while the other family answers."""
+    set_dns6(rig)
+    assert rig.dnat(resolv=TWO if only == 4 else f"nameserver {UP6_1}\nnameserver {UP6_2}\n").returncode == 0
+    dead, alive = (ALL6, ALL) if only == 4 else (ALL, ALL6)
+    t0 = time.monotonic()
+    got = rig.answers(*dead, timeout=2.0)
+    took = time.monotonic() - t0
+    assert got == {t: "refused" for t in dead}, got
+    # four queries, each refused without waiting: well under 100 ms each
+    assert took < 0.1 * len(dead) + 0.3, took  # + the client's own start
+    assert all(r.count(".") == 3 for r in rig.answers(*alive).values())

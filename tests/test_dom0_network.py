@@ -10,6 +10,7 @@ import subprocess
 import pytest
 
 from vif_route_qubes import dom0_network as D
+from vif_route_qubes import keys as K
 from vif_route_qubes.errors import Failure
 
 from tests.dom0_rig import Rig
@@ -90,13 +91,13 @@ def test_resolv_text_and_keys():
     text = D.render_resolv(["10.139.1.1", "10.139.1.2"])
     assert text.splitlines()[1:] == ["nameserver 10.139.1.1", "nameserver 10.139.1.2"]
     assert text.startswith("# ") and text.endswith("\n")
-    assert D.guest_keys("10.137.0.10", "10.137.0.1", ["10.139.1.1", "10.139.1.2"]) == [
+    assert K.guest_keys("10.137.0.10", "10.137.0.1", ["10.139.1.1", "10.139.1.2"]) == [
         ("qubes_ip", "10.137.0.10"), ("qubes_netmask", "255.255.255.255"),
         ("qubes_gateway", "10.137.0.1"), ("qubes_primary_dns", "10.139.1.1"),
         ("qubes_secondary_dns", "10.139.1.2")]
-    assert D.netvm_keys("10.137.0.1", ["10.139.1.1"]) == [
+    assert K.netvm_keys("10.137.0.1", ["10.139.1.1"]) == [
         ("qubes_netvm_gateway", "10.137.0.1"), ("qubes_netvm_primary_dns", "10.139.1.1")]
-    assert D.perms_for(7) == ["n0", "r7"]
+    assert K.perms_for(7) == ["n0", "r7"]
 
 
 def test_new_record_names_nothing_done_yet():
@@ -263,19 +264,58 @@ def test_keys_netvm_and_guest_written_with_private_perms(rig):
     assert r.returncode == 0, r.stderr
     assert rig.xs.read("/local/domain/1/qubes_netvm_gateway") == b"10.137.0.1"
     assert rig.xs.get_perms("/local/domain/1/qubes_netvm_primary_dns") == ["n0", "r1"]
-    # a guest: its vif's ip= in the backend dir, found from the frontend
-    rig.xs.write("/local/domain/2/device/vif/0/backend", "/local/domain/1/backend/vif/2/0")
-    rig.xs.write("/local/domain/2/device/vif/0/backend-id", "1")
+    # a guest: its vif's ip= in the backend dir, found from libxl's own key
+    rig.xs.write("/libxl/2/device/vif/0/backend", "/local/domain/1/backend/vif/2/0")
     r = rig.keys("guest", "a1")
     assert r.returncode == 0, r.stderr
     # read back with Debian's own client, and the permissions with xenstore-ls -p
-    got = _xs_cli(rig, "xenstore-read", *[f"/local/domain/2/{k}" for k in D.GUEST_KEYS])
+    got = _xs_cli(rig, "xenstore-read", *[f"/local/domain/2/{k}" for k in K.GUEST_KEYS])
     assert got.split() == ["10.137.0.10", "255.255.255.255", "10.137.0.1", "10.139.1.1", "10.139.1.2"]
     perms = _xs_cli(rig, "xenstore-ls", "-p", "/local/domain/2")
     line = next(ln for ln in perms.splitlines() if ln.startswith("qubes_ip "))
     assert "(n0,r2)" in line
-    for k in D.GUEST_KEYS:
+    for k in K.GUEST_KEYS:
         assert rig.xs.get_perms(f"/local/domain/2/{k}") == ["n0", "r2"]
+
+
+def _guest_writes_its_frontend(rig, backend, backend_id):
+    """What a running guest can do: rewrite its own frontend directory."""
+    rig.xs.write("/local/domain/2/device/vif/0/backend", backend)
+    rig.xs.write("/local/domain/2/device/vif/0/backend-id", backend_id)
+
+
+@pytest.mark.parametrize("backend, backend_id, libxl", [
+    # another guest's backend directory: its address would become a1's
+    ("/local/domain/1/backend/vif/3/0", "1", False),
+    ("/local/domain/1/backend/vif/3/0", "1", True),   # libxl's key wins
+    # the right directory, but another netvm claimed as backend
+    ("/local/domain/1/backend/vif/2/0", "4", False),
+    # a path that is not a vif backend directory at all
+    ("/local/domain/1/qubes_netvm_gateway", "1", False),
+], ids=["other-guests-dir", "other-guests-dir-libxl-key", "other-backend-id", "not-a-backend-dir"])
+def test_keys_guest_believes_only_what_dom0_wrote(rig, backend, backend_id, libxl):
+    """The frontend directory is the guest's to write: it never makes dom0
+    copy another domain's address or another netvm's gateway."""
+    for k in K.GUEST_KEYS:
+        rig.xs.rm(f"/local/domain/2/{k}")
+    _guest_writes_its_frontend(rig, backend, backend_id)
+    if libxl:
+        rig.xs.write("/libxl/2/device/vif/0/backend", "/local/domain/1/backend/vif/2/0")
+    before = rig.xs.dump()
+    r = rig.keys("guest", "a1")
+    if libxl:
+        assert r.returncode == 0, r.stderr
+        assert rig.xs.read("/local/domain/2/qubes_ip") == b"10.137.0.10"  # its own, not a2's
+        return
+    assert r.returncode == 1 and "nothing written" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert rig.xs.dump() == before
+
+
+def test_keys_guest_without_libxl_key_takes_a_frontend_its_backend_confirms(rig):
+    _guest_writes_its_frontend(rig, "/local/domain/1/backend/vif/2/0", "1")
+    r = rig.keys("guest", "a1")
+    assert r.returncode == 0, r.stderr
+    assert rig.xs.read("/local/domain/2/qubes_ip") == b"10.137.0.10"
 
 
 def test_keys_dry_run_and_refusals(rig):
@@ -291,3 +331,12 @@ def test_keys_dry_run_and_refusals(rig):
     r = rig.keys("netvm", "Domain-0", "--gateway", "10.137.0.1")
     assert r.returncode == 1 and "dom0 is not a netvm" in r.stderr
     assert rig.xs.dump() == before
+
+
+def test_a_netvms_error_text_is_shown_as_one_printable_bounded_line():
+    """qvm-dom0-network-via-netvm shows the netvm's hotplug-error (a value
+    the netvm writes): never raw terminal control sequences, never unbounded."""
+    from vif_route_qubes import validate
+
+    shown = validate.message("bad\x1b[2J\nline\x00" + "x" * 1000)
+    assert shown.isprintable() and len(shown) <= 300 and shown.startswith("bad?[2J?line?")

@@ -82,6 +82,31 @@ def test_a_failed_apply_leaves_the_previous_guard(world, fresh):
     assert guard(world) == before
 
 
+@pytest.mark.parametrize("world", ["nft"], indirect=True)
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh", "replacing"])
+def test_nft_a_real_refused_transaction_leaves_the_previous_guard(world, fresh, tmp_path):
+    """Not injected: an nft first on PATH lists as the real one does but
+    refuses every transaction (``nft -f``), as the kernel refuses one that
+    does not fit. Whatever the backend does next (a retry, a rebuild), the
+    guard in the kernel is the one before."""
+    world.add_guest(3, OLD)
+    if not fresh:
+        assert drive(world, op="apply", vif=OLD)["ok"]
+    before = guard(world)
+    real = shutil.which("nft")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    (bindir / "nft").write_text(
+        "#!/bin/sh\n"
+        'for a in "$@"; do [ "$a" = -f ] && { cat >/dev/null; echo "nft: refused" >&2; exit 1; }; done\n'
+        f'exec {real} "$@"\n')
+    (bindir / "nft").chmod(0o755)
+    env = dict(world.env, PATH=f"{bindir}:{os.environ['PATH']}")
+    res = drive(world, env=env, op="apply", vif=NEW, previous=None if fresh else OLD)
+    assert not res["ok"] and "refused" in res["error"], res
+    assert guard(world) == before
+
+
 @pytest.mark.parametrize("world", ["iptables"], indirect=True)
 def test_iptables_a_real_ip6tables_failure_restores_the_ipv4_rules(world, tmp_path):
     """Not injected: ip6tables-restore refuses every variant (create,

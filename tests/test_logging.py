@@ -89,7 +89,7 @@ def test_each_run_logs_actions_at_debug_and_one_info_summary(world, syslog):
     assert lines and {fac for fac, _, _, _ in lines} == {DAEMON}
     assert len({pid for _, _, pid, _ in lines}) == 1
     info = [msg for _, sev, _, msg in lines if sev == 6]
-    assert info == ["online vif3.0: 10.137.0.12 mac 00:16:3e:5e:03:00 metric 32749 gateway 10.137.0.1 firewall iptables"]
+    assert info == ["online vif3.0: 10.137.0.12 mac 00:16:3e:5e:03:00 metric 32749 gateway 10.137.0.1 firewall iptables config xenstore"]
     debug = [msg for _, sev, _, msg in lines if sev == 7]
     for wanted in ("run: iptables-restore --noflush --wait 20 <<", "run: ip6tables-restore --noflush --wait 20 <<",
                    "run: ip -batch - <<", "write /proc/sys/net/ipv4/conf/vif3.0/proxy_arp = 1",
@@ -139,7 +139,7 @@ def test_debug_raises_the_level_on_stderr(world, syslog, how):
     assert res.returncode == 0
     err = res.stderr.splitlines()
     assert "vif-route-qubes: debug: run: ip -batch - <<5 lines" in err
-    assert "vif-route-qubes: info: online vif3.0: 10.137.0.12 mac 00:16:3e:5e:03:00 metric 32749 gateway 10.137.0.1 firewall iptables" in err
+    assert "vif-route-qubes: info: online vif3.0: 10.137.0.12 mac 00:16:3e:5e:03:00 metric 32749 gateway 10.137.0.1 firewall iptables config xenstore" in err
     lines = settle(syslog, res)
     assert sum(1 for _, sev, _, _ in lines if sev == 6) == 1
     # debugging also puts the debug lines in the hotplug log

@@ -9,6 +9,7 @@ from ipaddress import ip_address
 
 import pytest
 
+from vif_route_qubes.firewall import xtables as X
 from vif_route_qubes.firewall import nft as N
 from tests.rigs.netns import UdpSink, _script, udp_send
 
@@ -34,7 +35,7 @@ def test_fresh_vif_payload_golden():
         'create element ip6 qubes downstream { fd09:24ef:4179::a89:c }\n'
         'add element ip qubes allowed { "vif3.0" . 10.137.0.12 }\n'
         'add element ip6 qubes allowed { "vif3.0" . fd09:24ef:4179::a89:c }\n'
-        'add element ip6 qubes vrq-nd { "vif3.0" }\n'
+        'add element ip6 qubes vrq-nd-mld { "vif3.0" }\n'
     )
 
 
@@ -53,10 +54,10 @@ def test_replacing_elements_payload_golden():
         'delete element ip6 qubes vrq-shared { fd09:24ef:4179::a89:c }\n'
         'add element ip6 qubes allowed { "vif3.0" . fd09:24ef:4179::a89:c }\n'
         'add element ip6 qubes downstream { fd09:24ef:4179::a89:c }\n'
-        'add element ip6 qubes vrq-nd { "vif3.0" }\n'
+        'add element ip6 qubes vrq-nd-mld { "vif3.0" }\n'
         'delete element ip6 qubes allowed { "vif3.0" . fd09:24ef:4179::a89:c }\n'
         'delete element ip6 qubes downstream { fd09:24ef:4179::a89:c }\n'
-        'delete element ip6 qubes vrq-nd { "vif3.0" }\n'
+        'delete element ip6 qubes vrq-nd-mld { "vif3.0" }\n'
         'add element ip qubes allowed { "vif3.0" . 10.137.0.12, "vif3.0" . 10.137.0.13 }\n'
         'add element ip qubes downstream { 10.137.0.12 }\n'
     )
@@ -71,10 +72,10 @@ def test_removal_payload_golden():
         'delete element ip qubes vrq-shared { 10.137.0.12 }\n'
         'add element ip qubes allowed { "vif3.0" . 10.137.0.12 }\n'
         'add element ip qubes downstream { 10.137.0.12 }\n'
-        'add element ip6 qubes vrq-nd { "vif3.0" }\n'
+        'add element ip6 qubes vrq-nd-mld { "vif3.0" }\n'
         'delete element ip qubes allowed { "vif3.0" . 10.137.0.12 }\n'
         'delete element ip qubes downstream { 10.137.0.12 }\n'
-        'delete element ip6 qubes vrq-nd { "vif3.0" }\n'
+        'delete element ip6 qubes vrq-nd-mld { "vif3.0" }\n'
     )
 
 
@@ -108,8 +109,9 @@ def test_skeleton_on_an_empty_kernel_golden():
         "add chain ip qubes prerouting { type filter hook prerouting priority raw; policy accept; }",
         "add rule ip qubes prerouting iifgroup 2 goto antispoof",
     ]
-    assert "add rule ip6 qubes antispoof iifname @vrq-nd ip6 saddr { fe80::/10, :: } meta l4proto ipv6-icmp accept" \
-        in text.splitlines()
+    assert ("add rule ip6 qubes antispoof iifname @vrq-nd-mld ip6 saddr { fe80::/10, :: } icmpv6 type { "
+            "mld-listener-query, mld-listener-report, mld-listener-done, nd-router-solicit, nd-router-advert, "
+            "nd-neighbor-solicit, nd-neighbor-advert, mld2-listener-report } accept") in text.splitlines()
     # every element-independent rule exactly once
     rules = [line for line in text.splitlines() if line.startswith("add rule")]
     assert len(rules) == len(set(rules)) == 9  # 4 per family, and the ND rule
@@ -141,7 +143,7 @@ def test_a_qubes_table_is_reused_as_it_is():
     # created again, flushed or redefined
     assert text.splitlines()[:4] == ["add set ip qubes vrq-guarded { type ifname; }",
                                      "add set ip qubes vrq-shared { type ipv4_addr; }",
-                                     "add set ip6 qubes vrq-nd { type ifname; }",
+                                     "add set ip6 qubes vrq-nd-mld { type ifname; }",
                                      "add set ip6 qubes vrq-shared { type ipv6_addr; }"]
     assert not any(w in text for w in ("add table", "add chain", "add rule", "flush", "delete table"))
 
@@ -154,10 +156,10 @@ def test_which_default_deny_drops_a_vif_of_the_other_backend():
     save = ("*raw\n:PREROUTING ACCEPT [0:0]\n:vrq-guard - [0:0]\n"
             "-A PREROUTING -m devgroup --src-group 0x2 -m comment --comment vrq-guard -j vrq-guard\n"
             "-A vrq-guard -i vif4.0 -g vrq-in-vif4.0\n-A vrq-guard -j DROP\nCOMMIT\n")
-    assert I.guard_denies(save, "vif3.0") and not I.guard_denies(save, "vif4.0")
+    assert I.guard_denies(X.table(save), "vif3.0") and not I.guard_denies(X.table(save), "vif4.0")
     no_jump = "\n".join(line for line in save.splitlines() if not line.startswith("-A PREROUTING"))
     no_drop = save.replace("-A vrq-guard -j DROP\n", "")
-    assert not I.guard_denies(no_jump, "vif3.0") and not I.guard_denies(no_drop, "vif3.0")
+    assert not I.guard_denies(X.table(no_jump), "vif3.0") and not I.guard_denies(X.table(no_drop), "vif3.0")
     # a Qubes table as listed without its rules denies nothing; with them it does
     assert not N.Ruleset.parse(json.dumps(QUBES_JSON)).denies(4)
     match = {"match": {"op": "==", "left": {"meta": {"key": "iifgroup"}}, "right": 2}}
@@ -459,7 +461,7 @@ def test_status_with_nft_reports_elements_and_the_other_backends_leftovers(world
     found = rows(res.stdout)
     assert ("ok", "nft", 'element ip qubes allowed "vif3.0" . 10.137.0.12') in found
     assert ("ok", "nft", "element ip qubes downstream 10.137.0.12") in found
-    assert res.stdout.splitlines()[-1] == "# firewall: nft backend (VIF_ROUTE_QUBES_FIREWALL=nft)"
+    assert "# firewall: nft backend (VIF_ROUTE_QUBES_FIREWALL=nft)" in res.stdout.splitlines()[-2:]
     # an element removed by hand: missing; one added by hand: unexpected
     world.netvm.exec(["nft", "delete", "element", "ip", "qubes", "allowed", '{ "vif3.0" . 10.137.0.12 }'])
     world.netvm.exec(["nft", "add", "element", "ip", "qubes", "allowed", '{ "vif3.0" . 10.137.0.66 }'])
@@ -544,3 +546,17 @@ def test_status_sees_a_flushed_antispoof_chain(world):
     found = rows(res.stdout)
     assert ("missing", "nft", "rule ip qubes antispoof: ends in drop (default deny)") in found
     assert ("missing", "nft", "rule ip qubes antispoof: iifname . ip saddr @allowed accept") in found
+
+
+def test_the_json_listing_is_shown_as_nft_prints_it():
+    from vif_route_qubes.firewall import nftjson
+
+    assert [nftjson._priority(p) for p in (-300, -100, -90, 0, 5, -400)] == \
+        ["raw", "dstnat", "dstnat + 10", "filter", "filter + 5", "-400"]
+    rule = [{"match": {"op": "==", "left": {"payload": {"protocol": "ip6", "field": "saddr"}},
+                       "right": {"set": ["::", {"prefix": {"addr": "fe80::", "len": 10}}]}}},
+            {"match": {"op": "==", "left": {"meta": {"key": "l4proto"}}, "right": "ipv6-icmp"}}, {"accept": None}]
+    assert nftjson.rule_text(rule) == "ip6 saddr { ::, fe80::/10 } meta l4proto ipv6-icmp accept"
+    # a statement it does not know is shown as its JSON: never equal to a rule of ours
+    odd = [{"masquerade": None}]
+    assert nftjson.rule_text(odd) == '{"masquerade": null}'

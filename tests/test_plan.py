@@ -4,6 +4,7 @@ from ipaddress import ip_address
 
 import pytest
 
+from vif_route_qubes.firewall import xtables as X
 from vif_route_qubes import plan as P
 from vif_route_qubes.firewall import iptables as I
 from vif_route_qubes import validate
@@ -82,8 +83,13 @@ def test_ipv6_with_address_allows_it_and_neighbour_discovery():
     fw = I.firewall(vif(addresses=(ip_address("10.137.0.12"), ip_address("fd09:24ef:4179::a89:c"))), 6)
     lines = fw.create.splitlines()
     assert "-A vrq-in-vif3.0 -s fd09:24ef:4179::a89:c/128 -j RETURN" in lines
-    assert "-A vrq-in-vif3.0 -s fe80::/10 -p ipv6-icmp -j RETURN" in lines
-    assert lines.index("-A vrq-in-vif3.0 -j DROP") > lines.index("-A vrq-in-vif3.0 -s fe80::/10 -p ipv6-icmp -j RETURN")
+    # from link-local and ::, only neighbour discovery and MLD, each type
+    # its own RETURN, all before the DROP
+    link = [line for line in lines if " -s fe80::/10 " in line or " -s ::/128 " in line]
+    types = [130, 131, 132, 133, 134, 135, 136, 143]
+    assert link == [f"-A vrq-in-vif3.0 -s {src} -p ipv6-icmp -m icmp6 --icmpv6-type {t} -j RETURN"
+                    for src in ("fe80::/10", "::/128") for t in types]
+    assert lines.index("-A vrq-in-vif3.0 -j DROP") > max(lines.index(line) for line in link)
     assert "10.137.0.12" not in fw.create
 
 
@@ -199,25 +205,25 @@ COMMIT
 def test_teardown_from_save_removes_exactly_what_exists():
     # the src jump is gone (hand-deleted): only the rest is removed, and
     # vif3.1's chain is left alone
-    assert I.teardown_from_save(SAVE, "vif3.0") == (
+    assert I.teardown_from_save(X.table(SAVE), "vif3.0") == (
         "*raw\n"
         "-D vrq-guard -i vif3.0 -g vrq-in-vif3.0\n"
         "-F vrq-in-vif3.0\n-F vrq-src-vif3.0\n-X vrq-in-vif3.0\n-X vrq-src-vif3.0\n"
         "COMMIT\n"
     )
-    assert I.teardown_from_save(SAVE, "vif9.0") == ""
+    assert I.teardown_from_save(X.table(SAVE), "vif9.0") == ""
 
 
 def test_rebuild_makes_the_guard_whole_from_save():
     fw = I.firewall(vif(), 4)
     # a whole guard: only its DROP is moved back to the end
-    whole = I.rebuild_payload(SAVE, fw, "vif3.0").splitlines()
+    whole = I.rebuild_payload(X.table(SAVE), fw, "vif3.0").splitlines()
     assert "-N vrq-guard" not in whole and not any(line.startswith("-A PREROUTING -m devgroup --src") for line in whole)
     assert whole[-3:] == ["-D vrq-guard -j DROP", "-A vrq-guard -j DROP", "COMMIT"]
     assert whole.index("-D vrq-guard -i vif3.0 -g vrq-in-vif3.0") < whole.index("-I vrq-guard -i vif3.0 -g vrq-in-vif3.0")
     # no guard at all (the first vif on a host): chain, jump and DROP made
     bare = "*raw\n:PREROUTING ACCEPT [0:0]\nCOMMIT\n"
-    lines = I.rebuild_payload(bare, fw, "vif3.0").splitlines()
+    lines = I.rebuild_payload(X.table(bare), fw, "vif3.0").splitlines()
     assert lines[:3] == ["*raw", "-N vrq-guard",
                          "-A PREROUTING -m devgroup --src-group 2 -m comment --comment vrq-guard -j vrq-guard"]
     assert lines[-2:] == ["-A vrq-guard -j DROP", "COMMIT"] and "-D vrq-guard -j DROP" not in lines
@@ -225,16 +231,16 @@ def test_rebuild_makes_the_guard_whole_from_save():
 
 
 def test_a_damaged_guard_is_reported():
-    assert [r[0] for r in I.guard_rows(SAVE, "iptables")] == ["ok", "ok", "ok"]
+    assert [r[0] for r in I.guard_rows(X.table(SAVE), "iptables")] == ["ok", "ok", "ok"]
     late = SAVE.replace("-A vrq-guard -j DROP\n", "-A vrq-guard -j DROP\n-A vrq-guard -i vif3.2 -g vrq-in-vif3.2\n")
-    assert I.guard_rows(late, "iptables")[2][:2] == ("missing", "iptables -A vrq-guard -j DROP")
-    assert "not last" in I.guard_rows(late, "iptables")[2][2]
+    assert I.guard_rows(X.table(late), "iptables")[2][:2] == ("missing", "iptables -A vrq-guard -j DROP")
+    assert "not last" in I.guard_rows(X.table(late), "iptables")[2][2]
     nojump = "\n".join(line for line in SAVE.splitlines() if "comment vrq-guard" not in line)
-    assert I.guard_rows(nojump, "iptables")[1][0] == "missing"
+    assert I.guard_rows(X.table(nojump), "iptables")[1][0] == "missing"
 
 
 def test_addresses_are_recovered_from_the_src_chain():
-    assert I.addresses_from_save(SAVE, "vif3.0") == ("10.137.0.12/32", "10.137.0.13/32")
+    assert I.addresses_from_save(X.table(SAVE), "vif3.0") == ("10.137.0.12/32", "10.137.0.13/32")
 
 
 # -- validation ---------------------------------------------------------------

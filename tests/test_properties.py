@@ -10,6 +10,7 @@ import re
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
+from vif_route_qubes.firewall import xtables as X
 from vif_route_qubes import plan as P
 from vif_route_qubes.firewall import iptables as I
 from vif_route_qubes import validate
@@ -153,10 +154,10 @@ def test_accepted_values_render_into_safe_lines_with_every_address(
         tokens = fw.create.split()
         for a in own:
             assert tokens.count(P.host(a)) == 2 and str(a) == ipaddress.ip_address(str(a)).compressed
-        assert I.addresses_from_save(fw.create, name) == tuple(P.host(a) for a in own)
-        assert I.teardown_from_save(fw.create.replace("-N ", ":").replace(
+        assert I.addresses_from_save(X.table(fw.create), name) == tuple(P.host(a) for a in own)
+        assert I.teardown_from_save(X.table(fw.create.replace("-N ", ":").replace(
             f":{fw.chain_names[0]}", f":{fw.chain_names[0]} -").replace(
-            f":{fw.chain_names[1]}", f":{fw.chain_names[1]} -"), name).count("-X ") == 2
+            f":{fw.chain_names[1]}", f":{fw.chain_names[1]} -")), name).count("-X ") == 2
     batch = P.render_batch(P.converge(vif.name, vif, True, P.NOTHING).batch).split()
     for a in addresses:
         assert batch.count(P.host(a)) == 1 and batch.count(str(a)) == 1

@@ -19,7 +19,8 @@ def test_ci_runs_the_readme_test_command():
     assert ci.rstrip("\n").splitlines()[-1] == readme, "the last line of .ci/run must be the README's test command"
     assert readme.startswith("bash tests/install-packages && ")
     script = (ROOT / "tests" / "install-packages").read_text()
-    for needed in ("nftables", "conntrack", "xenstore-utils", "systemd-resolved", "dbus-daemon", "qemu-system-x86"):
+    for needed in ("nftables", "conntrack", "xenstore-utils", "systemd-resolved", "dbus-daemon", "qemu-system-x86",
+                   "debhelper", "dh-python", "pybuild-plugin-pyproject", "lintian", "debootstrap"):
         assert needed in script
 
 

@@ -68,7 +68,7 @@ def dump():
         json.dump({"modules": sorted(sys.modules), "real_urllib_request": bool(real)}, f)
 atexit.register(dump)
 sys.argv = ["vif-route-qubes"] + sys.argv[2:]
-from vif_route_qubes.hotplug import main
+from vif_route_qubes.entry import main
 main()
 """
 
@@ -98,12 +98,12 @@ def script():
 
 def test_importing_the_entry_point_loads_no_heavy_module(tmp_path):
     out = tmp_path / "modules.json"
-    code = WRAPPER.replace("from vif_route_qubes.hotplug import main\nmain()\n",
-                           "import vif_route_qubes.hotplug\n")
+    code = WRAPPER.replace("from vif_route_qubes.entry import main\nmain()\n",
+                           "import vif_route_qubes.entry\n")
     res = subprocess.run([PY, "-c", code, str(out)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     report = json.loads(out.read_text())
-    assert "vif_route_qubes.hotplug" in report["modules"]
+    assert {"vif_route_qubes.entry", "vif_route_qubes.hotplug"} <= set(report["modules"])
     assert heavy(report) == []
     # plumbum and pyxs are imported when first needed, not by the import
     assert not [m for m in report["modules"] if m.split(".")[0] in ("plumbum", "pyxs")]
@@ -204,3 +204,49 @@ def test_offline_spawns_few_helpers(world, tmp_path):
     assert set(helpers) <= allowed, helpers
     assert len(helpers) <= most, helpers
 
+
+
+# ----------------------------------------------------------------------------
+# the stand-ins of vif_route_qubes._plumbum
+
+STAND_INS = r"""
+import json, subprocess, sys
+lazy = ("inspect", "pickle", "shlex", "random", "glob", "shutil", "urllib.parse", "copy", "tempfile", "logging")
+before = {n for n in lazy if n in sys.modules}  # by site, on some interpreters
+import vif_route_qubes._plumbum as p
+m = p.local()
+out = {}
+# plumbum's import loaded none of them and left no stand-in behind
+out["loaded_after_import"] = sorted(n for n in lazy if n in sys.modules and n not in before)
+proc = m["cat"].popen([], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+out["cat"] = proc.communicate(b"through plumbum")[0].decode()
+out["loaded_after_a_command"] = sorted(n for n in lazy if n in sys.modules and n not in before)
+# the real modules, when someone imports them afterwards
+import logging, shutil, tempfile
+out["real"] = all(getattr(mod, "__file__", None) for mod in (logging, shutil, tempfile))
+# plumbum's temporary files and quoting still work (the real modules behind)
+import plumbum.commands.base as base
+f = base.TemporaryFile(); f.write(b"x"); f.close()
+out["quoted"] = base.shquote("a b")
+# once logging is configured, plumbum's debug lines reach it
+seen = []
+class H(logging.Handler):
+    def emit(self, record):
+        seen.append(record.getMessage())
+logging.getLogger().addHandler(H()); logging.getLogger().setLevel(logging.DEBUG)
+m["true"].popen([]).wait()
+out["logged"] = [s for s in seen if s.startswith("Running")]
+print(json.dumps(out))
+"""
+
+
+def test_plumbum_stand_ins_load_nothing_and_stay_correct():
+    res = subprocess.run([PY, "-c", STAND_INS], capture_output=True, text=True, cwd="/")
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["loaded_after_import"] == []
+    assert out["cat"] == "through plumbum"
+    assert out["loaded_after_a_command"] == []
+    assert out["real"] is True
+    assert out["quoted"] == "'a b'"
+    assert len(out["logged"]) == 1 and "true" in out["logged"][0]

@@ -202,7 +202,8 @@ def test_leftovers_without_record_or_xenstore_are_unexpected(world):
     assert res.returncode == 0, res.stdout
     assert res.stdout.splitlines() == [
         "no vifs: no state records, no interfaces in group 2, no firewall rules of ours",
-        "# firewall: iptables backend (VIF_ROUTE_QUBES_FIREWALL=iptables)"]
+        "# firewall: iptables backend (VIF_ROUTE_QUBES_FIREWALL=iptables)",
+        "# configuration: xenstore (auto: no QubesDB on /var/run/qubes/qubesdb.sock)"]
 
 
 def test_record_lost_but_xenstore_connected(world):
@@ -230,3 +231,25 @@ def test_renamed_vif_found_by_either_name(world):
         assert res.returncode == 0, res.stdout
         assert res.stdout.startswith("guest-web: ok")
         assert ("ok", "route", "10.137.0.15/32 metric 32747") in rows(res.stdout)
+
+
+@pytest.mark.parametrize("world", ["iptables", "nft"], indirect=True)
+def test_status_and_online_agree_on_what_is_ours(world):
+    """issue 17 §5: status judges exactly what online's plan converges. An
+    administrator's /24 route and /24 address on the vif are not ours:
+    online leaves them, and status does not call them unexpected (it did,
+    forever); a stray host address is ours to remove, and status says so
+    until online removes it."""
+    g = online_guest(world)
+    world.netvm.exec(["ip", "route", "add", "10.200.0.0/24", "dev", "vif3.0"])
+    world.netvm.exec(["ip", "addr", "add", "10.201.0.1/24", "dev", "vif3.0"])
+    res = status(world, g, "--problems")
+    assert res.returncode == 0, res.stdout
+    assert world.hotplug(g, "online").returncode == 0
+    assert "10.200.0.0/24" in world.netvm.ip("route", "show", "dev", "vif3.0").stdout
+    assert status(world, g, "--problems").returncode == 0
+    world.netvm.exec(["ip", "addr", "add", "10.137.0.77/32", "dev", "vif3.0"])
+    res = status(world, g)
+    assert res.returncode == 1 and ("unexpected", "address", "10.137.0.77/32") in rows(res.stdout), res.stdout
+    assert world.hotplug(g, "online").returncode == 0
+    assert status(world, g, "--problems").returncode == 0

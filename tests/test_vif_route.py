@@ -365,3 +365,39 @@ def test_seed_netvm_routing_table(world):
     assert ("0.0.0.0", "0.0.0.0", "eth0") in rows
     flags = {r[0]: r[3] for r in table}
     assert flags["10.2.0.16"] == "UH" and flags["0.0.0.0"] == "UG"
+
+
+def _sysctl(world, version, conf, key):
+    return world.netvm.read(f"/proc/sys/net/ipv{version}/conf/{conf}/{key}").strip()
+
+
+def test_harden_network_interfaces_applies_qubes_hardening(world):
+    """issue 18 §5: dom0's service switch (Qubes' QubesDB path, here under
+    the netvm's XenStore home) applies the sysctls of Qubes'
+    81-qubes.conf.optional to the vif and to ``all``, in-process."""
+    plain = world.add_guest(4, ["10.137.0.14"])
+    online(world, plain)
+    assert _sysctl(world, 6, "vif4.0", "accept_ra") == "1"  # the kernel's default: untouched
+    world.xs.write("/local/domain/0/qubes-service/harden-network-interfaces", "1")
+    g = world.add_guest(3, ["10.137.0.12", "fd09:24ef:4179::a89:c"])
+    online(world, g)
+    for conf in ("vif3.0", "all"):
+        for key, value in [("accept_redirects", "0"), ("send_redirects", "0"), ("secure_redirects", "0"),
+                           ("accept_source_route", "0"), ("drop_unicast_in_l2_multicast", "1")]:
+            assert _sysctl(world, 4, conf, key) == value, (conf, key)
+        for key, value in [("accept_ra", "0"), ("autoconf", "0"), ("accept_dad", "0"),
+                           ("accept_redirects", "0"), ("accept_source_route", "-1")]:
+            assert _sysctl(world, 6, conf, key) == value, (conf, key)
+    assert _sysctl(world, 6, "vif4.0", "accept_ra") == "1"  # another vif is not touched
+    g.configure()
+    ok, _ = reaches_upstream(world, g, "10.137.0.12", "hardened")
+    assert ok
+
+
+def test_harden_switch_with_garbage_is_refused(world):
+    world.xs.write("/local/domain/0/qubes-service/harden-network-interfaces", "maybe")
+    g = world.add_guest(3, ["10.137.0.12"])
+    before = world.snapshot()
+    res = world.hotplug(g, "online")
+    assert res.returncode == 1 and "harden-network-interfaces" in res.stderr and "not a switch" in res.stderr
+    assert world.snapshot() == before

@@ -29,6 +29,66 @@ class _OnFirstUse(types.ModuleType):
         return getattr(importlib.import_module(self.__name__), attr)
 
 
+# Standard modules plumbum's local machine imports at its top but only uses
+# inside functions a hotplug run never calls (shell quoting, pickling for
+# daemons, temporary files, glob, copy ...): stand-ins that import the real
+# module on first attribute access. ~8 ms of a run's CPU (inspect alone
+# brings ast, dis and tokenize).
+_LAZY = ("inspect", "pickle", "shlex", "random", "glob", "shutil", "urllib.parse", "copy")
+
+
+def _on_call(module, name):
+    """``from tempfile import mkdtemp`` binds this: the real function,
+    imported when it is first called."""
+    def call(*args, **kwargs):
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = name
+    return call
+
+
+class _Logger:
+    """What ``logging.getLogger(name)`` gives plumbum here. Debug and info
+    lines (plumbum's "Running ..." per command) go nowhere while the real
+    logging module has not been imported: nothing can have configured a
+    handler or a level then, and an unconfigured logger drops them too
+    (the root level is WARNING). Anything else, or anything once logging is
+    imported, is the real logger's."""
+
+    def __init__(self, name):
+        self._name = name
+
+    def _real(self):
+        import logging
+
+        return logging.getLogger(self._name)
+
+    def __getattr__(self, attr):
+        if attr in ("debug", "info") and "logging" not in sys.modules:
+            return _drop
+        return getattr(self._real(), attr)
+
+
+def _drop(*args, **kwargs):
+    return None
+
+
+def _stand_ins():
+    """{module name: stand-in} for the names not imported yet."""
+    made = {name: _OnFirstUse(name) for name in _LAZY}
+    tf = types.ModuleType("tempfile")
+    tf.mkdtemp = _on_call("tempfile", "mkdtemp")
+    tf.TemporaryFile = _on_call("tempfile", "TemporaryFile")
+    made["tempfile"] = tf
+    lg = types.ModuleType("logging")
+    lg.DEBUG, lg.INFO = 10, 20
+    lg.getLogger = _Logger
+    made["logging"] = lg
+    return {name: mod for name, mod in made.items() if name not in sys.modules}
+
+
 def local():
     """The plumbum ``LocalMachine`` singleton, imported as cheaply as possible."""
     global _local
@@ -61,12 +121,17 @@ def local():
     if "urllib.request" not in sys.modules:
         sys.modules["urllib.request"] = _OnFirstUse("urllib.request")
         placeholders.append("urllib.request")
+    stand_ins = _stand_ins()
+    sys.modules.update(stand_ins)
     try:
         from plumbum.machines.local import local as machine
     finally:
         for name in placeholders:
             mod = sys.modules.get(name)
             if mod is not None and (type(mod) is _OnFirstUse or not getattr(mod, "__file__", None)):
+                del sys.modules[name]
+        for name, mod in stand_ins.items():
+            if sys.modules.get(name) is mod:
                 del sys.modules[name]
     _local = machine
     return _local

@@ -1,7 +1,7 @@
 """The click interface of vif-route-qubes: help, dry run, verbosity, status.
 
 Xen's own calls (``online type_if=vif``) skip this module entirely; see
-:func:`vif_route_qubes.hotplug.main`. Everything here ends in the same
+:func:`vif_route_qubes.entry.main`. Everything here ends in the same
 :func:`vif_route_qubes.hotplug.run`.
 """
 
@@ -29,6 +29,10 @@ Environment (as libxl and udev set it):
   VIF_ROUTE_QUBES_LOCK        lock file (default STATE_DIR/lock)
   VIF_ROUTE_QUBES_LOCK_TIMEOUT  seconds to wait for the lock (default 20)
   VIF_ROUTE_QUBES_HOOKS_DIR   hooks (default /rw/config/network-hooks.d)
+  VIF_ROUTE_QUBES_CONFIG      xenstore, qubesdb or auto (default): where the
+                              netvm's own values come from; auto is QubesDB
+                              where its daemon answers
+  VIF_ROUTE_QUBES_QUBESDB_SOCKET  QubesDB socket (default /var/run/qubes/qubesdb.sock)
   VIF_ROUTE_QUBES_FIREWALL    iptables, nft or auto (default): the firewall
                               backend; auto is nft where the nft command exists
   VIF_ROUTE_QUBES_IPTABLES    nft or legacy: which iptables commands the
@@ -50,6 +54,8 @@ XenStore keys read:
   $XENBUS_PATH/frontend-id guest domain id (checked against the path)
   qubes_netvm_gateway      optional: gateway address put on the vif as /32
   qubes_netvm_gateway6     optional: IPv6 gateway (/128 and proxy_ndp)
+  qubes-service/harden-network-interfaces
+                           optional switch: Qubes' hardening sysctls for the vif
 """
 
 WRITTEN_HELP = """

@@ -1,10 +1,11 @@
 """qubes-setup-dnat-to-ns: point the guests' virtual nameservers at the
 netvm's real ones.
 
-Guests are told to use fixed, private addresses: DNS1 and DNS2 (XenStore
+Guests are told to use fixed, private addresses: DNS1 and DNS2 (QubesDB
+``/qubes-netvm-primary-dns`` / ``-secondary-dns``, or XenStore
 ``qubes_netvm_primary_dns`` / ``qubes_netvm_secondary_dns`` under the netvm's
-home) and, for IPv6, ``qubes_netvm_primary_dns6`` /
-``qubes_netvm_secondary_dns6``. This command rewrites DNS traffic (UDP and
+home: :mod:`vif_route_qubes.config` chooses) and, for IPv6, the same names
+ending in ``dns6``. This command rewrites DNS traffic (UDP and
 TCP port 53) for them to whatever upstream nameservers of the same family
 the netvm has right now, and is re-run by the NetworkManager dispatcher hook
 whenever those change.
@@ -51,11 +52,9 @@ RESOLVED_STUBS = ("127.0.0.53", "127.0.0.54")
 # resolved's D-Bus API: the DNS property is a(iiay): (ifindex, family,
 # address bytes), ifindex 0 for the global servers (resolved.conf DNS=).
 RESOLVED_QUERY = ["busctl", "--json=short", "--timeout=5", "get-property", "org.freedesktop.resolve1",
-                  "/org/freedesktop/resolve1", "org.freedesktop.resolve1.Manager", "DNS"]
+                  "/org/freedesktop/resolve1", "org.freedesktop.resolve1.Manager", "DNSEx"]
 UNCHANGED = 100
 OUT_OF_DATE = 3  # --status: the rules in force are not what a run would write
-# the backend modules, by the name vif_route_qubes.firewall.choose() returns
-BACKENDS = {"iptables": "dns_iptables", "nft": "dns_nft"}
 
 
 class Options:
@@ -89,12 +88,15 @@ def _address(text):
     return ip_address(text)
 
 
-def nameservers(text):
+def nameservers(text, warn=None):
     """``nameserver`` addresses (IPv4 and IPv6) of a resolv.conf text, in
     order, without duplicates; malformed lines and anything not an address
-    ignored (as the resolver itself skips what it cannot parse). An IPv6
-    address with a zone (``fe80::1%eth0``) is link-local: never forwarded
-    to, so left out here already."""
+    ignored (as the resolver itself skips what it cannot parse). resolv.conf
+    is written by DHCP hooks and VPN clients, so an address is validated as
+    XenStore input is: an IPv6 zone (``%eth0``) never reaches a payload (nft
+    and iptables refuse it): on a link-local address the entry is dropped
+    later (:func:`usable`), on any other the zone is stripped, with a warning
+    through ``warn``."""
     found = []
     for line in text.splitlines():
         words = line.split()
@@ -104,9 +106,21 @@ def nameservers(text):
             addr = _address(words[1])
         except ValueError:
             continue
+        addr = _without_zone(addr, warn)
         if addr not in found:
             found.append(addr)
     return found
+
+
+def _without_zone(addr, warn):
+    zone = getattr(addr, "scope_id", None)
+    if not zone:
+        return addr
+    bare = _address(str(addr).partition("%")[0])
+    if not bare.is_link_local and warn:
+        warn(f"upstream nameserver {addr}: zone %{zone} stripped (a global address needs none)")
+    # a link-local one keeps its zone in the warning usable() leads to
+    return bare if not bare.is_link_local else addr
 
 
 def usable(addr) -> bool:
@@ -119,27 +133,33 @@ def usable(addr) -> bool:
     return getattr(addr, "ipv4_mapped", None) is None
 
 
-def resolved_servers(json_text):
-    """(addresses, scope) from resolved's ``DNS`` property as busctl prints
-    it: the global servers when there are any (scope "global"), else the
-    per-link ones ("per-link"). Qubes sorts the global ones first because a
-    VPN client's per-link server leaked queries; a global server configured
-    means the administrator chose where DNS goes, so per-link ones are then
-    not used at all (not even for the other family)."""
+def resolved_servers(json_text, warn=None):
+    """(addresses, scope) from resolved's ``DNSEx`` property (``DNS`` has no
+    port) as busctl prints it: the global servers when there are any (scope
+    "global"), else the per-link ones ("per-link"). Qubes sorts the global
+    ones first because a VPN client's per-link server leaked queries; a
+    global server configured means the administrator chose where DNS goes,
+    so per-link ones are then not used at all (not even for the other
+    family). A server on a port other than 53 is not used (the DNAT
+    translates to port 53), with a warning through ``warn``."""
     import json
     from ipaddress import IPv4Address, IPv6Address
 
     try:
         data = json.loads(json_text)["data"]
-        entries = [(int(ifindex), int(family), bytes(raw)) for ifindex, family, raw in data]
-    except (ValueError, KeyError, TypeError) as exc:
+        entries = [(int(e[0]), int(e[1]), bytes(e[2]), int(e[3]) if len(e) > 3 else 0) for e in data]
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
         raise Failure(f"unexpected answer from systemd-resolved ({' '.join(RESOLVED_QUERY[:2])}): {exc}") from None
     glob = [e for e in entries if e[0] == 0]
     chosen, scope = (glob, "global") if glob else ([e for e in entries if e[0] != 0], "per-link")
     found = []
-    for _, family, raw in chosen:
+    for _, family, raw, port in chosen:
         kind = {(2, 4): IPv4Address, (10, 16): IPv6Address}.get((family, len(raw)))
         addr = kind(raw) if kind else None
+        if addr is not None and port not in (0, 53):
+            if warn:
+                warn(f"upstream nameserver {addr} port {port} (systemd-resolved): not port 53, not used")
+            continue
         if addr is not None and addr not in found:
             found.append(addr)
     return found, scope
@@ -168,22 +188,38 @@ def _ask_resolved(s, log):
     if res.code != 0:
         log.debug(f"systemd-resolved did not answer on D-Bus: {res.stderr.strip()[:200]}")
         return None
-    return resolved_servers(res.stdout)
+    return resolved_servers(res.stdout, lambda msg: log.warning(msg, loud=True))
 
 
 def find_upstreams(opts, s, log):
-    """-> (usable upstreams of both families, where they came from)."""
-    listed = nameservers(_read(opts.resolv_conf))
+    """-> (usable upstreams of both families, where they came from). What
+    cannot be a DNAT target is skipped with a warning (stderr and the log)
+    naming it and its source."""
+    def warn(msg):
+        log.warning(msg, loud=True)
+
+    def checked(found, where):
+        out = []
+        for a in found:
+            if usable(a):
+                out.append(a)
+            elif str(a) not in RESOLVED_STUBS:
+                why = "link-local" if a.is_link_local else "not a unicast host a router forwards to"
+                warn(f"upstream nameserver {a} from {where}: {why}, not a DNAT target; skipped")
+        return out
+
+    listed = nameservers(_read(opts.resolv_conf), warn)
     if listed and all(str(a) in RESOLVED_STUBS for a in listed):
         # only systemd-resolved's stub: ask it for the real servers
         answer = _ask_resolved(s, log)
         if answer is not None:
             found, scope = answer
-            return [a for a in found if usable(a)], f"systemd-resolved over D-Bus, {scope} servers"
+            where = f"systemd-resolved over D-Bus, {scope} servers"
+            return checked(found, where), where
         text = _read(opts.resolved_conf)
-        return ([a for a in nameservers(text) if usable(a)],
-                f"systemd-resolved, {opts.resolved_conf}")
-    return [a for a in listed if usable(a)], opts.resolv_conf
+        where = f"systemd-resolved, {opts.resolved_conf}"
+        return checked(nameservers(text, warn), where), where
+    return checked(listed, opts.resolv_conf), opts.resolv_conf
 
 
 def qubes_ns_values(text):
@@ -209,28 +245,36 @@ def _dns_address(value, where, version=4):
     return addr
 
 
-def find_dns(opts, env):
+def find_dns(opts, env, source=None):
     """{4: [(address, where)], 6: [...]}: the virtual nameservers of each
-    family. Each comes from its option, else XenStore; the IPv4 pair, when
-    XenStore has neither IPv4 key, from the old qubes-ns file. Raises
-    Failure when no family has any."""
+    family. Each comes from its option, else the configuration source
+    (``source``: (name, reason) of :func:`vif_route_qubes.config.choose`,
+    chosen when None): QubesDB's ``/qubes-netvm-primary-dns``... or
+    XenStore's ``qubes_netvm_primary_dns``...; the IPv4 pair, when the source
+    has neither IPv4 value, from the old qubes-ns file. Raises Failure when
+    no family has any."""
+    from .config import DNAT, values, where
+
     found = {v: [(val, _option_name(v, i)) if val else (None, None) for i, val in enumerate(opts.given[v])]
              for v in (4, 6)}
-    xs_problem = None
+    problem = None
+    name = None
     if any(val is None for v in (4, 6) for val in opts.given[v]):
-        values = {}
-        try:
-            from .xs import XenStore
+        if source is None:
+            from .config import choose
 
-            with XenStore(env) as xs:
-                values = xs.read_many([k for v in (4, 6) for k in XS_KEYS[v]])
+            source = choose(env)
+        name = source[0]
+        got = {}
+        try:
+            got = values(name, env, DNAT)
         except Failure as exc:
-            xs_problem = str(exc)
+            problem = str(exc)
         for v in (4, 6):
             for i, key in enumerate(XS_KEYS[v]):
-                if found[v][i][0] is None and values.get(key):
-                    found[v][i] = (values[key], f"XenStore {key}")
-        if not any(values.get(k) for k in XS_KEYS[4]):
+                if found[v][i][0] is None and got.get(key):
+                    found[v][i] = (got[key], where(name, key))
+        if not any(got.get(k) for k in XS_KEYS[4]):
             try:
                 text = _read(opts.qubes_ns)
             except Failure:
@@ -241,13 +285,15 @@ def find_dns(opts, env):
                         found[4][i] = (val, f"{opts.qubes_ns} NS{i + 1}")
     result = {4: [], 6: []}
     for v in (4, 6):
-        for value, where in found[v]:
+        for value, whence in found[v]:
             if value is not None:
-                addr = _dns_address(value, where, v)
+                addr = _dns_address(value, whence, v)
                 if all(addr != a for a, _ in result[v]):
-                    result[v].append((addr, where))
+                    result[v].append((addr, whence))
     if not result[4] and not result[6]:
-        why = xs_problem or f"XenStore has none of {', '.join(XS_KEYS[4] + XS_KEYS[6])}"
+        keys = XS_KEYS[4] + XS_KEYS[6]
+        why = problem or (f"{'QubesDB' if name == 'qubesdb' else 'XenStore'} has none of "
+                          + ", ".join(where(name, k).split(" ", 1)[1] for k in keys))
         raise Failure(f"no DNS1/DNS2 address: {why}; {opts.qubes_ns} names neither NS1 nor NS2; "
                       "--dns1/--dns2 not given")
     return result
@@ -303,10 +349,21 @@ class _NoLock:
         pass
 
 
-def backend_module(name):
-    import importlib
+def _source(opts, env):
+    """The configuration source's (name, reason), or None when the options
+    give every virtual nameserver (nothing is read then)."""
+    if all(val is not None for v in (4, 6) for val in opts.given[v]):
+        return None
+    from .config import choose
 
-    return importlib.import_module(f".firewall.{BACKENDS[name]}", __package__)
+    return choose(env)
+
+
+def backend_module(name):
+    """The chosen backend's DNS renderer (a firewall.contract.DnsRules)."""
+    from .firewall.contract import dns_rules
+
+    return dns_rules(name)
 
 
 def _backend(opts, env, s, log):
@@ -326,12 +383,16 @@ def apply(opts, env, s, log):
     # of resolv.conf, the one that writes last has read last.
     with _NoLock() if opts.dry_run else HostLock(env):
         # the listing runs while XenStore and resolv.conf are read
-        listing = fw.Listing(s)
+        listing = fw.listing(s)
         try:
             if opts.remove:
                 the_plan, upstreams, where = {4: [], 6: []}, [], "--remove"
             else:
-                dns = find_dns(opts, env)
+                source = _source(opts, env)
+                if source is not None:
+                    log.debug(f"configuration: {source[0]} ({source[1]})")
+                    s.note(f"configuration: {source[0]} ({source[1]})")
+                dns = find_dns(opts, env, source)
                 upstreams, where = find_upstreams(opts, s, log)
                 the_plan = plan({v: [a for a, _ in dns[v]] for v in (4, 6)}, upstreams)
         finally:
@@ -362,11 +423,14 @@ def status(opts, env, s, log, out):
         print(text, file=out)
 
     fw, name, why = _backend(opts, env, s, log)
-    say(f"firewall backend: {name} ({why}); owns {fw.OWNED}")
-    listing = fw.Listing(s)
+    say(f"firewall backend: {name} ({why}); owns {fw.owned}")
+    listing = fw.listing(s)
     try:
         try:
-            dns = find_dns(opts, env)
+            source = _source(opts, env)
+            if source is not None:
+                say(f"configuration: {source[0]} ({source[1]})")
+            dns = find_dns(opts, env, source)
         except Failure as exc:
             dns = None
             say(f"DNS1/DNS2: unknown ({exc})")
@@ -463,14 +527,19 @@ Exit status:
   2    usage error (bad option or value)
 
 \b
-XenStore keys read (relative to this domain's home):
-  {XS_KEYS[4][0]}     DNS1
-  {XS_KEYS[4][1]}   DNS2
-  {XS_KEYS[6][0]}    DNS6-1 (IPv6)
-  {XS_KEYS[6][1]}  DNS6-2 (IPv6)
+Virtual nameservers read from QubesDB where its daemon answers, else from
+XenStore (relative to this domain's home); VIF_ROUTE_QUBES_CONFIG=qubesdb or
+xenstore chooses:
+  QubesDB                      XenStore
+  /qubes-netvm-primary-dns     {XS_KEYS[4][0]}     DNS1
+  /qubes-netvm-secondary-dns   {XS_KEYS[4][1]}   DNS2
+  /qubes-netvm-primary-dns6    {XS_KEYS[6][0]}    DNS6-1 (IPv6)
+  /qubes-netvm-secondary-dns6  {XS_KEYS[6][1]}  DNS6-2 (IPv6)
 
 \b
 Environment:
+  VIF_ROUTE_QUBES_CONFIG      qubesdb, xenstore or auto (default auto)
+  VIF_ROUTE_QUBES_QUBESDB_SOCKET  QubesDB socket (default /var/run/qubes/qubesdb.sock)
   XENSTORED_PATH              XenStore socket (default /var/run/xenstored/socket,
                               else /dev/xen/xenbus)
   VIF_ROUTE_QUBES_XS_TIMEOUT  seconds to wait for XenStore (default 10)
@@ -499,16 +568,16 @@ def command():
 
     @click.command(PROG, help=HELP, context_settings={"help_option_names": ["-h", "--help"],
                                                       "max_content_width": 100})
-    @click.option("--dns1", metavar="ADDR", help=f"DNS1 (default: XenStore {XS_KEYS[4][0]}).")
-    @click.option("--dns2", metavar="ADDR", help=f"DNS2 (default: XenStore {XS_KEYS[4][1]}).")
-    @click.option("--dns6-1", "dns6_1", metavar="ADDR", help=f"DNS6-1, IPv6 (default: XenStore {XS_KEYS[6][0]}).")
-    @click.option("--dns6-2", "dns6_2", metavar="ADDR", help=f"DNS6-2, IPv6 (default: XenStore {XS_KEYS[6][1]}).")
+    @click.option("--dns1", metavar="ADDR", help="DNS1 (default: from QubesDB or XenStore).")
+    @click.option("--dns2", metavar="ADDR", help="DNS2 (default: from QubesDB or XenStore).")
+    @click.option("--dns6-1", "dns6_1", metavar="ADDR", help="DNS6-1, IPv6 (default: from QubesDB or XenStore).")
+    @click.option("--dns6-2", "dns6_2", metavar="ADDR", help="DNS6-2, IPv6 (default: from QubesDB or XenStore).")
     @click.option("--resolv-conf", default=RESOLV_CONF, show_default=True, metavar="PATH",
                   help="Where the upstream nameservers are listed.")
     @click.option("--resolved-conf", default=RESOLVED_CONF, show_default=True, metavar="PATH",
                   help="systemd-resolved's list of real upstreams, read when resolved does not answer on D-Bus.")
     @click.option("--qubes-ns", default=QUBES_NS, show_default=True, metavar="PATH",
-                  help="Old NS1=/NS2= file, read when XenStore has neither IPv4 key.")
+                  help="Old NS1=/NS2= file, read when QubesDB or XenStore has neither IPv4 value.")
     @click.option("--firewall", type=click.Choice(CHOICES), default=None,
                   help="Firewall backend (default: VIF_ROUTE_QUBES_FIREWALL, else auto).")
     @click.option("--remove", is_flag=True,
@@ -548,5 +617,7 @@ def main(argv=None):
     # click's shell completion calls the program with no arguments and this
     # variable set: it must reach click, not rewrite the rules.
     if not argv and "_QUBES_SETUP_DNAT_TO_NS_COMPLETE" not in os.environ:  # the hook's and the unit's call
-        sys.exit(run(Options(), os.environ))
+        from .system import leave
+
+        leave(run(Options(), os.environ))
     command().main(args=argv, prog_name=PROG)

@@ -1,7 +1,8 @@
-"""dom0's network through the netvm, and the Qubes keys on plain Xen.
+"""dom0's network through the netvm.
 
-Two commands live here, both for dom0 in the layout the design document
-recommends (a netvm driver domain serves the guests; dom0 has no network):
+For dom0 in the layout the design document recommends (a netvm driver
+domain serves the guests; dom0 has no network); the keys tool that goes
+with it is :mod:`vif_route_qubes.keys`.
 
 ``qvm-dom0-network-via-netvm up|down|status``
     ``up`` pauses every running domain except dom0 and the netvm (they can
@@ -15,11 +16,6 @@ recommends (a netvm driver domain serves the guests; dom0 has no network):
     exactly that, from the record ``up`` wrote, and unpauses exactly the
     domains ``up`` paused.
 
-``vif-route-qubes-keys netvm|guest DOMAIN``
-    Writes the XenStore keys Qubes' toolstack would write (the netvm's
-    ``qubes_netvm_*``, a guest's ``qubes_ip``...), readable by that domain
-    only, between ``xl create -p`` and ``xl unpause``.
-
 Plan as data (pure functions below), applied through the System seam; the
 record (``STATE_DIR/dom0-network.json``) is written after each step of
 ``up``, so even a killed ``up`` leaves what ``down`` needs to undo it.
@@ -32,22 +28,19 @@ import time
 from collections import namedtuple
 
 from . import state, validate
+from .dom0_xs import Dom0Store
 from .errors import Failure
+from .files import write_file
 from .lock import HostLock, seconds, state_dir
 from .log import Log
 from .system import System
 
 TAG = "qvm-dom0-network-via-netvm"
-KEYS_TAG = "vif-route-qubes-keys"
+KEYS_TAG = "vif-route-qubes-keys"  # named in a message: it writes the keys read here
 RECORD = "dom0-network"
 DEFAULT_RESOLV_CONF = "/etc/resolv.conf"
 DEFAULT_TIMEOUT = 60.0
 SCRIPT = "vif-route-qubes"
-
-# The netvm's own keys (dom0 writes them under its home; our hotplug script
-# reads qubes_netvm_gateway there) and the guest's keys (qubes-setup-ip).
-NETVM_KEYS = ("qubes_netvm_gateway", "qubes_netvm_primary_dns", "qubes_netvm_secondary_dns")
-GUEST_KEYS = ("qubes_ip", "qubes_netmask", "qubes_gateway", "qubes_primary_dns", "qubes_secondary_dns")
 
 Domain = namedtuple("Domain", "domid name state")
 
@@ -153,25 +146,6 @@ def render_resolv(dns) -> str:
     return "\n".join(lines) + "\n"
 
 
-def guest_keys(ip: str, gateway: str, dns) -> list:
-    """(key, value) pairs for a guest's home, as qubes-setup-ip reads them."""
-    pairs = [("qubes_ip", ip), ("qubes_netmask", "255.255.255.255"), ("qubes_gateway", gateway)]
-    if dns:
-        pairs.append(("qubes_primary_dns", dns[0]))
-    if len(dns) > 1:
-        pairs.append(("qubes_secondary_dns", dns[1]))
-    return pairs
-
-
-def netvm_keys(gateway: str, dns) -> list:
-    pairs = [("qubes_netvm_gateway", gateway)]
-    if dns:
-        pairs.append(("qubes_netvm_primary_dns", dns[0]))
-    if len(dns) > 1:
-        pairs.append(("qubes_netvm_secondary_dns", dns[1]))
-    return pairs
-
-
 def new_record(plan: dict) -> dict:
     """The record ``up`` starts with; each step fills in what it did
     (``paused``, ``devid``, ``ifname``/``mac``, ``replaced_routes`` and
@@ -183,85 +157,8 @@ def new_record(plan: dict) -> dict:
             "configured": False}
 
 
-def perms_for(domid: int) -> list:
-    """Owner dom0, nobody else, read for the domain itself: a guest reads its
-    own keys, cannot change them, and no other domain reads them."""
-    return ["n0", f"r{domid}"]
-
-
 # ----------------------------------------------------------------------------
 # Reading the system (read-only)
-
-
-class _Store:
-    """The XenStore reads and writes of this module (a thin layer over
-    :class:`vif_route_qubes.xs.XenStore`, which is the one pyxs user)."""
-
-    def __init__(self, env):
-        from .xs import XenStore
-
-        self.xs = XenStore(env=env)
-
-    def close(self):
-        self.xs.close()
-
-    def domains(self) -> dict:
-        """{domid: name} of every domain XenStore knows."""
-        ids = [d for d in (self.xs.ls("/local/domain") or []) if d.isdigit()]
-        names = self.xs.read_many([f"/local/domain/{d}/name" for d in ids])
-        return {int(d): names[f"/local/domain/{d}/name"] or ("Domain-0" if d == "0" else f"domain-{d}")
-                for d in ids}
-
-    def resolve(self, who: str):
-        """(domid, name) for a name or a domid, or Failure."""
-        doms = self.domains()
-        if who.isdigit() and int(who) in doms:
-            return int(who), doms[int(who)]
-        hits = [d for d, n in doms.items() if n == who]
-        if not hits:
-            raise Failure(f"no domain named {who!r} (running: {', '.join(sorted(doms.values()))})")
-        return hits[0], who
-
-    def served(self, domid: int) -> list:
-        """Frontend domids whose vifs this domain is the backend of."""
-        return [int(d) for d in (self.xs.ls(f"/local/domain/{domid}/backend/vif") or []) if d.isdigit()]
-
-    def backend_ips(self, domid: int) -> list:
-        base = f"/local/domain/{domid}/backend/vif"
-        paths = []
-        for front in self.xs.ls(base) or []:
-            for dev in self.xs.ls(f"{base}/{front}") or []:
-                paths.append(f"{base}/{front}/{dev}/ip")
-        ips = []
-        for value in self.xs.read_many(paths).values():
-            for word in (value or "").split():
-                try:
-                    ips.append(str(ipaddress.ip_address(word)))
-                except ValueError:
-                    pass
-        return ips
-
-    def netvm_values(self, domid: int) -> dict:
-        values = self.xs.read_many([f"/local/domain/{domid}/{k}" for k in NETVM_KEYS])
-        return {k: values[f"/local/domain/{domid}/{k}"] for k in NETVM_KEYS}
-
-    def dom0_vifs(self) -> dict:
-        """{devid: backend-id} of dom0's own vif frontends."""
-        devs = [d for d in (self.xs.ls("/local/domain/0/device/vif") or []) if d.isdigit()]
-        ids = self.xs.read_many([f"/local/domain/0/device/vif/{d}/backend-id" for d in devs])
-        return {int(d): ids[f"/local/domain/0/device/vif/{d}/backend-id"] for d in devs}
-
-    def set_perms(self, path: str, perms) -> None:
-        from pyxs._internal import NUL, Op
-        from pyxs.exceptions import PyXSError
-
-        from .xs import _enc, _reason
-
-        payload = _enc(path) + NUL + b"".join(_enc(p) + NUL for p in perms)
-        try:
-            self.xs._call(Op.SET_PERMS, f"set_perms {path}", payload)
-        except PyXSError as exc:
-            raise Failure(f"XenStore: set_perms {path}: {_reason(exc)}") from None
 
 
 def xl_list(system: System) -> list:
@@ -293,7 +190,7 @@ class Ctx:
         self.system = System(dry_run=dry_run, out=self.out, log=self.log, env=self.env)
         self.dir = state_dir(self.env)
         self.timeout = timeout or seconds(self.env, "QVM_DOM0_NETWORK_TIMEOUT", DEFAULT_TIMEOUT)
-        self.store = _Store(self.env)
+        self.store = Dom0Store(self.env)
 
     def say(self, text):
         print(text, file=self.out)
@@ -314,19 +211,13 @@ def _lock(ctx):
 
 
 def _replace_file(ctx, path: str, text: str) -> None:
-    """Write a file atomically (temporary file, then rename)."""
+    """Write a file atomically (:mod:`.files`: a temporary file renamed
+    over it, or in place when it is a mount point)."""
     if ctx.dry_run:
         ctx.say(f"write {path} <<'EOF'\n{text}EOF")
         return
-    ctx.system.before_change(["write", path])
     ctx.log.debug(f"write {path}")
-    tmp = f"{path}.{TAG}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise Failure(f"cannot write {path}: {exc.strerror}") from None
+    write_file(ctx.system, path, text)
 
 
 def _save_file(path: str) -> dict:
@@ -538,7 +429,8 @@ def _wait_connected(ctx, nid, devid):
             ctx.log.debug(f"right after attach: {back}/hotplug-status={status!r}")
             first = False
         if status == "error" or error:
-            raise Failure(f"the netvm's vif script failed: {error or 'hotplug-status=error'}")
+            # the netvm wrote it: shown, never trusted (one bounded, printable line)
+            raise Failure(f"the netvm's vif script failed: {validate.message(error) or 'hotplug-status=error'}")
         ifname = _ifname_by_mac(mac) if mac else None
         if status == "connected" and fstate == "4" and ifname:
             return ifname, mac
@@ -646,64 +538,6 @@ def status(ctx) -> int:
 
 
 # ----------------------------------------------------------------------------
-# vif-route-qubes-keys
-
-
-def write_keys(ctx, domid: int, pairs) -> None:
-    home = f"/local/domain/{domid}"
-    items = [(f"{home}/{k}", v) for k, v in pairs]
-    if ctx.dry_run:
-        for path, value in items:
-            ctx.say(f"xenstore write {path} = {value} (perms {' '.join(perms_for(domid))})")
-        return
-    ctx.system.before_change(["xenstore-write", home])
-    ctx.store.xs.write_many(items)
-    for path, _ in items:
-        ctx.store.set_perms(path, perms_for(domid))
-    ctx.log.info("wrote " + ", ".join(f"{k}={v}" for k, v in pairs) + f" under {home}")
-
-
-def keys_netvm(ctx, who, gateway, dns) -> int:
-    domid, name = ctx.store.resolve(who)
-    if domid == 0:
-        raise Failure("dom0 is not a netvm here (in the dom0-backend layout write /local/domain/0 yourself)")
-    gw = validate.gateway(gateway, "--gateway", 4)
-    if gw is None:
-        raise Failure("--gateway is required")
-    servers = [str(validate.gateway(d, f"--dns{i}", 4)) for i, d in enumerate(dns, 1) if d]
-    write_keys(ctx, domid, netvm_keys(str(gw), servers))
-    return 0
-
-
-def keys_guest(ctx, who) -> int:
-    """A guest's keys from what dom0 already knows: its first vif's ``ip=``
-    (in the backend's directory) and its netvm's gateway and nameservers."""
-    domid, name = ctx.store.resolve(who)
-    xs = ctx.store.xs
-    front = f"/local/domain/{domid}/device/vif/0"
-    v = xs.read_many([f"{front}/backend", f"{front}/backend-id"])
-    back, bid = v[f"{front}/backend"], v[f"{front}/backend-id"]
-    if not back or not bid:
-        raise Failure(f"{name}: no vif 0 ({front}/backend missing)")
-    bid = validate.domid(bid, f"{front}/backend-id")
-    ipword = xs.read(f"{back}/ip")
-    if not ipword:
-        raise Failure(f"{name}: its vif has no ip= ({back}/ip missing)")
-    ip = next((a for a in validate.addresses(ipword, f"{back}/ip") if a.version == 4), None)
-    if ip is None:
-        raise Failure(f"{name}: {back}/ip has no IPv4 address")
-    values = ctx.store.netvm_values(bid)
-    where = f"XenStore /local/domain/{bid}"
-    gw = validate.gateway(values["qubes_netvm_gateway"], f"{where}/qubes_netvm_gateway", 4)
-    if gw is None:
-        raise Failure(f"{where}/qubes_netvm_gateway is missing (write the netvm's keys first)")
-    dns = [str(a) for k in ("qubes_netvm_primary_dns", "qubes_netvm_secondary_dns")
-           for a in [validate.gateway(values[k], f"{where}/{k}", 4)] if a is not None]
-    write_keys(ctx, domid, guest_keys(str(ip), str(gw), dns))
-    return 0
-
-
-# ----------------------------------------------------------------------------
 # click
 
 
@@ -719,19 +553,6 @@ Environment:
 
 \b
 Exit status: 0 done (or nothing to do), 1 error (up rolled back).
-"""
-
-
-KEYS_ENV_HELP = """
-
-\b
-Environment:
-  XENSTORED_PATH   XenStore socket (default /var/run/xenstored/socket)
-  VIF_ROUTE_QUBES_DEBUG=1    debug logging on stderr (like -v)
-
-\b
-Exit status: 0 written, 1 error (a one-line reason; nothing written when the
-input was bad).
 """
 
 
@@ -805,47 +626,6 @@ def command():
     return group
 
 
-def keys_command():
-    import click
-
-    @click.group(KEYS_TAG, help=(
-        "Write the Qubes XenStore keys on plain Xen (no Qubes toolstack), readable by "
-        "the domain only.\n\n"
-        "Run in dom0 between 'xl create -p' and 'xl unpause': first for the netvm "
-        "(qubes_netvm_gateway, qubes_netvm_primary_dns, qubes_netvm_secondary_dns, which "
-        "vif-route-qubes and qubes-setup-dnat-to-ns read in the netvm), then for each guest "
-        "(qubes_ip from its vif's ip=, qubes_netmask, qubes_gateway, qubes_primary_dns, "
-        "qubes_secondary_dns from its netvm, which qubes-setup-ip reads in the guest). "
-        "Each key gets the permissions n0 rDOMID: owned by dom0, read by the domain "
-        "itself, by no other domain." + KEYS_ENV_HELP),
-        context_settings={"help_option_names": ["-h", "--help"]})
-    @click.version_option(package_name="vif-route-qubes", message="%(prog)s %(version)s")
-    def group():
-        pass
-
-    @group.command("netvm", help="The netvm's keys: the guests' gateway and DNS1/DNS2.")
-    @click.argument("domain")
-    @click.option("--gateway", required=True, metavar="ADDR", help="The gateway address the netvm puts on each vif.")
-    @click.option("--dns1", metavar="ADDR", help="DNS1 (virtual; the netvm DNATs it).")
-    @click.option("--dns2", metavar="ADDR", help="DNS2.")
-    @click.option("-n", "--dry-run", is_flag=True, help="Print the keys; write nothing.")
-    @click.option("-v", "--verbose", is_flag=True, help="Log every action to stderr.")
-    def netvm_cmd(domain, gateway, dns1, dns2, dry_run, verbose):
-        _run(dict(env=None, dry_run=dry_run, verbose=verbose), keys_netvm, domain, gateway, [dns1, dns2])
-
-    @group.command("guest", help="A guest's keys, from its vif's ip= and its netvm's keys.")
-    @click.argument("domain")
-    @click.option("-n", "--dry-run", is_flag=True, help="Print the keys; write nothing.")
-    @click.option("-v", "--verbose", is_flag=True, help="Log every action to stderr.")
-    def guest_cmd(domain, dry_run, verbose):
-        _run(dict(env=None, dry_run=dry_run, verbose=verbose), keys_guest, domain)
-
-    return group
-
-
 def main(argv=None):
     command()(args=argv, prog_name=TAG)
 
-
-def keys_main(argv=None):
-    keys_command()(args=argv, prog_name=KEYS_TAG)

@@ -1,32 +1,34 @@
 """vif-route-qubes: what Xen runs for each guest network interface.
 
-``main()`` is the console script. libxl and udev call it with a command word
-and ``key=value`` words only; that form runs straight through
-:func:`run` without importing click (half of a hotplug run's start-up cost,
-see benchmarks/README.md). Anything else (``--help``, ``--dry-run``,
-``status``, ...) goes through the click interface in :mod:`.cli`, which
-calls the same :func:`run`.
+:func:`run` is one hotplug invocation (``online``/``offline``, and udev's
+``add``/``remove`` for tap devices). The console script is
+:func:`vif_route_qubes.entry.main`, which calls it straight for Xen's
+argv form and through the click interface (:mod:`.cli`) for everything else.
 """
 
 import os
-import sys
 import time
 from ipaddress import ip_interface
 
 from . import plan as P
 from . import state, validate
+from .config import choose as config_choice
+from .config import where
 from .errors import CommandFailed, Failure
 from .firewall import ENV as FIREWALL_ENV
 from .firewall import backend_for, recorded_backend
 from .lock import DEFAULT_TIMEOUT as DEFAULT_LOCK_TIMEOUT
-from .lock import HostLock, state_dir
+from .lock import HostLock, state_dir, vif_lock
 from .log import Log
 from .system import System
 
 COMMANDS = ("online", "offline", "add", "remove")
 # XenStore keys of the backend directory that key=value words may override.
 BACKEND_KEYS = ("ip", "mac", "vifname", "type", "frontend-id")
-NETVM_KEYS = ("qubes_netvm_gateway", "qubes_netvm_gateway6")
+# the netvm's own keys, relative to its home; the service key has the path
+# Qubes gives it in QubesDB (the XenStore scheme's one addition)
+HARDEN_KEY = "qubes-service/harden-network-interfaces"
+NETVM_KEYS = ("qubes_netvm_gateway", "qubes_netvm_gateway6", HARDEN_KEY)
 ENV_WORDS = ("vif", "XENBUS_PATH", "type_if")
 DEFAULT_HOOKS = "/rw/config/network-hooks.d"
 # seconds online waits for the backend interface to appear (udev races)
@@ -76,15 +78,28 @@ class Context:
             # the backend each vif's record names, still remove what is there
             self.log.warning(f"{exc}; cleaning up with the default firewall choice")
             self.fw = backend_for(self.sys, {k: v for k, v in self.env.items() if k != FIREWALL_ENV})
+        self._config = None
         self.state_dir = state_dir(self.env)
         self.hooks_dir = self.env.get("VIF_ROUTE_QUBES_HOOKS_DIR") or DEFAULT_HOOKS
         self._xs = None
         self.xenbus_path = None  # set once validated: where errors are reported
         self.xp_exists = None  # whether that directory exists (None: not read yet)
         self.iface_waited = 0
+        self.ifindex = None  # of the proven interface (online), for the record
+        self.harden = False  # dom0's harden-network-interfaces switch (online)
+        self.hardened = []  # [(sysctl path, its value before)]: what a rollback puts back
         self.fw_applied = False  # this run's firewall change is in force
         self.fw_was = None  # the other backend, when the record names it
         self.hooks_ran = False  # told the hooks "online" (rollback tells them back)
+
+    @property
+    def config(self):
+        """(source, reason) of this run's configuration values (vif_route_qubes.config)."""
+        if self._config is None:
+            self._config = config_choice(self.env)
+            self.log.debug(f"configuration: {self._config[0]} ({self._config[1]})")
+            self.sys.note(f"configuration: {self._config[0]} ({self._config[1]})")
+        return self._config
 
     @property
     def xs(self):
@@ -109,10 +124,16 @@ def _backend_values(ctx, xp):
     key=value words override XenStore values of the same name. The
     directory itself is read too: whether it exists decides whether we may
     report into it (``ctx.xp_exists``)."""
-    paths = [f"{xp}/{k}" for k in BACKEND_KEYS] + list(NETVM_KEYS) + [xp]
+    qdb = ctx.config[0] == "qubesdb"
+    paths = [f"{xp}/{k}" for k in BACKEND_KEYS] + ([] if qdb else list(NETVM_KEYS)) + [xp]
     values = ctx.xs.read_many(paths)
     found = {k: values[f"{xp}/{k}"] for k in BACKEND_KEYS}
-    found.update({k: values[k] for k in NETVM_KEYS})
+    if qdb:
+        from .config import netvm_from_qubesdb
+
+        found.update(netvm_from_qubesdb(ctx.env))
+    else:
+        found.update({k: values[k] for k in NETVM_KEYS})
     ctx.xp_exists = values[xp] is not None
     for key in BACKEND_KEYS:
         if key in ctx.vars:
@@ -120,9 +141,9 @@ def _backend_values(ctx, xp):
     return found
 
 
-def _netvm_gateways(found):
-    gw = validate.gateway(found.get("qubes_netvm_gateway"), "XenStore qubes_netvm_gateway", 4)
-    gw6 = validate.gateway(found.get("qubes_netvm_gateway6"), "XenStore qubes_netvm_gateway6", 6)
+def _netvm_gateways(found, source):
+    gw = validate.gateway(found.get("qubes_netvm_gateway"), where(source, "qubes_netvm_gateway"), 4)
+    gw6 = validate.gateway(found.get("qubes_netvm_gateway6"), where(source, "qubes_netvm_gateway6"), 6)
     return gw, gw6
 
 
@@ -151,10 +172,12 @@ def _vif_from(ctx, found, name, xp, front, devid):
     vif_type = found.get("type") or "vif"
     if vif_type not in ("vif", "vif_ioemu"):
         raise Failure(f"{w('type')}: {vif_type[:40]!r} is not vif or vif_ioemu")
-    gw, gw6 = _netvm_gateways(found)
+    source = ctx.config[0]
+    gw, gw6 = _netvm_gateways(found, source)
     for g, key in ((gw, "qubes_netvm_gateway"), (gw6, "qubes_netvm_gateway6")):
         if g is not None and g in addresses:
-            raise Failure(f"XenStore {key} {g} is also an address of the guest ({w('ip')})")
+            raise Failure(f"{where(source, key)} {g} is also an address of the guest ({w('ip')})")
+    ctx.harden = validate.switch(found.get(HARDEN_KEY), where(source, HARDEN_KEY))
     return P.Vif(
         name=name, domid=front, devid=devid, vif_type=vif_type, mac=mac,
         addresses=addresses, gateway=gw, gateway6=gw6, xenbus_path=xp,
@@ -298,39 +321,125 @@ def online(ctx) -> int:
     rename = present != target
     if rename and s.iface_exists(target):
         raise Failure(f"cannot rename {name} to {target}: an interface named {target} already exists")
-    ipv6 = System.ipv6_enabled(present)
-    if vif.family(6) and not ipv6:
-        ctx.log.info(f"IPv6 is disabled on {target}: IPv6 addresses {' '.join(map(str, vif.family(6)))} are not routed")
-    lock = HostLock(ctx.env)
+    own, lock = _locks(ctx, name)
+    record, done = None, False
     if not ctx.dry_run:
-        lock.acquire()
+        own.acquire()
     try:
+        if not ctx.dry_run:
+            lock.acquire()
         record = state.load(ctx.state_dir, name)
+        # Nothing is touched before the interface is proven the one netback
+        # made for this backend directory: a vifname=eth0 must never turn
+        # the uplink into a guest vif.
+        facts = System.iface_facts(present)
+        why = _proof(present, name, front, devid, record, facts)
+        if isinstance(why, Refusal):
+            raise Failure(f"refusing to configure {present} for {name}: {why}; nothing changed")
+        ctx.sys.note(f"{present} is this vif's interface: {why}")
+        ctx.ifindex = facts["ifindex"]  # a rename keeps it: the record's proof for later runs
+        ipv6 = System.ipv6_enabled(present)
+        if vif.family(6) and not ipv6:
+            ctx.log.info(f"IPv6 is disabled on {target}: IPv6 addresses "
+                         f"{' '.join(map(str, vif.family(6)))} are not routed")
         previous = None
         if record and record.get("name") == target:
             previous = state.vif_of(record)[0]
         # guarded by the other firewall backend until now: move over
         ctx.fw_was = recorded_backend(ctx.sys, ctx.env, record, ctx.fw) if previous is not None else None
+        if ctx.fw_was is not None:
+            lock.exclusive()  # the other backend's shared state changes too
         try:
             _online(ctx, name, target, rename, vif, ipv6, previous)
         except BaseException:
             if not ctx.dry_run:
                 _roll_back(ctx, name, target, rename, vif, ipv6, previous, record)
             raise
+        done = True
     finally:
         lock.release()
+        # a run that failed where there was no record leaves no lock file
+        # either: the host as it found it
+        if done or record is not None:
+            own.release()
+        else:
+            own.discard()
     ctx.log.info(
         f"online {target}: {' '.join(map(str, vif.addresses)) or 'no address (everything from it dropped)'}"
         f" mac {vif.mac} metric {vif.metric}" + (f" gateway {vif.gateway}" if vif.gateway else "")
-        + f" firewall {ctx.fw.name}"
+        + f" firewall {ctx.fw.name} config {ctx.config[0]}"
     )
     return 0
+
+
+class Refusal(str):
+    """Why an interface is not proven a guest's (see :func:`_proof`)."""
+
+
+def _proof(present, name, domid, devid, record, facts):
+    """Why ``present`` is the interface netback created for guest
+    ``domid``'s vif ``devid`` (-> str), or a :class:`Refusal` saying why it
+    is not. On Xen sysfs proves it: the net device's parent is the
+    xen-backend device ``vif-DOMID-DEVID``. An interface with any other
+    parent (a NIC, another guest's vif) is never the guest's. Without a
+    parent (veth and the like: tests, no Xen) only the name netback gives,
+    ``vifDOMID.DEVID``, or the interface an earlier online recorded (same
+    name and ifindex) counts; and never the loopback or an uplink (group 1),
+    whatever its name. ``facts``: System.iface_facts(present)."""
+    if facts is None:
+        return Refusal(f"{present} does not exist")
+    parent = facts["parent"]
+    if parent is not None:
+        if parent == ("xen-backend", f"vif-{domid}-{devid}"):
+            return f"its parent device is xen-backend vif-{domid}-{devid}"
+        return Refusal(f"its parent device is {parent[0]} {parent[1]}, not xen-backend vif-{domid}-{devid}")
+    if facts["loopback"]:
+        return Refusal("it is a loopback interface")
+    if facts["group"] == P.UPLINK_GROUP:
+        return Refusal(f"it is in group {P.UPLINK_GROUP} (an uplink)")
+    if present == name:
+        return f"named {name}, as netback names it (no parent device: not on Xen)"
+    if record and record.get("name") == present and record.get("ifindex") == facts["ifindex"]:
+        return f"the interface an earlier online renamed to {present} (ifindex {facts['ifindex']})"
+    return Refusal(f"no parent device, and neither named {name} nor the one an earlier online recorded")
+
+
+def _locks(ctx, name, timeout=None):
+    """(this vif's lock, the host lock) of a run, in the order they are
+    taken. A backend whose change of one vif is one atomic transaction
+    (``concurrent``) holds the host lock shared, and takes it exclusively
+    through ``serialize`` before it reads shared state to decide (see
+    :mod:`.lock`); the others hold it exclusively, and then the host lock
+    alone keeps runs of one vif apart too."""
+    concurrent = getattr(ctx.fw, "concurrent", False)
+    lock = HostLock(ctx.env, timeout=timeout, shared=concurrent)
+    if concurrent:
+        ctx.fw.serialize = lock.exclusive
+        return vif_lock(ctx.env, name, timeout=timeout), lock
+    return _NoLock(), lock
+
+
+class _NoLock:
+    def acquire(self):
+        return self
+
+    def release(self):
+        pass
+
+    def discard(self):
+        pass
 
 
 def _online(ctx, name, target, rename, vif, ipv6, previous):
     s = ctx.sys
     if rename:
         s.run(["ip", "link", "set", "dev", name, "name", target])
+    if ctx.harden:
+        # before the link is up, as Qubes does; the old values are kept so a
+        # failed run puts them back (it leaves the host as it found it)
+        wanted = P.hardening(target, ipv6)
+        ctx.hardened = [(path, (System.read(path) or "").strip()) for path, _ in wanted]
+        _write_sysctls(ctx, wanted)
 
     was = ctx.fw_was
 
@@ -350,8 +459,14 @@ def _online(ctx, name, target, rename, vif, ipv6, previous):
             s.run_all(purges)
 
     _converge(ctx, target, vif, ipv6, guard)
+    # the flowtable over every interface, this one included: an
+    # optimisation, so it never fails the run
+    done = ctx.fw.accelerate(ctx.state_dir)
+    if done:
+        ctx.log.debug(done)
     if not ctx.dry_run:
-        state.save(ctx.state_dir, name, dict(state.record_of(vif, ipv6, name), firewall=ctx.fw.name))
+        state.save(ctx.state_dir, name, dict(state.record_of(vif, ipv6, name, ctx.ifindex),
+                                             firewall=ctx.fw.name))
     ctx.hooks_ran = True
     _run_hooks(ctx, "online", vif)
     _report(ctx, ctx.xenbus_path, [(f"{ctx.xenbus_path}/hotplug-status", "connected")], clear_error=True)
@@ -364,6 +479,9 @@ def _roll_back(ctx, name, target, rename, vif, ipv6, previous, record):
     step left half done is found and put right."""
     s = ctx.sys
     now = target if s.iface_exists(target) else name
+    for path, old in ctx.hardened:
+        if old:
+            _write_sysctls(ctx, [(path.replace(f"/{target}/", f"/{now}/"), old)], check=False)
     if previous is not None:
         # A firewall step that failed has put the previous rules back
         # itself (its contract); only rules this run installed are undone.
@@ -486,56 +604,81 @@ def offline(ctx) -> int:
             ctx.log.warning(str(exc))
     s = ctx.sys
     try:
-        lock = HostLock(ctx.env)
+        own, lock = _locks(ctx, name)
     except Failure as exc:  # a bad VIF_ROUTE_QUBES_LOCK_TIMEOUT must not stop the cleanup
         ctx.log.warning(f"{exc}; waiting the default {DEFAULT_LOCK_TIMEOUT:g} s")
-        lock = HostLock(ctx.env, timeout=DEFAULT_LOCK_TIMEOUT)
-    locked = False
+        own, lock = _locks(ctx, name, timeout=DEFAULT_LOCK_TIMEOUT)
+    locked = []
     if not ctx.dry_run:
-        try:
-            lock.acquire()
-            locked = True
-        except Failure as exc:
-            # Leaving a dead guest's rules behind is worse than racing a hung
-            # holder: the next guest with this name would inherit them.
-            ctx.log.warning(f"{exc}; cleaning up without the lock")
-    removed, left = [], []
+        for held in (own, lock):
+            try:
+                locked.append(held.acquire())
+            except Failure as exc:
+                # Leaving a dead guest's rules behind is worse than racing a hung
+                # holder: the next guest with this name would inherit them.
+                ctx.log.warning(f"{exc}; cleaning up without the lock")
+                break
+    removed, left, gone = [], [], False
     try:
         record = state.load(ctx.state_dir, name)
         vif = _offline_vif(ctx, name, record)
         addresses = list(vif.addresses)
-        if s.iface_exists(vif.name):
+        facts = System.iface_facts(vif.name)
+        if facts is None:
+            s.note(f"{vif.name} no longer exists: its routes, addresses and neighbour entries went with it")
+        else:
+            why = _proof(vif.name, name, vif.domid, vif.devid, record, facts)
+            proven = not isinstance(why, Refusal)
+            if not proven:
+                # not proven the guest's (a vifname=eth0 and no record): its
+                # link is never downed nor its addresses touched; only our
+                # routes to the guest's addresses go, with our firewall elements
+                ctx.log.warning(f"offline {name}: {vif.name} is not proven this vif's interface ({why}): "
+                                "its link is left alone; only routes to the guest's addresses and our "
+                                "firewall rules for it are removed")
             try:
                 # routes, addresses, neighbours and link state first: nothing
                 # is routed to the guest once its anti-spoofing rules are gone
                 have = _read_vif(ctx, vif.name)
-                plan = P.converge(vif.name, None, System.ipv6_enabled(vif.name), have)
-                addresses += [a for a in (ip_interface(d).ip for d, _ in have.routes) if a not in addresses]
-                if plan.pre:
-                    res = s.run(["ip", "-force", "-batch", "-"], P.render_batch(plan.pre), check=False)
+                plan = P.converge(vif.name, None, proven and System.ipv6_enabled(vif.name), have)
+                if proven:
+                    addresses += [a for a in (ip_interface(d).ip for d, _ in have.routes) if a not in addresses]
+                    lines, sysctls = plan.pre, plan.sysctls
+                else:
+                    mine = {str(a) for a in vif.addresses}
+                    lines = [line for line in plan.pre
+                             if line.startswith("route del ") and str(ip_interface(line.split()[2]).ip) in mine]
+                    sysctls = ()
+                if lines:
+                    res = s.run(["ip", "-force", "-batch", "-"], P.render_batch(lines), check=False)
                     if res.code != 0:
                         raise CommandFailed(res.argv, res.code, res.stderr)
-                    removed += P.describe_removal(plan.pre)
-                for path, value in plan.sysctls:
+                    removed += P.describe_removal(lines)
+                for path, value in sysctls:
                     if (System.read(path) or "").strip() not in ("", value):
                         s.write(path, value)
                         removed.append(f"{path.split('/')[-1]} 1")
             except Failure as exc:
                 ctx.log.warning(f"offline {vif.name}: {exc}")
-                left.append("link configuration")
-        else:
-            s.note(f"{vif.name} no longer exists: its routes, addresses and neighbour entries went with it")
+                left.append("link configuration" if proven else "routes")
         missing = [t for t in getattr(ctx.fw, "tools", ()) if s.which(t) is None]
         try:
             removed += ctx.fw.remove(vif.name, known=vif.addresses if record else None)
             was = recorded_backend(ctx.sys, ctx.env, record, ctx.fw)
             if was is not None:
+                lock.exclusive()
                 removed += was.remove(vif.name)
         except Failure as exc:  # the contract says it never raises; a missing tool still does
             ctx.log.warning(f"offline {vif.name}: {exc}")
             missing.append("?")
         if missing:
             left.append("firewall rules")
+        # out of the flowtable before the conntrack purge: an offloaded
+        # flow outlives its conntrack entry's deletion (Qubes issue 8212),
+        # a rebuilt table holds no flow at all
+        done = ctx.fw.accelerate(ctx.state_dir, leaving=vif.name)
+        if done:
+            removed.append(done)
         purges = _conntrack_calls(ctx, addresses)
         if purges:
             try:
@@ -551,9 +694,15 @@ def offline(ctx) -> int:
                               "state record kept for a later offline")
             else:
                 state.remove(ctx.state_dir, name)
+                gone = True
     finally:
-        if locked:
-            lock.release()
+        # the host lock first, then this vif's; once the vif is gone its
+        # lock file goes too ("nothing of ours")
+        for held in reversed(locked):
+            if gone and held is own:
+                held.discard()
+            else:
+                held.release()
     what = ", ".join(removed) if removed else "nothing of ours was there"
     ctx.log.info(f"offline {vif.name}: {'removed ' if removed else ''}{what} (firewall {ctx.fw.name})")
     return 0
@@ -632,21 +781,3 @@ def run(command, variables, env, dry_run=False, log=None, out=None, firewall=Non
         return 1
     finally:
         ctx.close()
-
-
-def _machine_form(argv) -> bool:
-    return bool(argv) and all(not a.startswith("-") for a in argv) and any(a in COMMANDS for a in argv)
-
-
-def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if _machine_form(argv):
-        try:
-            command, variables = parse_words(argv)
-        except Failure as exc:
-            print(f"vif-route-qubes: {exc}", file=sys.stderr)
-            sys.exit(1)
-        sys.exit(run(command, variables, os.environ))
-    from .cli import vif_route_qubes
-
-    vif_route_qubes.main(args=argv, prog_name="vif-route-qubes")

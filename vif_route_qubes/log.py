@@ -59,12 +59,12 @@ class Log:
             self._file.write(f"{stamp} {self.tag}[{os.getpid()}] {level}: {msg}\n")
             self._file.flush()
 
-    def log(self, level: str, msg: str):
+    def log(self, level: str, msg: str, loud=False):
         if not self.stderr_only:
             self._syslog(level, msg)
             if level != "debug" or self.debugging:
                 self._hotplug_log(level, msg)
-        if level == "error" or self.debugging:
+        if level == "error" or self.debugging or loud:
             print(f"{self.tag}: {msg}" if level == "error" else f"{self.tag}: {level}: {msg}", file=self.stderr)
 
     def debug(self, msg):
@@ -73,8 +73,10 @@ class Log:
     def info(self, msg):
         self.log("info", msg)
 
-    def warning(self, msg):
-        self.log("warning", msg)
+    def warning(self, msg, loud=False):
+        """``loud``: on stderr too, for what whoever runs the command must
+        see (the tool still succeeds)."""
+        self.log("warning", msg, loud)
 
     def error(self, msg):
         self.log("error", msg)

@@ -26,7 +26,8 @@ PROGRAMS = (
     ("qubes-setup-dnat-to-ns", "vif_route_qubes.dnat:command"),
     ("qubes-setup-ip", "vif_route_qubes.setup_ip:command"),
     ("qvm-dom0-network-via-netvm", "vif_route_qubes.dom0_network:command"),
-    ("vif-route-qubes-keys", "vif_route_qubes.dom0_network:keys_command"),
+    ("vif-route-qubes-keys", "vif_route_qubes.keys:command"),
+    ("qvm-set-default-netvm", "vif_route_qubes.set_default_netvm:command"),
 )
 
 # Programs whose argument-less call reaches click, so that click's

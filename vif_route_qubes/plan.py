@@ -10,6 +10,18 @@ The firewall's rules are rendered by the backends of
 from collections import namedtuple
 
 VIF_GROUP = 2  # Qubes puts every vif in interface group 2
+UPLINK_GROUP = 1  # and a qube's own uplink (eth0) in group 1
+
+# What a vif with IPv6 may send from a link-local source (fe80::/10) or the
+# unspecified one (::, duplicate address detection), before and beside its
+# own addresses: neighbour discovery (RFC 4861: router solicitation and
+# advertisement, neighbour solicitation and advertisement, 133-136) and
+# multicast listener discovery (RFC 2710: 130-132; RFC 3810's MLDv2 report,
+# 143), as neutron's anti-spoofing allows. Nothing else: an echo request or
+# a redirect from fe80:: is a guest speaking for an address that is not its
+# own. Both firewall backends render this one list.
+LINK_SOURCES6 = ("fe80::/10", "::/128")
+LINK_ICMP6_TYPES = (130, 131, 132, 133, 134, 135, 136, 143)
 
 
 def metric_for(domid: int) -> int:
@@ -111,6 +123,27 @@ NOTHING = VifState(up=False, group="0", routes=(), neigh=(), addrs=())
 
 def sysctl_path(version: int, name: str, key: str) -> str:
     return f"/proc/sys/net/ipv{version}/conf/{name}/{key}"
+
+
+# Qubes' network/81-qubes.conf.optional, as its vif-route-qubes applies it
+# when dom0 enables the service harden-network-interfaces (systemd-sysctl
+# with the prefixes conf/all and conf/VIF: the wildcard lines for both,
+# nothing else of the file): no redirects, no source routing, no router
+# advertisements, autoconfiguration or duplicate address detection, no
+# unicast in L2 multicast.
+HARDENING = {
+    4: (("accept_source_route", "0"), ("accept_redirects", "0"), ("secure_redirects", "0"),
+        ("send_redirects", "0"), ("drop_unicast_in_l2_multicast", "1")),
+    6: (("accept_source_route", "-1"), ("accept_redirects", "0"), ("accept_ra", "0"),
+        ("accept_dad", "0"), ("autoconf", "0"), ("drop_unicast_in_l2_multicast", "1")),
+}
+
+
+def hardening(name: str, ipv6: bool) -> tuple:
+    """(path, value) of the hardening sysctls for vif ``name`` and ``all``."""
+    return tuple((sysctl_path(v, conf, key), value)
+                 for conf in ("all", name) for v in ((4, 6) if ipv6 else (4,))
+                 for key, value in HARDENING[v])
 
 
 def wanted(vif: Vif, ipv6: bool) -> VifState:

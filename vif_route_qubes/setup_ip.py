@@ -35,7 +35,7 @@ Public, importable without click (dom0's attached interface is configured
 :func:`guest_net`, :func:`render_batch`, :func:`render_resolv`,
 :func:`render_remove`, :func:`resolvectl_argv`, :class:`Current`,
 :func:`probe`, :func:`stale_addresses`, :func:`stale_neighbours`,
-:func:`in_place`, :func:`write_resolv_conf`, :func:`resolved_running`,
+:func:`in_place`, :func:`resolved_running`,
 :func:`run`.
 
 ``main()`` takes the fast path (no click import) for the plain calls
@@ -43,14 +43,15 @@ Public, importable without click (dom0's attached interface is configured
 the same :func:`run`.
 """
 
-import errno
 import os
 import sys
 from collections import namedtuple
 
 from . import validate
 from .errors import Failure
+from .files import AtomicWrite, is_mount_point
 from .log import Log
+from .plan import UPLINK_GROUP as UPLINK
 from .plan import json_arrays
 from .system import System
 
@@ -65,7 +66,7 @@ DEFAULT_NETMASK = "255.255.255.255"
 GATEWAY_MAC = "fe:ff:ff:ff:ff:ff"
 # Interface group of the uplink, as Qubes sets it: firewall rules can say
 # "iifgroup 1" / "-m devgroup --src-group 1" without knowing the name.
-UPLINK_GROUP = "1"
+UPLINK_GROUP = str(UPLINK)
 # systemd-resolved's Varlink socket. A connect() succeeds only while
 # resolved is running: cheaper than asking systemctl or D-Bus (the
 # directory itself survives a stop: RuntimeDirectoryPreserve=yes).
@@ -194,23 +195,6 @@ def _nameserver(value, what, version=None):
     return found[0]
 
 
-_ON = ("1", "true", "yes", "on")
-_OFF = ("", "0", "false", "no", "off")
-
-
-def switch(value, what: str) -> bool:
-    """A switch key: absent/0/false/no/off -> False, 1/true/yes/on -> True;
-    anything else is refused rather than guessed."""
-    if value is None:
-        return False
-    text = value.strip().lower()
-    if text in _ON:
-        return True
-    if text in _OFF:
-        return False
-    raise Failure(f"XenStore {what}: {value.strip()[:40]!r} is not a switch value (1 or 0)")
-
-
 def _dns_pair(values, primary_key, secondary_key, version, default=None):
     dns = []
     primary = values.get(primary_key)
@@ -254,9 +238,8 @@ def guest_net(values: dict):
     # Validated even without qubes_ip6 (a typo is reported, not hidden), but
     # used only with it: a guest without an IPv6 address cannot reach them.
     dns6 = _dns_pair(values, "qubes_primary_dns6", "qubes_secondary_dns6", 6)
-    no_route = switch(values.get(SWITCH_NO_DEFAULT_ROUTE), SWITCH_NO_DEFAULT_ROUTE)
-    no_dns = switch(values.get(SWITCH_NO_DNS), SWITCH_NO_DNS)
-    no_pin = switch(values.get(SWITCH_NO_MAC_PIN), SWITCH_NO_MAC_PIN)
+    no_route, no_dns, no_pin = (validate.switch(values.get(k), f"XenStore {k}")
+                                for k in (SWITCH_NO_DEFAULT_ROUTE, SWITCH_NO_DNS, SWITCH_NO_MAC_PIN))
     return GuestNet(
         ip=ip, prefix=prefix, gateway=gw, dns=() if no_dns else dns, ip6=ip6, gateway6=gw6,
         dns6=() if no_dns or ip6 is None else dns6, default_route=not no_route,
@@ -539,126 +522,9 @@ def points_into_resolved(path: str) -> bool:
 # resolv.conf
 
 
-def _unescape_mountinfo(field: str) -> str:
-    # /proc/self/mountinfo escapes space, tab, newline and backslash as \ooo
-    import re
-
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def is_mount_point(path: str) -> bool:
-    """Whether ``path`` itself is a mount point (a file bind-mounted over
-    resolv.conf by a container runtime or ``ip netns exec``). rename() onto
-    it fails with EBUSY, so it can only be written in place."""
-    canonical = os.path.join(os.path.realpath(os.path.dirname(os.path.abspath(path))), os.path.basename(path))
-    text = System.read("/proc/self/mountinfo", "")
-    for line in text.splitlines():
-        fields = line.split(" ")
-        if len(fields) > 4 and _unescape_mountinfo(fields[4]) == canonical:
-            return True
-    return False
-
-
-class ResolvWrite:
-    """A resolv.conf write, prepared before the network is touched.
-
-    Normally a temporary file next to the target (same file system, so the
-    rename is atomic: a resolver never reads half a file). When the target
-    is a mount point, rename() cannot replace it (EBUSY, or EXDEV across
-    file systems): the file is then written in place, truncate + write +
-    fsync, through a descriptor opened now, so an unwritable file fails the
-    run before anything changed. The descriptor is also opened for a plain
-    file when possible, as the fallback for a refusal that the mount table
-    did not predict.
-    """
-
-    def __init__(self, s: System, path: str, text: str):
-        self.path, self.text = path, text
-        self.tmp = self.fd = None
-        self.mounted = is_mount_point(path)
-        s.before_change(["write", path])
-        opened = None
-        try:
-            # O_NOFOLLOW: through a symlink (resolved's stub) we would write
-            # into someone else's file; a symlink is replaced instead.
-            self.fd = os.open(path, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError as exc:
-            opened = exc
-        if self.mounted:
-            if self.fd is None:
-                raise Failure(f"cannot write {path} (a mount point, written in place): {opened.strerror}")
-            return
-        try:
-            self.tmp = self._temporary()
-        except BaseException:
-            self.close()
-            raise
-
-    def _temporary(self):
-        import tempfile
-
-        directory = os.path.dirname(os.path.abspath(self.path))
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=".qubes-setup-ip.", dir=directory)
-        except OSError as exc:
-            raise Failure(f"cannot write {self.path}: {exc.strerror}") from None
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(self.text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.chmod(tmp, 0o644)
-        except OSError as exc:
-            _discard(tmp)
-            raise Failure(f"cannot write {self.path}: {exc.strerror}") from None
-        return tmp
-
-    def commit(self) -> str:
-        """Put the text in place; returns how ("renamed" / "in place")."""
-        try:
-            if self.tmp is not None:
-                try:
-                    os.replace(self.tmp, self.path)
-                    self.tmp = None
-                    return "renamed"
-                except OSError as exc:
-                    if exc.errno not in (errno.EBUSY, errno.EXDEV) or self.fd is None:
-                        raise Failure(f"cannot write {self.path}: {exc.strerror}") from None
-            self._in_place()
-            return "in place"
-        finally:
-            self.close()
-
-    def _in_place(self):
-        data = self.text.encode()
-        try:
-            os.ftruncate(self.fd, 0)
-            done = 0
-            while done < len(data):
-                done += os.pwrite(self.fd, data[done:], done)
-            os.fsync(self.fd)
-        except OSError as exc:
-            raise Failure(f"cannot write {self.path} in place: {exc.strerror}") from None
-
-    def close(self):
-        if self.tmp is not None:
-            _discard(self.tmp)
-            self.tmp = None
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
-def write_resolv_conf(s: System, path: str, text: str) -> str:
-    """Prepare and commit in one go (for callers with nothing in between)."""
-    return ResolvWrite(s, path, text).commit()
-
-
-def _discard(tmp):
-    try:
-        os.unlink(tmp)
-    except OSError:
-        pass
+# The file is written by files.AtomicWrite: prepared (temporary file, or
+# a descriptor for a mount point) before the network is touched, committed
+# after.
 
 
 # ----------------------------------------------------------------------------
@@ -674,13 +540,6 @@ def _run_hook(s: System, log: Log, hook: str):
         log.debug(f"hook {hook} done")
     except Failure as exc:
         log.warning(f"hook {hook} failed (ignored): {exc}")
-
-
-def _which(prog: str, env) -> bool:
-    import shutil
-
-    path = env.get("PATH") or os.defpath
-    return shutil.which(prog, path=path + ":/usr/sbin:/usr/bin:/sbin:/bin") is not None
 
 
 def run(interface=None, env=None, dry_run=False, resolv_conf=None, hook=None, log=None, out=None,
@@ -757,7 +616,7 @@ def _run(s, log, interface, env, resolv_conf, hook, pin_gateway_mac) -> int:
     else:
         text = render_resolv(net)
     dns_changes = text is not None and System.read(resolv_conf) != text
-    if resolved and not s.dry_run and not _which("resolvectl", env):
+    if resolved and not s.dry_run and s.which("resolvectl") is None:
         raise Failure("systemd-resolved is running but resolvectl is not on PATH (install systemd-resolved)")
 
     if s.dry_run:
@@ -765,7 +624,7 @@ def _run(s, log, interface, env, resolv_conf, hook, pin_gateway_mac) -> int:
     pending = None
     try:
         if dns_changes and not s.dry_run:
-            pending = ResolvWrite(s, resolv_conf, text)
+            pending = AtomicWrite(s, resolv_conf, text)
         if link_changes:
             s.run(["ip", "-batch", "-"], "".join(line + "\n" for line in batch))
         else:

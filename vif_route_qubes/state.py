@@ -12,15 +12,31 @@ import os
 
 from .errors import Failure
 
+# The record's format. Records outlive the release that wrote them: an
+# upgrade happens with guests running, and the new release's offline, status
+# and re-online must still find what the old one made. A release that
+# changes the format bumps VERSION and adds, in UPGRADES, the step from the
+# old version to the next ({old: function(record) -> record one version
+# up}); load() applies the steps in order. A record of a version it cannot
+# reach (a newer release's, after a downgrade) is not guessed at: ignored,
+# as a missing one is (offline then works from XenStore, else from the
+# firewall's own rules). tests/test_upgrade.py loads the records and rules of
+# the release before this scheme (version 1, tests/fixtures/release-0.1.0).
 VERSION = 1
+UPGRADES = {}
+
+
+def boot_id() -> str:
+    """This boot's id ("" where the kernel does not say)."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
 
 
 def _identity() -> dict:
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            boot = f.read().strip()
-    except OSError:
-        boot = ""
+    boot = boot_id()
     try:
         netns = os.stat("/proc/self/ns/net").st_ino
     except OSError:
@@ -28,9 +44,11 @@ def _identity() -> dict:
     return {"boot_id": boot, "netns": netns}
 
 
-def record_of(vif, ipv6: bool, original: str) -> dict:
-    """What ``online`` made for ``vif`` (a plan.Vif), as a record."""
-    return {
+def record_of(vif, ipv6: bool, original: str, ifindex=None) -> dict:
+    """What ``online`` made for ``vif`` (a plan.Vif), as a record; with the
+    interface's ifindex, which proves a later run's interface the same one
+    (an optional key: records without it stay version 1)."""
+    return {"ifindex": ifindex,
         "name": vif.name, "original": original, "domid": vif.domid, "devid": vif.devid,
         "type": vif.vif_type, "mac": vif.mac, "addresses": [str(a) for a in vif.addresses],
         "gateway": str(vif.gateway) if vif.gateway else None,
@@ -68,12 +86,24 @@ def load(directory: str, name: str):
             record = json.load(f)
     except (OSError, ValueError):
         return None
-    if not isinstance(record, dict) or record.get("version") != VERSION:
+    record = upgrade(record)
+    if record is None:
         return None
     ident = _identity()
     if record.get("boot_id") != ident["boot_id"] or record.get("netns") != ident["netns"]:
         return None
     return record
+
+
+def upgrade(record):
+    """``record`` in the current format, or None when it cannot be read."""
+    if not isinstance(record, dict):
+        return None
+    version = record.get("version")
+    while isinstance(version, int) and not isinstance(version, bool) and version < VERSION and version in UPGRADES:
+        record = UPGRADES[version](dict(record))
+        version = record.get("version")
+    return record if version == VERSION and type(version) is int else None
 
 
 def save(directory: str, name: str, record: dict) -> None:

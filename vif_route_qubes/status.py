@@ -27,10 +27,12 @@ Exit status: 0 when every line is ok, 1 otherwise.
 import json
 import os
 from dataclasses import dataclass, field
-from ipaddress import ip_address, ip_interface
+from ipaddress import ip_interface
 
 from . import plan as P
 from . import state, validate
+from .config import choose as config_choice
+from .config import netvm_from_qubesdb
 from .errors import Failure
 from .lock import state_dir
 from .system import System
@@ -187,11 +189,6 @@ class Kernel:
 _json_arrays = P.json_arrays  # the same parser hotplug reads a vif's state with
 
 
-def _host(text: str) -> str:
-    """ip's dst/local (``10.137.0.12``, ``fd00::1``, ``10.0.0.0/24``) -> ``addr/len``."""
-    return str(ip_interface(text))
-
-
 # ----------------------------------------------------------------------------
 # Gathering the expectations
 
@@ -274,7 +271,8 @@ def _config_rows(st, xsv, record, xs_error, netvm):
         elif (xs_val or None) == (rec_val or None):
             verdict, detail = OK, ""
         else:
-            verdict, detail = UNEXPECTED, "XenStore changed after online ran (run online again)"
+            changed = "XenStore" if key in ("addresses", "mac") else "the netvm's configuration"
+            verdict, detail = UNEXPECTED, f"{changed} changed after online ran (run online again)"
         st.add(verdict, "config", key, detail, xenstore=shown_xs, record=shown_rec)
     # hotplug-status: XenStore only; online's last word
     if unreachable:
@@ -347,59 +345,40 @@ def _link_checks(st, want, kernel):
         value = (System.read(P.sysctl_path(version, name, key)) or "?").strip()
         st.add(OK if value == "1" else MISSING, "sysctl", f"{key} 1", "" if value == "1" else f"{key} is {value}")
 
-    # routes: ours are unicast routes in the main table through this device
-    have = {}
-    for r in kernel.routes:
-        if r.get("dev") != name or r.get("protocol") == "kernel" or r.get("type", "unicast") != "unicast":
-            continue
-        if r.get("table", "main") != "main" or r.get("dst", "").startswith("fe80:"):
-            continue
-        have.setdefault(_host(r["dst"]) if r.get("dst") != "default" else "default", []).append(r.get("metric", 0))
-    metric = want.vif().metric
-    for a in want.routed():
-        dst = P.host(a)
-        metrics = have.pop(dst, [])
-        if metric in metrics:
+    # Routes, addresses and neighbour entries: exactly what online's plan
+    # says (one definition of "ours"). Wanted and there: ok; wanted and not
+    # there: missing; what converge would delete: unexpected. Nothing else
+    # is ours to judge (an administrator's /24 route stays, as online leaves it).
+    vif = want.vif()
+    have = kernel.state_of(name)
+    goal = P.wanted(vif, want.ipv6)
+    plan = P.converge(name, vif, want.ipv6, have)
+    have_routes = dict(have.routes)
+    for dst, metric in goal.routes:
+        if (dst, metric) in have.routes:
             st.add(OK, "route", f"{dst} metric {metric}")
-            metrics.remove(metric)
         else:
+            other = have_routes.get(dst)
             st.add(MISSING, "route", f"{dst} metric {metric}",
-                   f"present with metric {', '.join(map(str, metrics))}" if metrics else "")
-        for other in metrics:
-            st.add(UNEXPECTED, "route", f"{dst} metric {other}")
-    for dst, metrics in sorted(have.items()):
-        for m in metrics:
-            st.add(UNEXPECTED, "route", f"{dst} metric {m}")
-
-    # addresses: the gateway as a host address; nothing else global
-    addrs = {f"{ai['local']}/{ai['prefixlen']}" for ai in link.get("addr_info", []) if ai.get("scope") != "link"}
-    wanted = []
-    if want.gateway is not None:
-        wanted.append(P.host(want.gateway))
-    if want.gateway6 is not None and want.ipv6:
-        wanted.append(P.host(want.gateway6))
-    for w in wanted:
-        st.add(OK if w in addrs else MISSING, "address", f"{w} (gateway)")
-        addrs.discard(w)
-    for other in sorted(addrs):
-        st.add(UNEXPECTED, "address", other)
-
-    # permanent neighbour entries with the guest's MAC
-    neigh = {}
-    for n in kernel.neigh:
-        if n.get("dev") == name and "PERMANENT" in n.get("state", []):
-            neigh[str(ip_address(n["dst"]))] = (n.get("lladdr") or "").lower()
-    for a in want.routed():
-        if not want.mac:
-            break
-        item = f"{a} lladdr {want.mac} permanent"
-        got = neigh.pop(str(a), None)
-        if got == want.mac.lower():
-            st.add(OK, "neigh", item)
+                   f"present with metric {other}" if other is not None else "")
+    for a in goal.addrs:
+        st.add(OK if a in have.addrs else MISSING, "address", f"{a} (gateway)")
+    have_neigh = dict(have.neigh)
+    for a, mac in goal.neigh:
+        got = have_neigh.get(a)
+        st.add(OK if got == mac else MISSING, "neigh", f"{a} lladdr {mac} permanent",
+               "" if got == mac or got is None else f"present with lladdr {got}")
+    # converge deletes only what the kernel shows and the goal lacks
+    for line in plan.pre + plan.batch:
+        kind, verb, item, *_ = line.split()
+        if verb != "del":
+            continue
+        if kind == "route":
+            st.add(UNEXPECTED, "route", f"{item} metric {line.split()[-1]}")
+        elif kind == "addr":
+            st.add(UNEXPECTED, "address", item)
         else:
-            st.add(MISSING, "neigh", item, f"present with lladdr {got}" if got else "")
-    for addr, mac in sorted(neigh.items()):
-        st.add(UNEXPECTED, "neigh", f"{addr} lladdr {mac} permanent")
+            st.add(UNEXPECTED, "neigh", f"{item} lladdr {have_neigh[item]} permanent")
 
 
 def _firewall_checks(st, want, kernel):
@@ -432,6 +411,7 @@ class Report:
     notes: list
     xenstore_error: str = None
     firewall: dict = None
+    config: dict = None  # where the netvm's own values come from
 
     @property
     def ok(self) -> bool:
@@ -443,6 +423,7 @@ class Report:
             "xenstore": {"reachable": self.xenstore_error is None, "error": self.xenstore_error},
             "notes": self.notes,
             "firewall": self.firewall,
+            "configuration": self.config,
             "vifs": [v.as_dict() for v in self.vifs],
         }
 
@@ -510,6 +491,15 @@ def collect(names, env, log=None, firewall=None) -> Report:
     per_xs, netvm, xs_error = _read_xenstore(env, sorted({xp for xp in backends.values() if xp}))
     if xs_error is not None:
         notes.append(f"XenStore unreachable ({xs_error}): expectations come from the state records alone")
+    # the netvm's own values from where online reads them (config.py)
+    source, reason = config_choice(env)
+    if source == "qubesdb":
+        try:
+            found = netvm_from_qubesdb(env)
+            netvm = {k: found.get(k) for k in ("qubes_netvm_gateway", "qubes_netvm_gateway6")}
+        except Failure as exc:
+            notes.append(f"QubesDB unreadable ({exc}): the gateways are judged from the state records alone")
+            netvm = {}
     vifs = []
     for name in targets:
         key, record = records.get(name, (name, None))
@@ -541,7 +531,8 @@ def collect(names, env, log=None, firewall=None) -> Report:
         vifs.append(st)
     chosen = firewalls[0]
     return Report(vifs=vifs, notes=notes, xenstore_error=xs_error,
-                  firewall={"backend": chosen.name, "reason": chosen.reason})
+                  firewall={"backend": chosen.name, "reason": chosen.reason},
+                  config={"source": source, "reason": reason})
 
 
 def render_text(report, problems=False) -> str:
@@ -576,6 +567,8 @@ def render_text(report, problems=False) -> str:
             out.append(line.rstrip())
     if report.firewall:
         out.append(f"# firewall: {report.firewall['backend']} backend ({report.firewall['reason']})")
+    if report.config:
+        out.append(f"# configuration: {report.config['source']} ({report.config['reason']})")
     return "\n".join(out) + "\n"
 
 

@@ -31,6 +31,43 @@ def _show(value: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "...'"
 
 
+def setting(env, var, choices, default, requested=None, option=None) -> tuple:
+    """(value, where it came from) of a choice among ``choices``: the
+    command-line ``option`` (``requested``) wins over the environment
+    variable ``var``, else ``default``; anything else is a Failure naming
+    where it came from."""
+    value = requested or env.get(var) or default
+    where = f"option {option}" if requested else (var if env.get(var) else "default")
+    if value not in choices:
+        raise Failure(f"{where}={value[:40]!r}: expected one of {', '.join(choices)}")
+    return value, where
+
+
+_ON = ("1", "true", "yes", "on")
+_OFF = ("", "0", "false", "no", "off")
+
+
+def switch(value, what: str) -> bool:
+    """A switch key (``what`` names it and its source): absent/0/false/no/off
+    -> False, 1/true/yes/on -> True; anything else is refused rather than
+    guessed."""
+    if value is None:
+        return False
+    text = value.strip().lower()
+    if text in _ON:
+        return True
+    if text in _OFF:
+        return False
+    raise Failure(f"{what}: {value.strip()[:40]!r} is not a switch value (1 or 0)")
+
+
+def message(value: str, limit: int = 300) -> str:
+    """Text another domain wrote (a netvm's hotplug-error), fit for one line
+    of our own output: printable characters only, bounded."""
+    text = "".join(c if c.isprintable() else "?" for c in (value or ""))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def vif_name(name: str, what: str = "vif") -> tuple:
     """``vifD.N`` (or ``vifD.N-emu`` for an emulated NIC) -> (domid, devid)."""
     m = _VIF_RE.fullmatch(name or "")

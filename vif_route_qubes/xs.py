@@ -185,6 +185,15 @@ class XenStore:
             if exc.args[0] != errno.ENOENT:
                 raise Failure(f"XenStore: rm {path}: {_reason(exc)}") from None
 
+    def set_perms(self, path, perms) -> None:
+        """Set ``path``'s permissions (xenstore-chmod's ``n0 r5`` words: the
+        first names the owner and everyone else's access)."""
+        payload = _enc(path) + NUL + b"".join(_enc(p) + NUL for p in perms)
+        try:
+            self._call(Op.SET_PERMS, f"set_perms {path}", payload)
+        except PyXSError as exc:
+            raise Failure(f"XenStore: set_perms {path}: {_reason(exc)}") from None
+
     def ls(self, path):
         """Children of ``path``, or None when it does not exist."""
         try:

@@ -13,8 +13,8 @@ images could not be built or qemu could not run / timed out.
 Environment:
   VRQ_E2E_CACHE      cache directory (default /var/cache/vif-route-qubes-e2e)
   VRQ_E2E_PROJECT    project checkout to install (default: this repository)
-  VRQ_E2E_VIF_SCRIPT hotplug drop-in to install as /etc/xen/scripts/vif-route-qubes
-                     (default: <project>/hotplug/vif-route-qubes)
+  VRQ_E2E_VIF_SCRIPT a stand-in to put over /etc/xen/scripts/vif-route-qubes
+                     (default: none, the packaged drop-in)
   VRQ_E2E_TIMEOUT    overall qemu timeout in seconds (default 600)
   VRQ_E2E_FIREWALL   iptables|nft|auto: VIF_ROUTE_QUBES_FIREWALL in the netvm
                      for a1, a2 and up/down (default unset: the product's own
@@ -38,7 +38,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -51,9 +50,19 @@ DOM0_PACKAGES = [
     "xenstore-utils",
     "iptables",
     "conntrack",
-    "python3-venv",
     "nftables",  # the firewall's auto choice picks nft where nft exists
+    # the project's packages' dependencies, from Debian: in the base, so that
+    # the per-run "apt-get install ./*.deb" of the packages resolves them
+    # without the network (the base's package lists are trimmed)
+    "python3-click",
+    "python3-plumbum",
+    "python3-pyxs",
 ]
+# The project's Debian packages installed per image, by role: dom0 is also
+# the backend of the first part (the netvm role), the netvm and the AppVMs
+# share one root (the netvm and guest roles).
+DOM0_ROLES = ["python3-vif-route-qubes", "vif-route-qubes-netvm", "vif-route-qubes-dom0"]
+DOMU_ROLES = ["python3-vif-route-qubes", "vif-route-qubes-netvm", "vif-route-qubes-guest"]
 # Kernel module trees (relative to lib/modules/VER/kernel) copied into dom0.
 DOM0_MODULE_DIRS = [
     "net",
@@ -65,8 +74,6 @@ DOM0_MODULE_DIRS = [
     "drivers/net/dummy.ko",
     "drivers/net/veth.ko",
 ]
-# Python of the dom0 chroot (bookworm): dependency wheels are fetched for it.
-PY_CHROOT = "3.11"
 USED: set = set()  # cache entries used by this run (others get pruned)
 
 RESULT_RE = re.compile(r"^E2E RESULT (PASS|FAIL)", re.M)
@@ -385,95 +392,85 @@ def build_guest(cache: Path, kx: dict) -> Path:
 
 
 # --------------------------------------------------------------------------
-# project layer: venv + drop-in + checks, rebuilt on every run (seconds)
+# project layer: the packages + checks, rebuilt on every run (seconds)
 
 
-def project_wheels(cache: Path, project: Path, dest: Path) -> None:
-    """Project wheel (built from the checkout every run) in DEST/project, its
-    dependency wheels (downloaded once per Requires-Dist set) in DEST."""
-    if not (project / "pyproject.toml").exists() and not (project / "setup.py").exists():
-        raise BuildError(f"{project} has no pyproject.toml: the package is not there yet")
-    pw = dest / "project"
-    pw.mkdir()
-    py = build_env(cache, project)
+def build_debs(project: Path, dest: Path) -> dict:
+    """The project's .debs, built from a copy of the checkout with the
+    documented command (dpkg-buildpackage -b -us -uc) and Debian's python3:
+    {package name: path}."""
+    need_tools("dpkg-buildpackage", "dh")
     with tempfile.TemporaryDirectory() as t:
-        # build from a copy so that no build/ or *.egg-info lands in the checkout
         src = Path(t) / "src"
+        # no build/, *.egg-info or venv from the checkout in the build
         shutil.copytree(project, src, ignore=shutil.ignore_patterns(
             ".git", "build", "dist", "*.egg-info", "__pycache__", ".venv", ".tox",
-            ".pytest_cache", ".hypothesis"))
-        run([str(py), "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-             "--no-index", "-w", str(pw), str(src)], capture_output=True)
-    wheels = list(pw.glob("*.whl"))
-    if len(wheels) != 1:
-        raise BuildError(f"expected one project wheel, got {wheels}")
-    with zipfile.ZipFile(wheels[0]) as z:
-        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
-        reqs = [ln.split(":", 1)[1].strip() for ln in z.read(meta).decode().splitlines()
-                if ln.startswith("Requires-Dist:") and "extra ==" not in ln]
-    deps = cache / f"wheels-deps-{sha('deps-v1', PY_CHROOT, sorted(reqs))}"
-    USED.add(deps.name)
-    if not (deps / "done").exists():
-        log("downloading dependency wheels: " + " ".join(reqs))
-        shutil.rmtree(deps, ignore_errors=True)
-        deps.mkdir(parents=True)
-        if reqs:
-            run([str(py), "-m", "pip", "download", "-q", "--only-binary=:all:",
-                 "--python-version", PY_CHROOT, "--implementation", "py", "--abi", "none",
-                 "--platform", "any", "-d", str(deps), *reqs], capture_output=True)
-        (deps / "done").write_text("ok\n")
-    for w in deps.glob("*.whl"):
-        shutil.copy(w, dest)
+            ".pytest_cache", ".hypothesis", ".pybuild"))
+        env = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8", "HOME": "/root"}
+        run(["dpkg-buildpackage", "-b", "-us", "-uc"], cwd=src, env=env, capture_output=True)
+        dest.mkdir(parents=True, exist_ok=True)
+        debs = {}
+        for deb in Path(t).glob("*.deb"):
+            shutil.copy(deb, dest / deb.name)
+            debs[deb.name.split("_")[0]] = dest / deb.name
+    if not all(p in debs for p in DOM0_ROLES + DOMU_ROLES):
+        raise BuildError(f"dpkg-buildpackage made {sorted(debs)}, not {sorted(set(DOM0_ROLES + DOMU_ROLES))}")
+    return debs
 
 
-def build_env(cache: Path, project: Path) -> Path:
-    """A cached host venv holding the project's build requirements, so that
-    rebuilding the project wheel needs no network."""
-    try:
-        import tomllib
-    except ImportError:  # Python < 3.11: assume setuptools
-        tomllib = None
-    req = ["setuptools>=61", "wheel"]
-    pp = project / "pyproject.toml"
-    if pp.exists() and tomllib is not None:
-        req = tomllib.loads(pp.read_text()).get("build-system", {}).get("requires", req)
-    d = cache / f"buildenv-{sha('buildenv-v1', sys.version, sorted(req))}"
-    py = d / "bin" / "python"
-    USED.add(d.name)
-    if not (d / "done").exists():
-        log("creating build venv with " + " ".join(req))
-        shutil.rmtree(d, ignore_errors=True)
-        run([sys.executable, "-m", "venv", str(d)], capture_output=True)
-        run([str(py), "-m", "pip", "install", "-q", *req], capture_output=True)
-        (d / "done").write_text("ok\n")
-    return py
+def install_debs(cache: Path, base: Path, debs: dict, roles: list, dest: Path) -> None:
+    """``apt-get install ./PKG.deb...`` of ``roles`` into the base root, as
+    an admin does, through an overlay (the cached base stays untouched): what
+    the install wrote (the upper directory: files, dpkg's database, the
+    units' enablement links) is packed into DEST, a cpio layer that the
+    initramfs lays over the base. Whiteouts (files the install removed, such
+    as dpkg's *-old backups) are left out: harmless where they remain."""
+    with tempfile.TemporaryDirectory(dir=cache) as t:
+        upper, work, merged = (Path(t) / n for n in ("upper", "work", "merged"))
+        for d in (upper, work, merged):
+            d.mkdir()
+        run(["mount", "-t", "overlay", "overlay", "-o",
+             f"lowerdir={base / 'root'},upperdir={upper},workdir={work}", str(merged)])
+        try:
+            (merged / "tmp/debs").mkdir(parents=True, exist_ok=True)
+            (merged / "var/cache/apt/archives/partial").mkdir(parents=True, exist_ok=True)  # trimmed in the base
+            for pkg in roles:
+                shutil.copy(debs[pkg], merged / "tmp/debs" / debs[pkg].name)
+            (merged / "usr/sbin/policy-rc.d").write_text("#!/bin/sh\nexit 101\n")
+            os.chmod(merged / "usr/sbin/policy-rc.d", 0o755)
+            with Mounts(merged):
+                # the dependencies are in the base (its package lists are
+                # trimmed: apt could download nothing anyway)
+                chroot(merged, "apt-get install -y -q --no-install-recommends "
+                       + " ".join(f"/tmp/debs/{debs[p].name}" for p in roles)
+                       + " && test -x /usr/bin/vif-route-qubes && test -x /etc/xen/scripts/vif-route-qubes",
+                       capture_output=True)
+            (merged / "usr/sbin/policy-rc.d").unlink()
+            shutil.rmtree(merged / "tmp/debs")
+        finally:
+            run(["umount", str(merged)])
+        for junk in ("tmp", "var/cache/apt", "var/log", "usr/sbin/policy-rc.d"):
+            p = upper / junk
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+        run(f"cd '{upper}' && find . -mindepth 1 ! -type c | LC_ALL=C sort "
+            f"| cpio -o -H newc --quiet -R 0:0 | zstd -q -T0 -3 > '{dest}'")
 
 
-def build_layer(cache: Path, base: Path, project: Path, vif_script: Path, dest: Path,
+def build_layer(cache: Path, base: Path, project: Path, vif_script, dest: Path,
                 domu_dest: Path) -> None:
-    root = base / "root"
-    venv = root / "opt" / "vif-route-qubes"
-    wheels = root / "tmp" / "e2e-wheels"
-    shutil.rmtree(wheels, ignore_errors=True)
-    wheels.mkdir(parents=True)
-    shutil.rmtree(venv, ignore_errors=True)
-    shutil.rmtree(root / "e2e-layer", ignore_errors=True)
-    project_wheels(cache, project, wheels)
-    proj = [w.name for w in (wheels / "project").glob("*.whl")]
-    chroot(root, "python3 -m venv /opt/vif-route-qubes && "
-           "/opt/vif-route-qubes/bin/pip install -q --no-index --no-cache-dir "
-           f"--find-links /tmp/e2e-wheels /tmp/e2e-wheels/project/{proj[0]} && "
-           "{ /opt/vif-route-qubes/bin/pip uninstall -q -y pip setuptools >/dev/null 2>&1 || true; } && "
-           "test -x /opt/vif-route-qubes/bin/vif-route-qubes",
-           capture_output=True)
-    shutil.rmtree(wheels)
-    # the rest of the layer: /init, checks, drop-in, from a staging tree
-    parts = [dest.with_suffix(".venv"), dest.with_suffix(".extra")]
-    pack_cpio(root, parts[0], paths=["opt/vif-route-qubes"], level=3)
+    debs = build_debs(project, cache / "debs")
+    USED.add("debs")
+    parts = [dest.with_suffix(".pkgs"), dest.with_suffix(".extra")]
+    install_debs(cache, base, debs, DOM0_ROLES, parts[0])
+    domu_pkgs = dest.with_suffix(".domu-pkgs")
+    install_debs(cache, base, debs, DOMU_ROLES, domu_pkgs)
+    # the rest of the layer: /init, checks, from a staging tree
     with tempfile.TemporaryDirectory(dir=cache) as t:
         st = Path(t)
         (st / "e2e").mkdir()
-        (st / "etc/xen/scripts").mkdir(parents=True)
         shutil.copy(HERE / "dom0" / "init", st / "init")
         for f in (HERE / "dom0").iterdir():
             if f.name not in ("init", "etc-default-xen"):
@@ -488,33 +485,36 @@ def build_layer(cache: Path, base: Path, project: Path, vif_script: Path, dest: 
         if fw:  # the netvm's backend (unset: the product's default, auto)
             env.append(f"NETVM_FIREWALL={fw}")
         (st / "e2e" / "env").write_text("".join(e + "\n" for e in env))
-        shutil.copy(vif_script, st / "etc/xen/scripts/vif-route-qubes")
+        paths = ["init", "e2e"]
+        if vif_script is not None:  # a stand-in over the packaged drop-in
+            (st / "etc/xen/scripts").mkdir(parents=True)
+            shutil.copy(vif_script, st / "etc/xen/scripts/vif-route-qubes")
+            paths.append("etc/xen/scripts/vif-route-qubes")
         run(["chmod", "-R", "a+rX,u+w", str(st)])
         os.chmod(st / "init", 0o755)
-        os.chmod(st / "etc/xen/scripts/vif-route-qubes", 0o755)
-        pack_cpio(st, parts[1], paths=["init", "e2e", "etc/xen/scripts/vif-route-qubes"],
-                  level=3)
-    # the netvm's and AppVMs' layer: the same venv, their inits, the drop-in
+        if vif_script is not None:
+            os.chmod(st / "etc/xen/scripts/vif-route-qubes", 0o755)
+        pack_cpio(st, parts[1], paths=paths, level=3)
+    # the netvm's and AppVMs' layer: their packages, their inits
     domu_extra = dest.with_suffix(".domu")
     with tempfile.TemporaryDirectory(dir=cache) as t:
         st = Path(t)
-        (st / "etc/xen/scripts").mkdir(parents=True)
-        shutil.copy(vif_script, st / "etc/xen/scripts/vif-route-qubes")
-        (st / "etc/sysctl.d").mkdir(parents=True)
-        shutil.copy(project / "etc/sysctl.d/80-vif-route-qubes.conf", st / "etc/sysctl.d")
         for name in ("netvm-init", "appvm-init"):
             shutil.copy(HERE / "domu" / name, st / f"vrq-{name}")
+        paths = ["vrq-netvm-init", "vrq-appvm-init"]
+        if vif_script is not None:
+            (st / "etc/xen/scripts").mkdir(parents=True)
+            shutil.copy(vif_script, st / "etc/xen/scripts/vif-route-qubes")
+            paths.append("etc/xen/scripts/vif-route-qubes")
         run(["chmod", "-R", "a+rX,u+w", str(st)])
         # the kernel runs rdinit= only when it is executable in the archive
-        for f in ("vrq-netvm-init", "vrq-appvm-init", "etc/xen/scripts/vif-route-qubes"):
+        for f in paths:
             os.chmod(st / f, 0o755)
-        pack_cpio(st, domu_extra, paths=["vrq-netvm-init", "vrq-appvm-init",
-                                         "etc/xen/scripts/vif-route-qubes",
-                                         "etc/sysctl.d/80-vif-route-qubes.conf"], level=3)
+        pack_cpio(st, domu_extra, paths=paths, level=3)
     with open(domu_dest, "wb") as f:
-        for p in (parts[0], domu_extra):
+        for p in (domu_pkgs, domu_extra):
             f.write(p.read_bytes())
-    domu_extra.unlink()
+            p.unlink()
     with open(dest, "wb") as f:
         for p in parts:
             f.write(p.read_bytes())
@@ -528,7 +528,7 @@ def build_layer(cache: Path, base: Path, project: Path, vif_script: Path, dest: 
 def prune(cache: Path, keep: set) -> None:
     """Drop images built from older inputs (a dom0 base tree is ~250 MB)."""
     for pat in ("kernel-*", "dom0-base-*", "guest-*.cpio.zst", "domu-*.cpio.zst", "wheels-deps*",
-                "buildenv-*"):
+                "buildenv-*", "debs"):
         for p in cache.glob(pat):
             if p.name not in keep | USED:
                 log(f"pruning stale {p.name}")
@@ -542,7 +542,7 @@ def build_all(cache: Path, project: Path, vif_script: Path, run_dir: Path) -> di
     need_tools("qemu-system-x86_64", "apt-get", "apt-cache", "dpkg-deb", "cpio", "zstd", "chroot", "mount")
     if os.geteuid() != 0:
         raise BuildError("must run as root (debootstrap, chroot)")
-    if not vif_script.exists():
+    if vif_script is not None and not vif_script.exists():
         raise BuildError(f"hotplug drop-in {vif_script} does not exist")
     cache.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -617,8 +617,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     cache = Path(os.environ.get("VRQ_E2E_CACHE", "/var/cache/vif-route-qubes-e2e"))
     project = Path(os.environ.get("VRQ_E2E_PROJECT", HERE.parent.parent)).resolve()
-    vif_script = Path(os.environ.get("VRQ_E2E_VIF_SCRIPT",
-                                     project / "hotplug" / "vif-route-qubes"))
+    vif_script = Path(os.environ["VRQ_E2E_VIF_SCRIPT"]) if os.environ.get("VRQ_E2E_VIF_SCRIPT") else None
     if os.environ.get("VRQ_E2E_STANDIN") == "1":
         vif_script = HERE / "standin" / "vif-route-qubes"
     logfile = args.log or cache / "serial.log"

@@ -42,7 +42,7 @@ def dom0_round(fw):
 
 
 CHECKS = (
-    ["xen-up", "drop-in-installed", "netvm-keys"]
+    ["xen-up", "drop-in-installed", "packages-installed", "netvm-keys"]
     + [c for fw in BACKENDS for c in dom0_round(fw)]
     + ["nft-dnat-moved-from-iptables", "debug-log"]
 )
@@ -57,17 +57,33 @@ NETVM_CHECKS = (
      "a1-create", "a2-create"]
     + [f"{g}-{c}" for g in ("a1", "a2") for c in ("hotplug-in-netvm", "keys-perms", "no-script-in-dom0")]
     + ["netvm-routing-table", f"netvm-{NETVM_FW}-guard"]
+    # the flowtable (nft's table inet qubes-nat-accel): both vifs and the
+    # uplink (group 1) in it after online
+    + (["netvm-flowtable-devices"] if NETVM_FW == "nft" else [])
     + [f"appvm-{g}-{c}" for g in ("a1", "a2") for c in ("setup-ip", "keys-private", "reach-upstream", "dns")]
     + ["appvm-a2-forged-source", "appvm-dns-upstream", "appvm-forged-dropped-in-netvm",
        "dom0-up", "libxl-empty-hotplug-status", "appvms-paused-during-up", "a1-no-ticks-while-paused",
        "dom0-reaches-upstream-after-up", "dom0-resolves-after-up", "dom0-status", "dom0-up-twice",
        "netvm-routes-dom0", "dom0-down", "dom0-no-route-after-down", "dom0-resolv-restored",
        "down-unpauses-only-its-own", "a1-ticks-after-down", "dom0-down-twice",
-       "netvm-clean-after-down", "netvm-clean-after-destroy", "netvm-no-route-after-destroy"]
+       "netvm-clean-after-down"]
+    # a1's TCP flow upstream [OFFLOAD]ed in the netvm's conntrack, its packets
+    # past the forward hook, a forged source from a1 dropped meanwhile
+    + (["netvm-flow-offloaded", "netvm-flow-forged-dropped", "netvm-flow-bypasses-forward"]
+       if NETVM_FW == "nft" else [])
+    + ["netvm-clean-after-destroy", "netvm-no-route-after-destroy"]
+    # xl destroy a1 with the flow alive: its vif out of the flowtable, no
+    # conntrack entry of its address
+    + (["netvm-flowtable-after-destroy"] if NETVM_FW == "nft" else [])
     + [f"netvm-{OTHER_FW}-{c}" for c in (
         "switch", "a3-create", "a3-hotplug-in-netvm", "a3-guard", "appvm-a3-setup-ip",
         "appvm-a3-keys-private", "appvm-a3-reach-upstream", "appvm-a3-dns", "appvm-a3-forged-source",
         "dns-upstream", "forged-dropped-in-netvm", "clean-after-destroy")]
+    # qvm-set-default-netvm: refusals, then a3 (vif line: ip= only) served by
+    # the netvm, then d1 (the same) by dom0
+    + ["set-default-netvm-refuses", "set-default-netvm", "default-netvm-a3-served-by-netvm",
+       "set-default-netvm-dom0", "default-dom0-d1-served-by-dom0", "default-dom0-d1-hotplug-in-dom0",
+       "default-dom0-guest-d1-ping-gateway", "default-dom0-guest-d1-forged-source"]
 )
 CHECKS = CHECKS + NETVM_CHECKS
 CHECK_RE = re.compile(r"^E2E CHECK (\S+) (PASS|FAIL)\b ?(.*)$", re.M)

@@ -16,6 +16,7 @@ import time
 import uuid
 
 PY = sys.executable
+NETNS_DIR = "/run/netns"
 
 
 def run(argv, check=True, **kw):
@@ -41,6 +42,21 @@ class Netns:
 
     def popen(self, argv, **kw):
         return subprocess.Popen(["ip", "netns", "exec", self.name, *argv], **kw)
+
+    def shared(self, argv):
+        """``argv`` in this namespace *without* a mount namespace of its
+        own for /run/netns: ``ip netns exec`` gives its command a slave
+        mount namespace, so a named namespace made inside it (the mapped-IP
+        NAT's) vanishes with the command. ``nsenter --net`` keeps the
+        host's mounts; only /sys is mounted afresh (in a mount namespace
+        of its own, made a slave first so nothing leaks back), so sysfs
+        shows this namespace's interfaces."""
+        return ["nsenter", f"--net={NETNS_DIR}/{self.name}", "--", "unshare", "--mount",
+                "--propagation", "unchanged", "--", "sh", "-c",
+                'mount --make-rslave /sys && mount -t sysfs sysfs /sys && exec "$@"', "sh", *argv]
+
+    def exec_shared(self, argv, check=True, **kw):
+        return run(self.shared(argv), check=check, **kw)
 
     def sysctl(self, key, value):
         self.exec(["sh", "-c", f"echo {value} > /proc/sys/{key.replace('.', '/')}"])
@@ -324,10 +340,12 @@ src, dst, port, msg = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 fam = socket.AF_INET6 if ":" in dst else socket.AF_INET
 s = socket.socket(fam, socket.SOCK_DGRAM)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+# getaddrinfo keeps a link-local address's %scope (a bare tuple drops it)
+where = lambda a, p: socket.getaddrinfo(a, p, fam, socket.SOCK_DGRAM)[0][4]
 if src != "-":
-    s.bind((src, 0))
+    s.bind(where(src, 0))
 for _ in range(int(sys.argv[5])):
-    s.sendto(msg.encode(), (dst, port))
+    s.sendto(msg.encode(), where(dst, port))
 """
 
 

@@ -15,20 +15,17 @@ command is installed, iptables otherwise. ``VIF_ROUTE_QUBES_IPTABLES``
 commands the iptables backend runs.
 """
 
-import os
 
-from ..errors import Failure
+from ..validate import setting as chosen
+from ..system import which
 
 CHOICES = ("iptables", "nft", "auto")
 ENV = "VIF_ROUTE_QUBES_FIREWALL"
-# libxl runs hotplug scripts with a short PATH; nft lives in /usr/sbin
-_SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
 
 
 def installed(env, prog) -> bool:
     """``prog`` is an executable on PATH or in an sbin directory."""
-    dirs = [d for d in (env.get("PATH") or "").split(os.pathsep) if d] + list(_SBIN)
-    return any(os.access(os.path.join(d, prog), os.X_OK) for d in dirs)
+    return which(prog, env.get("PATH") or "") is not None
 
 
 def _have_nft(env) -> bool:
@@ -39,10 +36,7 @@ def choose(env, requested=None):
     """-> (backend name, reason): the one decision, for the log, the dry
     run and ``status`` to show. ``requested`` is a command-line option and
     wins over the environment."""
-    setting = requested or env.get(ENV) or "auto"
-    where = "option --firewall" if requested else (ENV if env.get(ENV) else "default")
-    if setting not in CHOICES:
-        raise Failure(f"{where}={setting[:40]!r}: expected one of {', '.join(CHOICES)}")
+    setting, where = chosen(env, ENV, CHOICES, "auto", requested, "--firewall")
     if setting != "auto":
         return setting, f"{where}={setting}"
     if _have_nft(env):
@@ -51,8 +45,9 @@ def choose(env, requested=None):
 
 
 def backend_for(sys_, env, requested=None):
-    """The backend object a run works through (the contract every tool
-    relies on; only the chosen backend's module is imported):
+    """The backend object a run works through: a
+    :class:`.contract.VifGuard` (the contract, declared there; only the
+    chosen backend's module is imported). In short:
 
     ``.name``, ``.reason``; ``.apply(vif, previous)`` guards ``vif`` (and,
     when it fails, has put ``previous``'s guard, or nothing of ours, back
@@ -64,13 +59,14 @@ def backend_for(sys_, env, requested=None):
     (``iptables``, ``ip6tables``, ``nft``), and ``vif`` None means nothing
     of ours is expected; ``.denies(vif)`` -> [(item, detail)] when it is
     *not* the chosen backend: its default deny, left on the host, in force
-    for ``vif`` (status lists each as unexpected)."""
+    for ``vif`` (status lists each as unexpected);
+    ``.accelerate(state_dir, leaving=None)`` rebuilds the forwarding
+    flowtable (nft; nothing for iptables) -> a description or None, never
+    raises."""
+    from .contract import guard_class
+
     name, reason = choose(env, requested)
-    if name == "nft":
-        from . import nft as module
-    else:
-        from . import iptables as module
-    return module.Backend(sys_, reason)
+    return guard_class(name)(sys_, reason)
 
 
 def other(name):

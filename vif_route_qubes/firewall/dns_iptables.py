@@ -22,14 +22,15 @@ IPv6 ones), the same two chains:
   one table. Dropped packets never confirm a conntrack entry, so the first
   query after an upstream appears is translated normally.
 
-"Already right" is decided from one ``iptables-save`` per family, compared
-line by line with what would be written (rules rendered exactly as
+"Already right" is decided from one ``iptables-save`` per family (read by
+:mod:`.xtables`, as the anti-spoofing reads it), compared line by line with what would be written (rules rendered exactly as
 iptables-save prints them, jumps present exactly once). The two families are
 two commands and commit separately; the nft backend is the one that commits
 both at once.
 """
 
 from ..errors import CommandFailed
+from .xtables import Table, parse_save
 
 NAME = "iptables"
 NAT_CHAIN = "vrq-dnat-dns"
@@ -54,44 +55,28 @@ def nat_rules(pairs):
             for i, (dns, to) in enumerate(pairs, 1) if to is not None and to != dns for proto in ("udp", "tcp")]
 
 
+def _refuse(dns, proto):
+    # as iptables-save prints it
+    if proto == "tcp":
+        return "REJECT --reject-with tcp-reset"
+    return "REJECT --reject-with " + ("icmp-port-unreachable" if dns.version == 4 else "icmp6-port-unreachable")
+
+
 def guard_rules(pairs):
     """Rule lines of the filter chain: whatever still goes to DNSi in FORWARD
-    was not translated (no upstream): drop it. A DNSi that is itself an
-    upstream is passed through to the next netvm, so not guarded."""
+    was not translated. Without an upstream of its family it is refused at
+    once (port unreachable, a TCP reset: the guest's resolver tries its next
+    server now, not after a timeout); otherwise dropped. A DNSi that is
+    itself an upstream is passed through to the next netvm, so not guarded."""
     upstreams = {to for _, to in pairs}
-    return [f"-A {GUARD_CHAIN} {_match(dns, proto)} -m comment --comment DNS{i} -j DROP"
-            for i, (dns, _) in enumerate(pairs, 1) if dns not in upstreams for proto in ("udp", "tcp")]
+    return [f"-A {GUARD_CHAIN} {_match(dns, proto)} -m comment --comment DNS{i} -j "
+            + (_refuse(dns, proto) if to is None else "DROP")
+            for i, (dns, to) in enumerate(pairs, 1) if dns not in upstreams for proto in ("udp", "tcp")]
 
 
 def wanted_rules(pairs):
     """{table: rule lines}, or None: nothing of ours in this family."""
     return {"filter": guard_rules(pairs), "nat": nat_rules(pairs)} if pairs else None
-
-
-class Table:
-    """What iptables-save shows of one table: declared chains and rule lines."""
-
-    def __init__(self):
-        self.chains, self.rules = set(), []
-
-    def chain(self, name):
-        prefix = f"-A {name} "
-        return [r for r in self.rules if r.startswith(prefix)]
-
-
-def parse_save(text):
-    """{table name: Table} of an iptables-save text."""
-    tables, cur = {}, None
-    for line in text.splitlines():
-        if line.startswith("*"):
-            cur = tables.setdefault(line[1:].strip(), Table())
-        elif cur is None or not line or line[0] == "#" or line == "COMMIT":
-            continue
-        elif line[0] == ":":
-            cur.chains.add(line[1:].split(" ", 1)[0])
-        elif line.startswith("-A "):
-            cur.rules.append(line)
-    return tables
 
 
 def render(wanted, tables):

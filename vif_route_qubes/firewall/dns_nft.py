@@ -22,18 +22,21 @@ The ``qubes`` tables may hold the hotplug script's sets and chains (or
 Qubes' own), so a table is only ever *added* (``add table`` leaves an
 existing one as it is), never flushed, deleted or redefined.
 
-The chains are replaced the way Qubes replaces ``dnat-dns``: ``add chain``
-(so the ``delete`` cannot fail on a first run), ``delete chain``, then the
-chain declared anew with its rules, all in one transaction for both
-families: no packet sees an empty or half-filled chain, and a failure
+The chains that differ from what they should be (only ``dnat-dns`` when
+the upstreams change) are replaced the way Qubes replaces ``dnat-dns``:
+``add chain`` (so the ``delete`` cannot fail on a first run), ``delete
+chain``, then the chain declared anew with its rules, all in one
+transaction for both families: no packet sees an empty or half-filled chain, and a failure
 changes nothing.
 
-"Already right" is decided from one ``nft --terse list ruleset`` (terse: the
-hotplug script's set elements are not printed), comparing our chains line
-by line with the text nft would print for what we would write.
+"Already right" is decided from one ``nft -j --terse list ruleset`` (terse:
+the hotplug script's set elements are not listed), read by :mod:`.nftjson`
+as the anti-spoofing reads its listing, comparing our chains line by line
+with the text nft would print for what we would write.
 """
 
-from ..errors import CommandFailed
+from ..errors import CommandFailed, Failure
+from .nftjson import Ruleset
 
 NAME = "nft"
 CHAIN = "dnat-dns"
@@ -42,6 +45,8 @@ CHAINS = (CHAIN, GUARD)
 FAMILY = {4: "ip", 6: "ip6"}
 HEADERS = {CHAIN: "type nat hook prerouting priority dstnat; policy accept;",
            GUARD: "type filter hook prerouting priority dstnat + 10; policy accept;"}
+# as ``nft list`` prints them: a plain reject is ICMP(v6) port unreachable
+REFUSE = {"udp": "reject", "tcp": "reject with tcp reset"}
 OWNED = (f"chains {CHAIN} and {GUARD} in tables ip qubes and ip6 qubes "
          "(no other chain, no table is ever flushed or deleted)")
 
@@ -54,44 +59,27 @@ def chain_rules(version, pairs):
     for dns, to in pairs:
         for proto in ("udp", "tcp"):
             match = f"{word} daddr {dns} {proto} dport 53"
-            if to is None:
-                out[CHAIN].append(f"{match} drop")
-            elif to != dns:
+            if to is not None and to != dns:
                 out[CHAIN].append(f"{match} dnat to {to}")
-            if dns not in upstreams:
+            if to is None:
+                # no upstream of this family: refused at once (port
+                # unreachable, a TCP reset), so the guest's resolver moves
+                # to its next server now instead of after its timeout
+                out[GUARD].append(f"{match} {REFUSE[proto]}")
+            elif dns not in upstreams:
                 out[GUARD].append(f"{match} drop")
     return out
 
 
 def parse_ruleset(text):
     """{4: {chain: lines} (only our chains that exist), 6: ...} from
-    ``nft -t list ruleset``: ``dnat-dns`` and ``dnat-dns-guard`` in
-    ``ip qubes`` / ``ip6 qubes``."""
-    found = {4: {}, 6: {}}
-    tables = {f"table {w} qubes {{": v for v, w in FAMILY.items()}
-    version, lines, depth, name = None, None, 0, None
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        if depth == 0:
-            version = tables.get(line)
-            if line.endswith("{"):
-                depth = 1
-            continue
-        if line.endswith("{"):
-            depth += 1
-            name = line[6:-2] if line.startswith("chain ") else None
-            if depth == 2 and version is not None and name in CHAINS:
-                lines = []
-            continue
-        if line == "}":
-            depth -= 1
-            if depth == 1 and lines is not None:
-                found[version][name], lines = lines, None
-            continue
-        if lines is not None:
-            lines.append(line)
+    ``nft -j --terse list ruleset``, read by :mod:`.nftjson` (as the
+    anti-spoofing reads it): ``dnat-dns`` and ``dnat-dns-guard`` in
+    ``ip qubes`` / ``ip6 qubes``, each as ``nft list`` prints it."""
+    have = Ruleset.parse(text)
+    found = {}
+    for version, fam in FAMILY.items():
+        found[version] = {name: have.listing(fam, name) for name in CHAINS if (fam, name) in have.chains}
     return found
 
 
@@ -106,13 +94,18 @@ def render(plan, current):
             out += [f"delete chain {fam} qubes {name}" for name in CHAINS if name in have]
             continue
         wanted = chain_rules(version, pairs)
-        if have == wanted:
+        # only the chains that differ: a change of upstreams leaves the
+        # guard as it is (its rules depend on DNS1/DNS2 and on whether the
+        # family has an upstream at all), and a base chain not replaced is
+        # one hook the kernel need not unregister and register again
+        stale = [name for name in CHAINS if have.get(name) != wanted[name]]
+        if not stale:
             continue
         out.append(f"add table {fam} qubes")
-        for name in CHAINS:
+        for name in stale:
             out += [f"add chain {fam} qubes {name}", f"delete chain {fam} qubes {name}"]
         out.append(f"table {fam} qubes {{")
-        for name in CHAINS:
+        for name in stale:
             out.append(f"\tchain {name} {{")
             out += [f"\t\t{line}" for line in wanted[name]]
             out.append("\t}")
@@ -122,7 +115,7 @@ def render(plan, current):
 
 class Listing:
     def __init__(self, s):
-        self.started = s.start(["nft", "--terse", "list", "ruleset"], readonly=True)
+        self.started = s.start(["nft", "-j", "--terse", "list", "ruleset"], readonly=True)
 
     def wait(self):
         return self.started.wait(check=False)
@@ -143,7 +136,10 @@ def in_force(result):
     if result.code != 0:
         msg = f"(cannot read: nft exited {result.code}: {result.stderr.strip()[:200]})"
         return {4: [msg], 6: [msg]}
-    current = parse_ruleset(result.stdout)
+    try:
+        current = parse_ruleset(result.stdout)
+    except Failure as exc:
+        return {4: [f"(cannot read: {exc})"], 6: [f"(cannot read: {exc})"]}
     shown = {}
     for v in (4, 6):
         shown[v] = []

@@ -39,7 +39,9 @@ out, tested without root); :class:`Backend` applies it through the
 from collections import namedtuple
 
 from ..errors import CommandFailed, Failure
-from ..plan import VIF_GROUP, Vif, host
+from ..plan import LINK_ICMP6_TYPES, LINK_SOURCES6, VIF_GROUP, Vif, host
+from .contract import VifGuard
+from .xtables import Table, parse_save, rule_key
 
 NAME = "iptables"
 CHAIN_MAX = 28  # xtables chain name limit (XT_EXTENSION_MAXNAMELEN - 1 - ...)
@@ -92,9 +94,12 @@ def chain_rules(vif: Vif, version: int) -> list:
     if version == 6 and own:
         # Neighbour discovery comes from link-local sources, and duplicate
         # address detection from ::, before the guest uses its own address
-        # (RFC 4861, RFC 4862); without these the guest never finds its router.
-        rules.append(f"-A {cin} -s fe80::/10 -p ipv6-icmp -j RETURN")
-        rules.append(f"-A {cin} -s ::/128 -p ipv6-icmp -j RETURN")
+        # (RFC 4861, RFC 4862); without these the guest never finds its
+        # router. Only ND and MLD (plan.LINK_ICMP6_TYPES), one rule per type:
+        # xtables' icmp6 match takes one type. Only link-local ICMPv6 walks
+        # them: the guest's own addresses RETURN above.
+        rules += [f"-A {cin} -s {src} -p ipv6-icmp -m icmp6 --icmpv6-type {t} -j RETURN"
+                  for src in LINK_SOURCES6 for t in LINK_ICMP6_TYPES]
     rules.append(f"-A {cin} -j DROP")
     rules += [f"-A {csrc} -s {host(a)} -j DROP" for a in own]
     return rules
@@ -138,26 +143,25 @@ def firewall(vif: Vif, version: int) -> Firewall:
     )
 
 
-def guard_from_save(save_text: str) -> tuple:
+def guard_from_save(raw: Table) -> tuple:
     """(lines before, lines after) a vif's ``core`` that make the guard whole
-    again from what ``iptables-save -t raw`` shows: the chain and its jump
-    when absent, and exactly one DROP, last."""
-    keys = [rule_key(line) for line in save_text.splitlines()]
+    again from what ``iptables-save -t raw`` shows (parsed): the chain and
+    its jump when absent, and exactly one DROP, last."""
     head = []
-    if not any(line.split(" ", 1)[0] == f":{GUARD}" for line in keys):
+    if GUARD not in raw.chains:
         head.append(f"-N {GUARD}")
-    if rule_key(f"-A {GUARD_JUMP}") not in keys:
+    if rule_key(f"-A {GUARD_JUMP}") not in raw.rules:
         head.append(f"-A {GUARD_JUMP}")
-    drops = keys.count(f"-A {GUARD_DROP}")
+    drops = raw.rules.count(f"-A {GUARD_DROP}")
     return head, [f"-D {GUARD_DROP}"] * drops + [f"-A {GUARD_DROP}"]
 
 
-def rebuild_payload(save_text: str, fw: Firewall, name: str) -> str:
+def rebuild_payload(raw: Table, fw: Firewall, name: str) -> str:
     """The last resort of apply: remove exactly what is left of the vif's
     rules, make the guard whole, then install the vif (one transaction)."""
-    head, tail = guard_from_save(save_text)
+    head, tail = guard_from_save(raw)
     core = fw.core.split("\n", 1)[1].rsplit("COMMIT\n", 1)[0].splitlines()
-    return merge_payloads(teardown_from_save(save_text, name), _payload(head + core + tail))
+    return merge_payloads(teardown_from_save(raw, name), _payload(head + core + tail))
 
 
 def teardown_payload(jumps, chain_names) -> str:
@@ -166,49 +170,39 @@ def teardown_payload(jumps, chain_names) -> str:
     return _payload(lines)
 
 
-def teardown_from_save(save_text: str, name: str) -> str:
+def teardown_from_save(raw: Table, name: str) -> str:
     """Exact removal of whatever of ours ``iptables-save -t raw`` still shows.
 
     Used when the all-in-one teardown failed because part of it was already
     gone (a hand-deleted rule, a half-finished earlier run): keep only what
     exists, so the removal itself cannot fail on a missing piece.
     """
-    cin, csrc = chains(name)
-    ours = {cin, csrc}
-    present, jumps = set(), []
-    for line in save_text.splitlines():
-        if line.startswith(":") and line[1:].split(" ", 1)[0] in ours:
-            present.add(line[1:].split(" ", 1)[0])
-        elif line.startswith("-A ") and line.split()[-1] in ours and line.split()[-2] in ("-j", "-g"):
-            if line.split()[1] != cin and line.split()[1] != csrc:
-                jumps.append(line[3:])
+    ours = chains(name)
+    jumps = [r[3:] for r in raw.into(ours)]
+    present = tuple(c for c in ours if c in raw.chains)
     if not present and not jumps:
         return ""
-    chains_present = tuple(c for c in (cin, csrc) if c in present)
-    return teardown_payload(jumps, chains_present)
+    return teardown_payload(jumps, present)
 
 
-def addresses_from_save(save_text: str, name: str) -> tuple:
+def addresses_from_save(raw: Table, name: str) -> tuple:
     """The source addresses our src chain drops: the firewall remembers what
     online was given even after XenStore and the state record are gone."""
-    _, csrc = chains(name)
     found = []
-    for line in save_text.splitlines():
-        parts = line.split()
-        if parts[:2] == ["-A", csrc] and "-s" in parts:
+    for rule in raw.chain(chains(name)[1]):
+        parts = rule.split()
+        if "-s" in parts:
             found.append(parts[parts.index("-s") + 1])
     return tuple(found)
 
 
-def owners_from_save(save_text: str) -> set:
-    """Interface names that have a vrq- chain in this save text."""
+def owners_from_save(raw: Table) -> set:
+    """Interface names that have a vrq- chain in this table."""
     names = set()
-    for line in save_text.splitlines():
-        if line.startswith(":vrq-"):
-            chain = line[1:].split(" ", 1)[0]
-            for prefix in ("vrq-in-", "vrq-src-"):
-                if chain.startswith(prefix):
-                    names.add(chain[len(prefix):])
+    for chain in raw.chains:
+        for prefix in ("vrq-in-", "vrq-src-"):
+            if chain.startswith(prefix):
+                names.add(chain[len(prefix):])
     return names
 
 
@@ -218,20 +212,7 @@ def merge_payloads(first: str, second: str) -> str:
     return "*raw\n" + body(first) + body(second) + "COMMIT\n"
 
 
-def rule_key(line: str) -> str:
-    """A rule as iptables-save prints it and as our payload writes it, made
-    comparable: save prints device groups in hex (``--src-group 0x2``)."""
-    words = line.split()
-    for i, w in enumerate(words[:-1]):
-        if w in ("--src-group", "--dst-group"):
-            try:
-                words[i + 1] = str(int(words[i + 1], 0))
-            except ValueError:
-                pass
-    return " ".join(words)
-
-
-def compare(save_text: str, vif, name: str, kind: str) -> list:
+def compare(raw: Table, vif, name: str, kind: str) -> list:
     """[(verdict, item, detail)] for one family: our chains, their rules in
     order, our jumps. ``vif`` None: nothing of ours is expected here.
 
@@ -240,18 +221,10 @@ def compare(save_text: str, vif, name: str, kind: str) -> list:
     longest run of expected rules found in order is ok, an expected rule
     present only out of that order is missing ("out of order"), and what
     is left over is unexpected."""
-    cin, csrc = chains(name)
-    ours = (cin, csrc)
-    present, in_chain, jumps = set(), {cin: [], csrc: []}, []
-    for line in save_text.splitlines():
-        if line.startswith(":") and line[1:].split(" ", 1)[0] in ours:
-            present.add(line[1:].split(" ", 1)[0])
-        elif line.startswith("-A "):
-            parts = line.split()
-            if parts[1] in ours:
-                in_chain[parts[1]].append(rule_key(line))
-            elif len(parts) > 2 and parts[-2] in ("-j", "-g") and parts[-1] in ours:
-                jumps.append(rule_key(line))
+    cin, csrc = ours = chains(name)
+    present = {c for c in ours if c in raw.chains}
+    in_chain = {c: raw.chain(c) for c in ours}
+    jumps = raw.into(ours)
     out = []
     if vif is None:
         for c in ours:
@@ -260,7 +233,7 @@ def compare(save_text: str, vif, name: str, kind: str) -> list:
         for r in jumps + in_chain[cin] + in_chain[csrc]:
             out.append(("unexpected", f"{kind} {r}", ""))
         return out
-    out += guard_rows(save_text, kind)
+    out += guard_rows(raw, kind)
     for c in ours:
         out.append(("ok" if c in present else "missing", f"{kind} chain {c}", ""))
     # jumps first: without them the chains do nothing; their place among
@@ -282,16 +255,14 @@ def compare(save_text: str, vif, name: str, kind: str) -> list:
     return out
 
 
-def guard_rows(save_text: str, kind: str) -> list:
+def guard_rows(raw: Table, kind: str) -> list:
     """The guard every vif relies on: its chain, its jump from PREROUTING,
     and the DROP that must stay its last rule (the default deny)."""
-    keys = [rule_key(line) for line in save_text.splitlines()]
-    chain = any(line.split(" ", 1)[0] == f":{GUARD}" for line in keys)
-    out = [("ok" if chain else "missing", f"{kind} chain {GUARD}", "")]
+    out = [("ok" if GUARD in raw.chains else "missing", f"{kind} chain {GUARD}", "")]
     jump = rule_key(f"-A {GUARD_JUMP}")
-    out.append(("ok" if jump in keys else "missing", f"{kind} {jump}", ""))
+    out.append(("ok" if jump in raw.rules else "missing", f"{kind} {jump}", ""))
     drop = f"-A {GUARD_DROP}"
-    rules = [line for line in keys if line.split()[:2] == ["-A", GUARD]]
+    rules = raw.chain(GUARD)
     if rules and rules[-1] == drop:
         out.append(("ok", f"{kind} {drop}", "last: the default deny"))
     elif drop in rules:
@@ -301,13 +272,12 @@ def guard_rows(save_text: str, kind: str) -> list:
     return out
 
 
-def guard_denies(save_text: str, name: str) -> bool:
+def guard_denies(raw: Table, name: str) -> bool:
     """The guard is in force in this family (a PREROUTING jump into it, and
     its DROP) and ``name`` has no goto there: the DROP takes its packets.
     What matters to a vif the other backend guards (status)."""
-    keys = [rule_key(line) for line in save_text.splitlines()]
-    jumped = any(k.split()[:2] == ["-A", "PREROUTING"] and k.split()[-2:] == ["-j", GUARD] for k in keys)
-    return jumped and f"-A {GUARD_DROP}" in keys and rule_key(f"-A {jump_specs(name)[0]}") not in keys
+    jumped = any(r.split()[-2:] == ["-j", GUARD] for r in raw.chain("PREROUTING"))
+    return jumped and f"-A {GUARD_DROP}" in raw.rules and rule_key(f"-A {jump_specs(name)[0]}") not in raw.rules
 
 
 def removal(tool: str) -> str:
@@ -346,7 +316,7 @@ def _sequence(want, have, kind):
 # Applying
 
 
-class Backend:
+class Backend(VifGuard):
     """The iptables backend behind the firewall seam (see
     :mod:`vif_route_qubes.firewall` for the contract)."""
 
@@ -354,14 +324,15 @@ class Backend:
 
     def __init__(self, sys_, reason):
         self.sys, self.reason = sys_, reason
-        self._saved = None  # {version: save text}, read once, for check()
+        self._saved = None  # {version: raw Table}, read once, for check()
         self.errors = []
 
     # -- helpers ---------------------------------------------------------------
     def _save(self, version, check=True):
+        """The raw table as the kernel has it now (parsed)."""
         s = self.sys
         res = s.run([s.iptables(version, "save"), "-t", "raw"], readonly=True, check=check)
-        return res.stdout if res.code == 0 else ""
+        return parse_save(res.stdout if res.code == 0 else "").get("raw") or Table()
 
     def _try(self, version, data):
         """Start one restore; an injected fault counts as its failure."""
@@ -469,8 +440,7 @@ class Backend:
                 removed.append(f"{kind} chains {' '.join(fw.chain_names)}")
                 continue
             try:
-                saved = s.run([s.iptables(fw.version, "save"), "-t", "raw"], readonly=True, check=False)
-                payload = teardown_from_save(saved.stdout, name)
+                payload = teardown_from_save(self._save(fw.version, check=False), name)
                 if not payload:
                     continue
                 again = s.run(s.restore(fw.version), payload, check=False)
@@ -483,6 +453,11 @@ class Backend:
             else:
                 removed.append(f"{kind} rules of {name} (what was left)")
         return removed
+
+    def accelerate(self, state_dir, leaving=None):
+        """The flowtable is an nft object: the nft backend's
+        (:meth:`vif_route_qubes.firewall.nft.Backend.accelerate`)."""
+        return None
 
     def moved_away(self):
         """What to tell when a vif leaves this backend for nft: the guard
@@ -510,11 +485,11 @@ class Backend:
     def _saves(self):
         self.prefetch()
         for v, st in list(self._saved.items()):
-            if not isinstance(st, str):
+            if not isinstance(st, Table):
                 res = st.wait(check=False)
                 if res.code != 0:
                     self.errors.append(f"{' '.join(res.argv)} exited {res.code}: {res.stderr.strip()}")
-                self._saved[v] = res.stdout if res.code == 0 else ""
+                self._saved[v] = parse_save(res.stdout if res.code == 0 else "").get("raw") or Table()
         return self._saved
 
     def read_errors(self):
@@ -524,14 +499,14 @@ class Backend:
 
     def owners(self):
         names = set()
-        for text in self._saves().values():
-            names |= owners_from_save(text)
+        for raw in self._saves().values():
+            names |= owners_from_save(raw)
         return names
 
     def check(self, vif, name):
         out = []
-        for v, text in sorted(self._saves().items()):
-            out += compare(text, vif, name, "iptables" if v == 4 else "ip6tables")
+        for v, raw in sorted(self._saves().items()):
+            out += compare(raw, vif, name, "iptables" if v == 4 else "ip6tables")
         return out
 
     def denies(self, vif):
@@ -539,8 +514,8 @@ class Backend:
         backend's default deny left on the host drops its traffic (the guard
         is in force and has no goto for it), per family it has addresses in."""
         out = []
-        for v, text in sorted(self._saves().items()):
-            if vif.family(v) and guard_denies(text, vif.name):
+        for v, raw in sorted(self._saves().items()):
+            if vif.family(v) and guard_denies(raw, vif.name):
                 tool = "iptables" if v == 4 else "ip6tables"
                 cin = chains(vif.name)[0]
                 out.append((f"{tool} -A {GUARD_DROP}",

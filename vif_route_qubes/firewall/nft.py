@@ -25,17 +25,25 @@ the rules never change, so a packet's cost does not depend on the number of
 guests (a set lookup, not a walk over a chain per vif), and a vif in group 2
 without elements gets nothing through (default deny).
 
-IPv6 neighbour discovery: a vif with IPv6 addresses may also send ICMPv6
-from link-local sources and from ``::`` (duplicate address detection), as
-with the iptables backend. That needs one more rule and a set of ours in
-``ip6 qubes``::
+IPv6 neighbour discovery: a vif with IPv6 addresses may also send the
+ICMPv6 of neighbour discovery and MLD (``plan.LINK_ICMP6_TYPES``, nothing
+else) from link-local sources and from ``::`` (duplicate address
+detection), as with the iptables backend. That needs one more rule and a set
+of ours in ``ip6 qubes``::
 
-        set vrq-nd { type ifname; }                      # vifs with IPv6
+        set vrq-nd-mld { type ifname; }                  # vifs with IPv6
         chain antispoof {
             iifname . ip6 saddr @allowed accept
-            iifname @vrq-nd ip6 saddr { fe80::/10, :: } meta l4proto ipv6-icmp accept
+            iifname @vrq-nd-mld ip6 saddr { fe80::/10, :: } icmpv6 type { ND, MLD } accept
             counter drop
         }
+
+Release 0.1 accepted every ICMPv6 type there, with a set named ``vrq-nd``.
+Its name changed with the rule so that the transaction tells an old layout:
+the first run that touches the set of a host the old release set up fails
+its fast path, and the slow path replaces the old rule in place, moves the
+old set's elements and deletes it (:func:`upgrade_nd`), for every vif at
+once.
 
 The rule is only part of an ``antispoof`` chain *we* create. Qubes' own
 chain (reused as it is) lets no link-local source through; Qubes guests
@@ -70,19 +78,31 @@ Removing an element that is not there fails a whole nft transaction (nft
 absent or present before, absent after, and the transaction stands.
 """
 
-import json
+
 from ipaddress import ip_address
 
 from ..errors import CommandFailed, Failure
-from ..plan import VIF_GROUP
+from ..plan import LINK_ICMP6_TYPES, LINK_SOURCES6, UPLINK_GROUP, VIF_GROUP
+from ..state import boot_id
+from . import nftjson
+from .nftjson import matches as _matches, verdict as _verdict
+from .contract import VifGuard
 
 NAME = "nft"
-TABLE = "qubes"
+TABLE = nftjson.TABLE
 FAMILIES = {4: "ip", 6: "ip6"}
-ND_SET = "vrq-nd"
+ND_SET = "vrq-nd-mld"
+OLD_ND_SET = "vrq-nd"  # release 0.1's, with its rule accepting every ICMPv6 type
 GUARDED = "vrq-guarded"  # in ip qubes: the interfaces we hold elements for
 SHARED = "vrq-shared"  # per family: addresses more than one vif has in allowed
-ND_SOURCES = "{ fe80::/10, :: }"
+ND_SOURCES = "{ " + ", ".join(a.replace("::/128", "::") for a in LINK_SOURCES6) + " }"
+# how nft names (and lists) plan.LINK_ICMP6_TYPES
+ICMP6_NAMES = {130: "mld-listener-query", 131: "mld-listener-report", 132: "mld-listener-done",
+               133: "nd-router-solicit", 134: "nd-router-advert", 135: "nd-neighbor-solicit",
+               136: "nd-neighbor-advert", 143: "mld2-listener-report"}
+ND_TYPES = [ICMP6_NAMES[t] for t in LINK_ICMP6_TYPES]
+ND_RULE = f"iifname @{ND_SET} ip6 saddr {ND_SOURCES} icmpv6 type {{ {', '.join(ND_TYPES)} }} accept"
+ND_CHECK = f"ip6 {TABLE} antispoof: ICMPv6 from fe80::/10 and :: accepted only for ND and MLD"
 
 
 def _saddr(version):
@@ -97,45 +117,9 @@ def _addr_type(version):
 # The pure part: what the kernel has (parsed) and the payload text
 
 
-class Ruleset:
-    """The parts of ``nft -j list ruleset`` that concern us: which of the
-    qubes tables, sets and chains exist, and the sets' elements."""
-
-    def __init__(self, tables=(), sets=None, chains=(), raw_chains=(), rules=None, hooks=None):
-        self.tables = set(tables)  # {"ip", "ip6"}
-        self.sets = dict(sets or {})  # {(family, set): [element, ...]}
-        self.chains = set(chains)  # {(family, chain)}
-        self.raw_chains = set(raw_chains)  # iptables-nft chains named vrq-*: {(family, chain)}
-        self.rules = dict(rules or {})  # {(family, chain): [[expr, ...], ...]} in order
-        self.hooks = dict(hooks or {})  # {(family, chain): (hook, priority)}
-
-    @classmethod
-    def parse(cls, text):
-        tables, sets, chains, raw, rules, hooks = set(), {}, set(), set(), {}, {}
-        try:
-            items = json.loads(text or "{}").get("nftables", [])
-        except ValueError:
-            raise Failure("nft -j list ruleset: output is not JSON") from None
-        for item in items:
-            (kind, obj), = item.items() if len(item) == 1 else ((None, None),)
-            if not isinstance(obj, dict) or obj.get("family") not in ("ip", "ip6"):
-                continue
-            table = obj.get("table") if kind != "table" else obj.get("name")
-            if table == "raw" and kind == "chain" and str(obj.get("name", "")).startswith("vrq-"):
-                raw.add((obj["family"], obj["name"]))
-            if table != TABLE:
-                continue
-            if kind == "table":
-                tables.add(obj["family"])
-            elif kind == "set":
-                sets[(obj["family"], obj["name"])] = [_element(e) for e in obj.get("elem", [])]
-            elif kind == "chain":
-                chains.add((obj["family"], obj["name"]))
-                if obj.get("hook"):
-                    hooks[(obj["family"], obj["name"])] = (obj["hook"], obj.get("prio"))
-            elif kind == "rule":
-                rules.setdefault((obj["family"], obj.get("chain")), []).append(obj.get("expr") or [])
-        return cls(tables, sets, chains, raw, rules, hooks)
+class Ruleset(nftjson.Ruleset):
+    """What ``nft -j list ruleset`` shows of the qubes tables
+    (:mod:`.nftjson` reads it), judged as the anti-spoofing's layout."""
 
     def denies(self, version):
         """The family's default deny is in force: a prerouting hook sends
@@ -162,7 +146,7 @@ class Ruleset:
             (any(_matches(r, None, "@allowed") and _verdict(r) == "accept" for r in anti),
              f"{fam} {TABLE} antispoof: iifname . {_saddr(version)} @allowed accept"),
             (_ends_in_drop(anti), DENY_RULE.format(fam=fam)),
-        ]
+        ] + ([(not any(_lax_link_icmp(r) for r in anti), ND_CHECK)] if version == 6 else [])
 
     def holders(self, addr, but=()):
         """Interfaces other than ``but`` whose ``allowed`` elements hold ``addr``."""
@@ -183,7 +167,7 @@ class Ruleset:
         names = set()
         for family in ("ip", "ip6"):
             names |= {e[0] for e in self.sets.get((family, "allowed"), []) if isinstance(e, tuple)}
-        names |= {e for e in self.sets.get(("ip6", ND_SET), []) if isinstance(e, str)}
+        names |= {e for s in (ND_SET, OLD_ND_SET) for e in self.sets.get(("ip6", s), []) if isinstance(e, str)}
         names |= {e for e in self.sets.get(("ip", GUARDED), []) if isinstance(e, str)}
         return names
 
@@ -200,32 +184,58 @@ def _ends_in_drop(antispoof):
     return bool(antispoof) and _verdict(antispoof[-1]) == "drop" and not any("match" in e for e in antispoof[-1])
 
 
-def _matches(rule, meta_key, right):
-    """A rule has a ``==`` match on ``meta_key`` (any left side if None)
-    against ``right``."""
+def _lax_link_icmp(rule):
+    """An accepting rule for link-local or unspecified sources that lets
+    more ICMPv6 through than ND and MLD (release 0.1's: any type), or any
+    rule still naming release 0.1's set."""
+    if _matches(rule, None, f"@{OLD_ND_SET}"):
+        return True
+    if _verdict(rule) != "accept":
+        return False
+    link, types = False, None
     for e in rule:
         m = e.get("match") if isinstance(e, dict) else None
-        if not m or m.get("op") not in ("==", "in"):
+        if not m:
             continue
-        left = m.get("left") or {}
-        if meta_key is not None and (left.get("meta") or {}).get("key") != meta_key:
-            continue
-        if str(m.get("right")) == str(right):
-            return True
-    return False
+        payload, right = (m.get("left") or {}).get("payload") or {}, m.get("right")
+        values = right["set"] if isinstance(right, dict) and "set" in right else [right]
+        if payload.get("field") == "saddr":
+            # "::", or {"prefix": {"addr": "fe80::", "len": 10}}
+            addrs = [v["prefix"].get("addr") if isinstance(v, dict) and "prefix" in v else v for v in values]
+            link = link or any(a in ("::", "fe80::") for a in addrs)
+        elif payload.get("protocol") == "icmpv6" and payload.get("field") == "type":
+            types = {str(v) for v in values}
+    return link and (types is None or not types <= set(ND_TYPES))
 
 
-def _verdict(rule):
-    for e in rule:
-        if not isinstance(e, dict):
+def upgrade_nd(ruleset):
+    """The lines that take release 0.1's lax rule out of our ip6 antispoof
+    chain: the rule replaced in place by this one's, the old set's elements
+    moved to the new set (created before these lines), the old set deleted
+    once nothing names it. Nothing when there is no old set."""
+    if ("ip6", OLD_ND_SET) not in ruleset.sets:
+        return []
+    lines, kept = [], 0
+    for (fam, chain), rules in sorted(ruleset.rules.items()):
+        if fam != "ip6":
             continue
-        for v in ("accept", "drop"):
-            if v in e:
-                return v
-        for v in ("goto", "jump"):
-            if v in e:
-                return f"{v} {e[v].get('target')}"
-    return None
+        for expr, handle in zip(rules, ruleset.handles.get((fam, chain), [])):
+            if not _matches(expr, None, f"@{OLD_ND_SET}"):
+                continue
+            if chain == "antispoof" and _matches(expr, "iifname", f"@{OLD_ND_SET}") and handle is not None:
+                # in its place: inserted before it, then it deleted (nft
+                # 1.0.6 aborts on "replace rule" with an anonymous interval set)
+                lines.append(f"insert rule ip6 {TABLE} antispoof position {handle} {ND_RULE}")
+                lines.append(f"delete rule ip6 {TABLE} antispoof handle {handle}")
+            else:
+                kept += 1  # not ours to rewrite: the set stays with it
+    old = [e for e in ruleset.sets[("ip6", OLD_ND_SET)] if isinstance(e, str)]
+    if old:
+        names = ", ".join(f'"{e}"' for e in old)
+        lines.append(f"add element ip6 {TABLE} {ND_SET} {{ {names} }}")
+    if not kept:
+        lines.append(f"delete set ip6 {TABLE} {OLD_ND_SET}")
+    return lines
 
 
 def _same(text, addr):
@@ -235,16 +245,20 @@ def _same(text, addr):
         return False
 
 
-def _element(e):
-    """A set element as JSON shows it -> str or (ifname, address str)."""
-    if isinstance(e, dict) and "elem" in e:
-        e = e["elem"].get("val")
-    if isinstance(e, dict) and "concat" in e:
-        return tuple(str(x) for x in e["concat"])
-    return str(e)
-
-
 LOADER = "qubes-antispoof.service"
+
+
+def _kernel_identity() -> str:
+    """This boot of this kernel: the flowtable probe's answer holds that
+    long (a module can only appear with a new kernel or a reboot, or an
+    administrator's modprobe, after which removing the marker re-probes)."""
+    import os
+
+    return f"{os.uname().release} {boot_id()}"
+
+
+def _nothing():
+    pass
 
 
 def removal(fam):
@@ -267,13 +281,14 @@ def skeleton(version, ruleset=None):
     for name, typ in want_sets:
         if (fam, name) not in ruleset.sets:
             lines.append(f"add set {fam} {TABLE} {name} {{ type {typ}; }}")
+    if version == 6:
+        lines += upgrade_nd(ruleset)
     # antispoof before prerouting: the prerouting rule jumps to it
     if (fam, "antispoof") not in ruleset.chains:
         lines.append(f"add chain {fam} {TABLE} antispoof")
         lines.append(f"add rule {fam} {TABLE} antispoof iifname . {_saddr(version)} @allowed accept")
         if version == 6:
-            lines.append(f"add rule {fam} {TABLE} antispoof iifname @{ND_SET} ip6 saddr {ND_SOURCES} "
-                         "meta l4proto ipv6-icmp accept")
+            lines.append(f"add rule {fam} {TABLE} antispoof {ND_RULE}")
         lines.append(f"add rule {fam} {TABLE} antispoof counter drop")
     if (fam, "prerouting") not in ruleset.chains:
         lines.append(f"add chain {fam} {TABLE} prerouting "
@@ -381,16 +396,24 @@ def _is_addr(text):
 # Applying
 
 
-class Backend:
+class Backend(VifGuard):
     """The nft backend behind the firewall seam (see
     :mod:`vif_route_qubes.firewall` for the contract)."""
 
     name = NAME
+    # One vif's change is one transaction on its own set elements, whose
+    # assertions (create: fails if present) the kernel checks atomically:
+    # runs of different vifs need not wait for each other (hotplug holds
+    # the host lock shared). What reads the sets and then decides from them
+    # (the slow path) first calls ``serialize``, which hotplug points at
+    # the host lock's upgrade to exclusive.
+    concurrent = True
 
     def __init__(self, sys_, reason):
         self.sys, self.reason = sys_, reason
         self._read = None  # a started read (status) or its Ruleset
         self.errors = []
+        self.serialize = _nothing
 
     def ruleset(self):
         """Read the kernel now (one ``nft -j list ruleset``)."""
@@ -436,26 +459,39 @@ class Backend:
         # A failed transaction changed nothing; the kernel says what exists,
         # which elements of this interface are there to replace, and which
         # addresses other vifs have too.
+        self.serialize()
         have = self.ruleset()
         mine = {vif.name} | ({previous.name} if renamed else set())
-        head = ""
+        # what is absent of the layout first: the old name's removal may
+        # name a set only this creates
+        head = "".join(line + "\n" for version in (4, 6) for line in skeleton(version, have))
         if renamed:
-            head = self._drop(have, previous.name, mine)
+            head += self._drop(have, previous.name, mine)
         stale = [ip_address(a) for a in have.allowed(vif.name)]
         dropped = [a for a in stale if a not in vif.addresses]
         self._commit(head + transaction(
-            vif.name, vif.addresses, stale, drop_nd=vif.name in have.owners(), ruleset=have,
+            vif.name, vif.addresses, stale, drop_nd=vif.name in have.owners(),
             keep_downstream=[a for a in dropped if have.holders(a, mine)],
             shared=[a for a in vif.addresses if have.holders(a, mine)],
             unshare=[a for a in dropped if len(have.holders(a, mine)) <= 1]))
 
     @staticmethod
-    def _drop(have, name, mine):
-        """The removal of ``name``'s elements as ``have`` shows them."""
+    def _drop(have, name, mine, alone=False):
+        """The removal of ``name``'s elements as ``have`` shows them.
+        ``alone``: the whole payload (offline), which then also takes
+        release 0.1's ND set and rule out (:func:`upgrade_nd`) and creates
+        the ND set the removal names where the ip6 table lacks it; with
+        ``apply`` its own transaction's skeleton does that."""
         found = [ip_address(a) for a in have.allowed(name)]
-        return transaction(name, (), found, drop_nd=True, guard="drop",
-                           keep_downstream=[a for a in found if have.holders(a, mine)],
-                           unshare=[a for a in found if len(have.holders(a, mine)) <= 1])
+        head = []
+        if alone and "ip6" in have.tables:
+            if ("ip6", ND_SET) not in have.sets:
+                head.append(f"add set ip6 {TABLE} {ND_SET} {{ type ifname; }}")
+            head += upgrade_nd(have)
+        return "".join(line + "\n" for line in head) + transaction(
+            name, (), found, drop_nd=True, guard="drop",
+            keep_downstream=[a for a in found if have.holders(a, mine)],
+            unshare=[a for a in found if len(have.holders(a, mine)) <= 1])
 
     def remove(self, name, known=None):
         """Remove ``name``'s elements. ``known``: the addresses the state
@@ -473,16 +509,85 @@ class Backend:
                         raise
                     if s.log:
                         s.log.debug(f"nft: removal by the record refused ({exc.stderr.strip()}); reading the kernel")
+            try:
+                self.serialize()
+            except Failure as exc:
+                # as offline does with the host lock: a dead guest's
+                # elements must not outlive it because of a hung holder
+                if s.log:
+                    s.log.warning(f"{exc}; removing the nft elements of {name} without the lock")
             have = self.ruleset()
             found = [ip_address(a) for a in have.allowed(name)]
             if not found and name not in have.owners():
                 return []
-            self._commit(self._drop(have, name, {name}))
+            self._commit(self._drop(have, name, {name}, alone=True))
             return [f"nft elements of {name}: {' '.join(map(str, found)) or 'none'}"]
         except Failure as exc:
             if s.log:
                 s.log.warning(f"could not remove the nft elements of {name}: {exc}")
             return []
+
+    def accelerate(self, state_dir, leaving=None):
+        """Rebuild the flowtable over the namespace's interfaces (less
+        ``leaving``, a vif going offline). -> what was done, for the log.
+        Never raises: forwarding works without it. The kernel's support is
+        probed once per boot and kernel: a refusal for want of it leaves a
+        marker in ``state_dir``, logged once, and later runs skip the
+        process."""
+        import os
+
+        s = self.sys
+        marker = os.path.join(state_dir, ACCEL_MARKER)
+        ident = _kernel_identity()
+        if (s.read(marker) or "").strip() == ident:
+            s.note("flowtable: this kernel has no flowtable support (probed earlier); not used")
+            return None
+        try:
+            # listing the interfaces and replacing the table is one step for
+            # the whole host: of two concurrent onlines, the one that listed
+            # first must not replace the table last and leave the other's
+            # vif out (hotplug holds the host lock shared until here)
+            self.serialize()
+        except Failure as exc:
+            if s.log:
+                s.log.warning(f"{exc}; rebuilding the flowtable without the lock")
+
+        def attempt():
+            try:
+                names = os.listdir("/proc/sys/net/ipv4/conf")
+            except OSError:
+                names = []
+            devices = accel_devices(names, leaving)
+            return devices, s.run(["nft", "-f", "-"], flowtable_payload(devices), check=False)
+
+        devices, res = attempt()
+        if res.code != 0 and _unsupported(res.stderr) and devices and not s.dry_run \
+                and s.run(["nft", "-f", "-"], ACCEL_PROBE, check=False).code == 0:
+            # the kernel has flowtables: a listed interface went away before
+            # nft ran (the kernel says ENOENT for that too); list again, once
+            devices, res = attempt()
+            if res.code != 0:
+                if s.log:
+                    s.log.warning(f"flowtable not rebuilt: {res.stderr.strip().splitlines()[-1:] or res.code}")
+                return None
+        if res.code == 0:
+            if not devices:
+                return f"flowtable {ACCEL_TABLE} (no vif left)"
+            return f"{leaving} out of the flowtable" if leaving else f"flowtable over {len(devices)} interfaces"
+        if _unsupported(res.stderr) and devices:
+            if s.log:
+                s.log.info("flowtable: the kernel has no flowtable support (nf_flow_table): "
+                           "forwarding without offload; not probed again until the next boot")
+            try:
+                os.makedirs(state_dir, mode=0o755, exist_ok=True)
+                with open(marker, "w") as f:
+                    f.write(ident + "\n")
+            except OSError:
+                pass
+            return None
+        if s.log:
+            s.log.warning(f"flowtable not rebuilt: {res.stderr.strip().splitlines()[-1:] or res.code}")
+        return None
 
     def moved_away(self):
         """What to tell when a vif leaves this backend for iptables: the
@@ -559,7 +664,7 @@ class Backend:
         mine = []
         for (fam, s), elems in sorted(have.sets.items()):
             for e in elems:
-                if (isinstance(e, tuple) and e[0] == name) or (s in (ND_SET, GUARDED) and e == name):
+                if (isinstance(e, tuple) and e[0] == name) or (s in (ND_SET, OLD_ND_SET, GUARDED) and e == name):
                     mine.append((f"{fam} {TABLE} {s}", _shown(e)))
         # downstream holds bare addresses: ours are those of our allowed elements
         for fam, addr in ((f, e[1]) for f in ("ip", "ip6") for e in have.sets.get((f, "allowed"), [])
@@ -576,3 +681,73 @@ class Backend:
             detail = "" if vif is not None else "left behind: no state record or XenStore entry wants it"
             out.append(("unexpected", f"nft element {where} {e}", detail))
         return out
+
+
+# ----------------------------------------------------------------------------
+# Flowtable forwarding (Qubes R4.2's ``table inet qubes-nat-accel``)
+#
+# Established TCP and UDP flows from the guests (group 2) to the uplink
+# (group 1, which qubes-setup-ip gives eth0) are offloaded to a flowtable:
+# their packets are forwarded at the ingress hook, before prerouting, so
+# they skip every later hook. Only a flow's first packets take the normal
+# path; the anti-spoofing has checked them, and a packet with another
+# source matches no offloaded flow, so it takes the normal path too and
+# meets the anti-spoofing. Qubes issue 8212: ``conntrack -D`` of an
+# offloaded flow did not stop it at once; offline therefore rebuilds the
+# table without the vif (which drops every offloaded flow) *before* its
+# conntrack purge.
+
+ACCEL_TABLE = "qubes-nat-accel"
+ACCEL_FLOWTABLE = "qubes-accel"
+ACCEL_MARKER = "flowtable-unsupported"  # in the state directory, per boot and kernel
+
+
+def flowtable_payload(devices) -> str:
+    """The table, replaced atomically over ``devices`` (add + delete +
+    define: one transaction, whatever was there); no devices: the table
+    deleted (absent-safe). The chain runs at forward priority filter + 5,
+    after the other filter hooks have had their say on a new flow."""
+    lines = [f"add table inet {ACCEL_TABLE}", f"delete table inet {ACCEL_TABLE}"]
+    if devices:
+        names = ", ".join(f'"{d}"' for d in sorted(devices))
+        lines += [
+            f"table inet {ACCEL_TABLE} {{",
+            f"\tflowtable {ACCEL_FLOWTABLE} {{",
+            "\t\thook ingress priority filter",
+            f"\t\tdevices = {{ {names} }}",
+            "\t}",
+            f"\tchain {ACCEL_FLOWTABLE} {{",
+            "\t\ttype filter hook forward priority filter + 5; policy accept;",
+            f"\t\tmeta l4proto {{ tcp, udp }} iifgroup {VIF_GROUP} oifgroup {UPLINK_GROUP} "
+            f"flow add @{ACCEL_FLOWTABLE}",
+            "\t\tcounter",
+            "\t}",
+            "}",
+        ]
+    return "".join(line + "\n" for line in lines)
+
+
+def accel_devices(names, leaving=None):
+    """The interfaces the flowtable covers: every one of the namespace (as
+    Qubes lists them) but ``leaving``; none once no vif is left, so the
+    last offline leaves no table behind."""
+    keep = sorted(n for n in names if n != leaving and n not in ("all", "default"))
+    return keep if any(n.startswith("vif") for n in keep) else []
+
+
+# Whether the kernel has flowtables, asked without naming any interface that
+# may go away: a flowtable over the loopback, created and deleted in one
+# transaction (nothing is left either way).
+ACCEL_PROBE = (
+    "table inet vrq-flowtable-probe {\n"
+    "\tflowtable probe {\n\t\thook ingress priority filter\n\t\tdevices = { \"lo\" }\n\t}\n"
+    "}\n"
+    "delete table inet vrq-flowtable-probe\n"
+)
+
+
+def _unsupported(stderr: str) -> bool:
+    """nft's answer when the kernel has no flowtable support (no
+    nf_flow_table / nf_flow_table_inet): the flowtable object type is
+    unknown to it."""
+    return "No such file or directory" in stderr or "Operation not supported" in stderr

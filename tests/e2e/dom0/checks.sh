@@ -8,8 +8,9 @@ export VIF_ROUTE_QUBES_DEBUG=1
 # the dom0-backend checks run once per firewall backend (dom0_round below
 # sets VIF_ROUTE_QUBES_FIREWALL); netvm.sh runs the netvm layout with the
 # product's default, then one more AppVM with the other backend
-VENV=/opt/vif-route-qubes
-DNAT_TOOL=$VENV/bin/qubes-setup-dnat-to-ns
+# the commands of the Debian packages (apt-get install ./*.deb in the image)
+BIN=/usr/bin
+DNAT_TOOL=$BIN/qubes-setup-dnat-to-ns
 [ -f /e2e/env ] && . /e2e/env
 GW=10.137.0.1 DNS1=10.139.1.1 DNS2=10.139.1.2
 UPSTREAM=192.0.2.53 FORGED=10.137.0.99
@@ -47,8 +48,12 @@ fi
 
 # ---------------------------------------------------------------- install
 drop=/etc/xen/scripts/vif-route-qubes
-expect drop-in-installed "$drop, $VENV/bin/vif-route-qubes, $DNAT_TOOL" -- \
-    sh -c "test -x $drop && test -x $VENV/bin/vif-route-qubes && test -x $DNAT_TOOL"
+expect drop-in-installed "$drop, $BIN/vif-route-qubes, $DNAT_TOOL" -- \
+    sh -c "test -x $drop && test -x $BIN/vif-route-qubes && test -x $DNAT_TOOL"
+pk=$(dpkg-query -W -f='${Package} ${Version} ${db:Status-Abbrev}\n' python3-vif-route-qubes \
+    vif-route-qubes-netvm vif-route-qubes-dom0 2>&1)
+[ "$(echo "$pk" | grep -c ' ii *$')" = 3 ] && check packages-installed PASS "$(echo "$pk" | tr '\n' ';')" \
+    || check packages-installed FAIL "$(echo "$pk" | tr '\n' ';')"
 
 # ---------------------------------------------------------------- 1. netvm keys
 xenstore-write /local/domain/0/qubes_netvm_gateway $GW \
@@ -246,7 +251,7 @@ else
 fi
 
 # ------------------------------------------------ 5. malformed ip
-before_fw=$(fw_state | sort); before_rec=$(ls /run/vif-route-qubes 2>/dev/null | sort)
+before_fw=$(fw_state | sort); before_rec=$(ls /run/vif-route-qubes 2>/dev/null | grep -vx -e lock -e flowtable-unsupported | sort)
 guest_cfg g3 10.137.0.300
 if timeout 150 xl create /tmp/$FW-g3.cfg >/tmp/xl-$FW-g3.log 2>&1; then
     check $FW-bad-ip-create-fails FAIL "xl create of ip=10.137.0.300 succeeded"
@@ -258,7 +263,7 @@ herr=$(sed -n 's/.*script: \(.\+\)$/\1/p' /tmp/xl-$FW-g3.log | head -1)
 echo "$herr" | grep -q '10\.137\.0\.300' && check $FW-bad-ip-hotplug-error PASS "xl reported: $herr" \
     || check $FW-bad-ip-hotplug-error FAIL "no 'script: <hotplug-error naming 10.137.0.300>' in xl output: $(tail -c 1200 /tmp/xl-$FW-g3.log | tr '\n' ' ')"
 sleep 1
-after_fw=$(fw_state | sort); after_rec=$(ls /run/vif-route-qubes 2>/dev/null | sort)
+after_fw=$(fw_state | sort); after_rec=$(ls /run/vif-route-qubes 2>/dev/null | grep -vx -e lock -e flowtable-unsupported | sort)
 left=""
 xl domid $FW-g3 >/dev/null 2>&1 && left="$left domain $FW-g3 still exists;"
 [ "$before_fw" = "$after_fw" ] || left="$left $FW guard changed: $(echo "$after_fw" | tr '\n' ';');"

@@ -6,8 +6,9 @@
 # Uses check/note/elapsed/FAILED from checks.sh.
 UPNET=198.51.100 UP=198.51.100.1 NGW=10.137.0.1
 A1=10.137.0.20 A2=10.137.0.21 FORGED2=10.137.0.98
-KEYS=$VENV/bin/vif-route-qubes-keys
-D0NET=$VENV/bin/qvm-dom0-network-via-netvm
+KEYS=$BIN/vif-route-qubes-keys
+D0NET=$BIN/qvm-dom0-network-via-netvm
+SETNET=$BIN/qvm-set-default-netvm
 NLOG=/var/log/xen/console/guest-netvm.log
 unset VIF_ROUTE_QUBES_DEBUG VIF_ROUTE_QUBES_FIREWALL
 # the netvm's backend (VRQ_E2E_FIREWALL; unset or auto: nft, the image has
@@ -16,6 +17,9 @@ unset VIF_ROUTE_QUBES_DEBUG VIF_ROUTE_QUBES_FIREWALL
 NFW=${NETVM_FIREWALL:-auto}; [ "$NFW" = auto ] && NFW=nft
 if [ "$NFW" = nft ]; then OFW=iptables; else OFW=nft; fi
 A3=10.137.0.22 FORGED3=10.137.0.97
+# the flowtable proof (nft): a1's TCP flow to a sink upstream, and a1's
+# packets from a forged source to the same port while it is offloaded
+FPORT=7000 FORGEDF=10.137.0.95
 
 # what is left of the dom0-backend part must not give dom0 a way out
 ip link del dns0 2>/dev/null
@@ -35,7 +39,11 @@ ip netns exec up iptables -w -A INPUT -s $FORGED2 -p icmp -j ACCEPT
 ip netns exec up iptables -w -A INPUT -s $A2 -p icmp -j ACCEPT
 ip netns exec up iptables -w -A INPUT -s $FORGED3 -p icmp -j ACCEPT
 ip netns exec up iptables -w -A INPUT -s $A3 -p icmp -j ACCEPT
+ip netns exec up python3 /e2e/flow_sink.py $UP $FPORT >/tmp/upflow.log 2>&1 &
+ip netns exec up iptables -w -A INPUT -s $FORGEDF -j ACCEPT
+ip netns exec up iptables -w -A INPUT -s $A1 -p tcp --dport $FPORT -j ACCEPT
 upcnt() { ip netns exec up iptables-save -c -t filter | grep -- "-A INPUT -s $1/32 -p icmp" | sed -n 's/^\[\([0-9]*\):.*/\1/p' | head -1; }
+uprule() { ip netns exec up iptables-save -c -t filter | grep -F -- "$1 -j ACCEPT" | sed -n 's/^\[\([0-9]*\):.*/\1/p' | head -1; }
 
 snap() {  # n: ask the netvm for a snapshot, into /tmp/snap-n
     xenstore-write /local/domain/$NID/e2e-req "$1"
@@ -44,6 +52,12 @@ snap() {  # n: ask the netvm for a snapshot, into /tmp/snap-n
     tr -d '\r' <$NLOG | sed -n "s/^NETVM SNAP $1 //p" >/tmp/snap-$1
 }
 section() { sed -n "/^== $2\$/,/^== /p" /tmp/snap-$1 | grep -v '^== '; }
+# snapshot n: the flowtable's devices (comma-separated), the accel chain's
+# counter (packets that reached the forward hook), a1's flow in conntrack
+flow_devices() { section $1 accel | sed -n 's/^[[:space:]]*devices = {\(.*\)}.*/\1/p' | tr -d ' "'; }
+has_dev() { echo ",$(flow_devices $1)," | grep -qF ",$2,"; }
+fwd_count() { section $1 accel | sed -n 's/.*counter packets \([0-9]*\) .*/\1/p' | head -1; }
+flow_ct() { section $1 conntrack | grep -E "^tcp .*src=$A1 dst=$UP sport=$2 dport=$FPORT " | head -1; }
 snap_guard() {  # n backend vif ip: the backend's guard of vif in snapshot n, none of the other's
     if [ "$2" = nft ]; then
         section $1 nft | grep -qF "\"$3\" . $4" || { echo "no \"$3\" . $4 in ip qubes allowed"; return 1; }
@@ -115,7 +129,7 @@ else
 fi
 
 # ------------------------------------------------------- two AppVMs behind it
-appvm_cfg() {  # name ip extra
+appvm_cfg() {  # name ip extra [vifspec]
     cat >/tmp/$1.cfg <<CFG
 name = "$1"
 type = "pv"
@@ -125,10 +139,10 @@ extra = "console=hvc0 quiet rootfstype=ramfs rdinit=/vrq-appvm-init e2e_name=$1 
 memory = 448
 vcpus = 1
 on_crash = "destroy"
-vif = [ 'backend=netvm,script=vif-route-qubes,ip=$2' ]
+vif = [ '${4:-backend=netvm,script=vif-route-qubes,ip=$2}' ]
 CFG
 }
-appvm_cfg a1 $A1 "e2e_dns=resolv"
+appvm_cfg a1 $A1 "e2e_dns=resolv e2e_flow=$FPORT e2e_flowforged=$FORGEDF"
 appvm_cfg a2 $A2 "e2e_dns=$DNS2 e2e_forged=$FORGED2"
 for g in a1 a2; do
     if timeout 200 xl create -p /tmp/$g.cfg >/tmp/xl-$g.log 2>&1 && $KEYS guest $g >/tmp/keys-$g.log 2>&1 \
@@ -139,6 +153,17 @@ for g in a1 a2; do
     fi
 done
 A1ID=$(xl domid a1 2>/dev/null); A2ID=$(xl domid a2 2>/dev/null)
+
+# qvm-set-default-netvm refuses a domain that is not a driver domain (a1
+# runs, but libxl made no /local/domain/A1ID/libxl for it) and one that does
+# not exist, and leaves xl.conf alone
+cp /etc/xen/xl.conf /tmp/xl.conf.before
+$SETNET a1 >/tmp/setnet-a1.out 2>&1; rc1=$?
+$SETNET nosuch >/tmp/setnet-nosuch.out 2>&1; rc2=$?
+[ $rc1 = 1 ] && grep -q "not a driver domain" /tmp/setnet-a1.out && [ $rc2 = 1 ] \
+    && grep -q "no domain named 'nosuch'" /tmp/setnet-nosuch.out && cmp -s /etc/xen/xl.conf /tmp/xl.conf.before \
+    && check set-default-netvm-refuses PASS "$(tr '\n' ' ' </tmp/setnet-a1.out) / $(tr '\n' ' ' </tmp/setnet-nosuch.out)" \
+    || check set-default-netvm-refuses FAIL "a1: exit $rc1 $(tr '\n' ' ' </tmp/setnet-a1.out); nosuch: exit $rc2 $(tr '\n' ' ' </tmp/setnet-nosuch.out)"
 for g in a1 a2; do
     id=$(xl domid $g 2>/dev/null) || continue
     if wait_connected $id; then
@@ -166,6 +191,18 @@ section 1 records | grep -q "vif$A1ID.0.json" || miss="$miss record-vif$A1ID.0"
 
 d1=$(snap_guard 1 $NFW vif$A1ID.0 $A1) && d2=$(snap_guard 1 $NFW vif$A2ID.0 $A2) \
     && check netvm-$NFW-guard PASS "a1: $d1; a2: $d2" || check netvm-$NFW-guard FAIL "$d1 $d2"
+# the flowtable (table inet qubes-nat-accel, the nft backend's): after both
+# onlines it covers both vifs and the uplink, which is in group 1
+if [ "$NFW" = nft ]; then
+    if section 1 records | grep -q flowtable-unsupported; then
+        check netvm-flowtable-devices FAIL "the backend found no flowtable support in this kernel (marker flowtable-unsupported); modules: $(section 1 flow-modules | tr '\n' ' ')"
+    elif has_dev 1 vif$A1ID.0 && has_dev 1 vif$A2ID.0 && has_dev 1 eth0 \
+            && section 1 uplink | grep -q " group 1 " && section 1 accel | grep -q "flow add @qubes-accel"; then
+        check netvm-flowtable-devices PASS "devices {$(flow_devices 1)}; $(section 1 accel | grep 'flow add' | sed 's/^[[:space:]]*//'); eth0 in group 1; modules: $(section 1 flow-modules | cut -d' ' -f1 | tr '\n' ' ')"
+    else
+        check netvm-flowtable-devices FAIL "devices {$(flow_devices 1)}, want vif$A1ID.0 vif$A2ID.0 eth0; uplink: $(section 1 uplink | head -c 300); table: $(section 1 accel | tr '\n' ' ' | head -c 800)"
+    fi
+fi
 
 for g in a1 a2; do
     if wait_console $g "^GUEST DONE" 240; then note "$g finished its checks at +$(elapsed)s"
@@ -250,6 +287,51 @@ state_part 3 | grep -q "vif0\.0" && check netvm-clean-after-down FAIL "$(state_p
     || check netvm-clean-after-down PASS "no route, neighbour, link, record or rule of vif0.0 in the netvm"
 xl unpause a2
 
+# ------------------------------------------------------- an offloaded flow (nft)
+# a1 opens a TCP flow to the sink upstream and keeps it busy; the netvm's
+# conntrack must show it [OFFLOAD]ed, its packets must keep arriving while
+# the forward hook (the accel chain's counter) no longer sees them, and a
+# forged source from a1 to the same port must still be dropped meanwhile;
+# then xl destroy a1 with the flow alive (below)
+if [ "$NFW" = nft ]; then
+    xenstore-write /local/domain/$A1ID/e2e-flow 1
+    sport=""
+    if wait_console a1 "^GUEST FLOW a1 OPEN " 60; then
+        fl=$(tr -d '\r' </var/log/xen/console/guest-a1.log | sed -n 's/^GUEST FLOW a1 OPEN \([^ ]*\).*/\1/p' | head -1)
+        sport=${fl##*:}
+    fi
+    sleep 3
+    snap 7
+    ct7=$(flow_ct 7 "${sport:-none}"); up7=$(uprule "-s $A1/32 -p tcp -m tcp --dport $FPORT")
+    if [ -z "$sport" ]; then
+        check netvm-flow-offloaded FAIL "a1 opened no flow: $(tr -d '\r' </var/log/xen/console/guest-a1.log | grep 'GUEST FLOW' | tr '\n' ' ')"
+    elif echo "$ct7" | grep -q '\[OFFLOAD\]'; then
+        check netvm-flow-offloaded PASS "a1 $fl -> $UP:$FPORT: $ct7"
+    else
+        check netvm-flow-offloaded FAIL "conntrack of a1's flow $fl: '${ct7:-none}'; all: $(section 7 conntrack | tr '\n' ';' | head -c 800)"
+    fi
+    xenstore-write /local/domain/$A1ID/e2e-forge 1
+    wait_console a1 "^GUEST FORGED a1 " 60
+    fg=$(tr -d '\r' </var/log/xen/console/guest-a1.log | sed -n 's/^GUEST FORGED a1 //p' | head -1)
+    snap 8
+    ct8=$(flow_ct 8 "${sport:-none}"); up8=$(uprule "-s $A1/32 -p tcp -m tcp --dport $FPORT")
+    forged=$(uprule "-s $FORGEDF/32")
+    sunk=$(grep -c "from $FORGEDF:" /tmp/upflow.log)
+    if [ -n "$fg" ] && [ "${forged:-x}" = 0 ] && [ "$sunk" = 0 ] && echo "$ct8" | grep -q '\[OFFLOAD\]'; then
+        check netvm-flow-forged-dropped PASS "a1 sent from $FORGEDF ($fg) while its flow stayed offloaded: upstream saw 0 packets from $FORGEDF, the sink nothing"
+    else
+        check netvm-flow-forged-dropped FAIL "a1: '${fg:-no answer}'; upstream saw '$forged' packets from $FORGEDF, sink lines $sunk; flow now: '${ct8:-none}'"
+    fi
+    f7=$(fwd_count 7); f8=$(fwd_count 8)
+    if [ -n "$f7" ] && [ -n "$f8" ] && [ -n "$up7" ] && [ -n "$up8" ] && [ $((up8 - up7)) -ge 10 ] \
+            && [ $((f8 - f7)) -lt $(((up8 - up7) / 4)) ]; then
+        check netvm-flow-bypasses-forward PASS "upstream got $((up8 - up7)) packets of the flow between two snapshots, the netvm's forward hook (accel chain counter) saw $((f8 - f7))"
+    else
+        check netvm-flow-bypasses-forward FAIL "flow packets upstream '$up7' -> '$up8', forward hook '$f7' -> '$f8'"
+    fi
+    tr -d '\r' </var/log/xen/console/guest-a1.log | grep "^GUEST FLOW a1 CLOSED" | sed 's/^/E2E NOTE /'
+fi
+
 # ------------------------------------------------------- xl destroy offline in the netvm
 timeout 120 xl destroy a1 >/tmp/xl-destroy-a1.log 2>&1 || check a1-destroy FAIL "$(tr '\n' ' ' </tmp/xl-destroy-a1.log)"
 i=0
@@ -260,6 +342,18 @@ state_part 4 | grep -q "vif$A1ID\.0" && check netvm-clean-after-destroy FAIL "$(
     || check netvm-clean-after-destroy PASS "no route, neighbour, link, record or rule of vif$A1ID.0 in the netvm"
 section 4 routes | grep -q "^$A1 " && check netvm-no-route-after-destroy FAIL "$(section 4 routes | grep "^$A1 ")" \
     || check netvm-no-route-after-destroy PASS "no route to $A1 left"
+# a1's flow was offloaded when it died: its vif is out of the flowtable
+# (a2's still in), and conntrack holds nothing of its address
+if [ "$NFW" = nft ]; then
+    left=$(section 4 conntrack | grep -E "(src|dst)=$A1( |\$)")
+    closed=$(tr -d '\r' </var/log/xen/console/guest-a1.log | grep "^GUEST FLOW a1 CLOSED")
+    if ! has_dev 4 vif$A1ID.0 && has_dev 4 vif$A2ID.0 && [ -z "$left" ] && [ -z "$closed" ] \
+            && echo "$ct8" | grep -q '\[OFFLOAD\]'; then
+        check netvm-flowtable-after-destroy PASS "flow offloaded until xl destroy; now devices {$(flow_devices 4)}, no conntrack entry of $A1 ($(section 4 conntrack | grep -c '^[a-z]') entries left)"
+    else
+        check netvm-flowtable-after-destroy FAIL "devices {$(flow_devices 4)}; conntrack of $A1: $(echo "$left" | tr '\n' ';'); ${closed:-flow alive before destroy: '${ct8:-none}'}"
+    fi
+fi
 # ------------------------------------------------------- the other backend
 # The netvm moves to the other backend the way the README says (no vif
 # left: xl devd restarted with the new setting, DNAT moved, nft's tables
@@ -275,7 +369,15 @@ case "$sw" in
     PASS*) check netvm-$OFW-switch PASS "${sw#PASS }" ;;
     *) check netvm-$OFW-switch FAIL "${sw:-no answer from the netvm}" ;;
 esac
-appvm_cfg a3 $A3 "e2e_dns=resolv e2e_forged=$FORGED3"
+# a3's vif line names only its address: the netvm and our script come from
+# xl.conf, set by qvm-set-default-netvm (Debian's own xl.conf, edited)
+if $SETNET netvm >/tmp/setnet.out 2>&1 && [ "$($SETNET --show)" = "$(printf 'vif.default.backend=netvm\nvif.default.script=vif-route-qubes')" ] \
+        && $SETNET netvm | grep -q already; then
+    check set-default-netvm PASS "$(tr '\n' ' ' </tmp/setnet.out); $(grep -c . /tmp/xl.conf.before) lines before, $(diff /tmp/xl.conf.before /etc/xen/xl.conf | grep -c '^[<>]') changed: $(diff /tmp/xl.conf.before /etc/xen/xl.conf | grep '^[<>]' | tr '\n' ' ')"
+else
+    check set-default-netvm FAIL "$(tr '\n' ' ' </tmp/setnet.out); $($SETNET --show 2>&1 | tr '\n' ' ')"
+fi
+appvm_cfg a3 $A3 "e2e_dns=resolv e2e_forged=$FORGED3" "ip=$A3"
 if timeout 200 xl create -p /tmp/a3.cfg >/tmp/xl-a3.log 2>&1 && $KEYS guest a3 >/tmp/keys-a3.log 2>&1 \
         && xl unpause a3; then
     check netvm-$OFW-a3-create PASS "at +$(elapsed)s, domid $(xl domid a3)"
@@ -290,6 +392,10 @@ else
 fi
 snap 5
 d=$(snap_guard 5 $OFW vif$A3ID.0 $A3) && check netvm-$OFW-a3-guard PASS "$d" || check netvm-$OFW-a3-guard FAIL "$d"
+sc=$(xenstore-read /local/domain/$NID/backend/vif/$A3ID/0/script 2>&1)
+[ "$sc" = /etc/xen/scripts/vif-route-qubes ] && ! grep -q "vif$A3ID\.0" /var/log/xen/xen-hotplug.log 2>/dev/null \
+    && check default-netvm-a3-served-by-netvm PASS "vif line 'ip=$A3' only: backend netvm (domid $NID), script $sc, none run in dom0" \
+    || check default-netvm-a3-served-by-netvm FAIL "script '$sc'; dom0 log: $(grep "vif$A3ID\.0" /var/log/xen/xen-hotplug.log 2>&1 | tail -2 | tr '\n' ' ')"
 if wait_console a3 "^GUEST DONE" 240; then note "a3 finished its checks at +$(elapsed)s"
 else check netvm-$OFW-a3-finished FAIL "no GUEST DONE: $(tail -c 1200 /var/log/xen/console/guest-a3.log 2>&1 | tr '\n' ' ')"; fi
 tr -d '\r' </var/log/xen/console/guest-a3.log 2>/dev/null |
@@ -312,8 +418,54 @@ snap 6
 state_part 6 | grep -qE "vif$A3ID\.0|$A3\b" && check netvm-$OFW-clean-after-destroy FAIL "$(state_part 6 | grep -E "vif$A3ID\.0|$A3\b" | tr '\n' ';')" \
     || check netvm-$OFW-clean-after-destroy PASS "no route, neighbour, link, record or $OFW rule of vif$A3ID.0 or $A3 in the netvm"
 
+# ------------------------------------------------------- back to dom0
+# qvm-set-default-netvm dom0: the next guest whose vif line names only its
+# address is served by dom0 with our script (dom0's qubes_netvm_gateway is
+# still set from the first part; its firewall: the default, nft)
+D1=10.137.0.30 FORGEDD=10.137.0.96
+if $SETNET dom0 >/tmp/setnet0.out 2>&1 && [ "$($SETNET --show)" = "$(printf 'vif.default.backend=0\nvif.default.script=vif-route-qubes')" ]; then
+    check set-default-netvm-dom0 PASS "$(tr '\n' ' ' </tmp/setnet0.out)"
+else
+    check set-default-netvm-dom0 FAIL "$(tr '\n' ' ' </tmp/setnet0.out); $($SETNET --show 2>&1 | tr '\n' ' ')"
+fi
+cat >/tmp/d1.cfg <<CFG
+name = "d1"
+type = "pv"
+kernel = "/e2e/vmlinux"
+ramdisk = "/e2e/guest.cpio.zst"
+extra = "console=hvc0 quiet e2e_name=d1 e2e_ip=$D1 e2e_gw=$GW e2e_forged=$FORGEDD"
+memory = 128
+vcpus = 1
+on_crash = "destroy"
+vif = [ 'ip=$D1' ]
+CFG
+if timeout 150 xl create /tmp/d1.cfg >/tmp/xl-d1.log 2>&1; then
+    D1ID=$(xl domid d1)
+    XP=/local/domain/0/backend/vif/$D1ID/0
+    st=$(xenstore-read $XP/hotplug-status 2>&1); sc=$(xenstore-read $XP/script 2>&1)
+    [ "$st" = connected ] && [ "$sc" = /etc/xen/scripts/vif-route-qubes ] \
+        && ! xenstore-ls /local/domain/$NID/backend/vif/$D1ID >/dev/null 2>&1 \
+        && check default-dom0-d1-served-by-dom0 PASS "vif line 'ip=$D1' only: $XP hotplug-status=connected, script $sc" \
+        || check default-dom0-d1-served-by-dom0 FAIL "hotplug-status='$st' script='$sc' error='$(xenstore-read $XP/hotplug-error 2>&1)'"
+    r=$(ip -4 route show $D1/32 2>&1)
+    echo "$r" | grep -q "dev vif$D1ID.0" && grep -q "online vif$D1ID.0" /var/log/xen/xen-hotplug.log \
+        && check default-dom0-d1-hotplug-in-dom0 PASS "$r; dom0's hotplug log: online vif$D1ID.0" \
+        || check default-dom0-d1-hotplug-in-dom0 FAIL "route: $r; log: $(tail -3 /var/log/xen/xen-hotplug.log 2>&1 | tr '\n' ' ')"
+    log=/var/log/xen/console/guest-d1.log
+    i=0
+    while ! grep -q "GUEST DONE" $log 2>/dev/null && [ $i -lt 180 ]; do sleep 1; i=$((i+1)); done
+    grep -q "GUEST DONE" $log 2>/dev/null || check default-dom0-d1-finished FAIL "no GUEST DONE: $(tail -c 1200 $log 2>&1 | tr '\n' ' ')"
+    tr -d '\r' <$log 2>/dev/null | sed -n 's/^GUEST CHECK \([^ ]*\) \(PASS\|FAIL\) \?\(.*\)$/\1 \2 \3/p' |
+        while read -r n s d; do echo "E2E CHECK default-dom0-guest-$n $s $d"; done
+    tr -d '\r' <$log 2>/dev/null | grep -q "^GUEST CHECK d1-ping-gateway PASS" || FAILED=1
+    tr -d '\r' <$log 2>/dev/null | grep -q "^GUEST CHECK d1-forged-source PASS" || FAILED=1
+    timeout 120 xl destroy d1 >/tmp/xl-destroy-d1.log 2>&1 || check d1-destroy FAIL "$(tr '\n' ' ' </tmp/xl-destroy-d1.log)"
+else
+    check default-dom0-d1-create FAIL "$(tail -c 800 /tmp/xl-d1.log | tr '\n' ' ')"
+fi
+
 if [ $FAILED != 0 ]; then
     tail -n 30 $NLOG | sed 's/^/E2E CONSOLE-netvm /'
-    for g in a1 a2 a3; do tail -n 15 /var/log/xen/console/guest-$g.log 2>/dev/null | sed "s/^/E2E CONSOLE-$g /"; done
+    for g in a1 a2 a3 d1; do tail -n 15 /var/log/xen/console/guest-$g.log 2>/dev/null | sed "s/^/E2E CONSOLE-$g /"; done
     tail -n 20 /tmp/up.err /tmp/down.err 2>/dev/null | sed 's/^/E2E DOM0-NET /'
 fi

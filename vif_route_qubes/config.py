@@ -1,0 +1,103 @@
+"""Where a tool's configuration values come from: the configuration source
+seam. Two sources carry the same values under different names:
+
+* **xenstore**, the design document's scheme: keys under the domain's own
+  XenStore home (``qubes_netvm_gateway``, ...), written by dom0;
+* **qubesdb**, what every Qubes release since 2013 uses: the domain's QubesDB
+  (``/qubes-netvm-gateway``, ...), written by dom0's qubesd.
+
+Chosen once per run: ``VIF_ROUTE_QUBES_CONFIG=qubesdb|xenstore``, else
+``auto``: QubesDB where its daemon answers on its socket, else XenStore. The
+backend directory of a vif (``ip``, ``mac``, ``vifname``, ``type``) is
+libxl's XenStore in both cases, as in Qubes. Values are returned under the
+XenStore names, as text, for the callers' one validation; ``where`` names
+the real key for the messages that quote it.
+"""
+
+from .errors import Failure
+from .validate import setting as chosen
+
+ENV = "VIF_ROUTE_QUBES_CONFIG"
+CHOICES = ("auto", "qubesdb", "xenstore")
+
+# the netvm's values the hotplug script reads: XenStore name -> QubesDB path
+NETVM = {
+    "qubes_netvm_gateway": "/qubes-netvm-gateway",
+    "qubes_netvm_gateway6": "/qubes-netvm-gateway6",
+    "qubes-service/harden-network-interfaces": "/qubes-service/harden-network-interfaces",
+}
+
+
+# the virtual nameservers qubes-setup-dnat-to-ns translates; the IPv6 pair
+# under the names of Qubes' pending IPv6 DNS work (qubes-core-admin PR 558,
+# qubes-core-agent-linux PR 592, which network-proxy-setup reads)
+DNAT = {
+    "qubes_netvm_primary_dns": "/qubes-netvm-primary-dns",
+    "qubes_netvm_secondary_dns": "/qubes-netvm-secondary-dns",
+    "qubes_netvm_primary_dns6": "/qubes-netvm-primary-dns6",
+    "qubes_netvm_secondary_dns6": "/qubes-netvm-secondary-dns6",
+}
+QUBESDB = {**NETVM, **DNAT}
+
+
+def choose(env):
+    """-> (source name, reason), for the log, the dry run and status."""
+    setting, where = chosen(env, ENV, CHOICES, "auto")
+    if setting != "auto":
+        return setting, f"{where}={setting}"
+    from .qubesdb import answers, socket_path
+
+    if answers(env):
+        return "qubesdb", f"auto: QubesDB answers on {socket_path(env)}"
+    return "xenstore", f"auto: no QubesDB on {socket_path(env)}"
+
+
+def where(source, key) -> str:
+    """The real name of value ``key`` in ``source``, for messages."""
+    return f"QubesDB {QUBESDB.get(key, key)}" if source == "qubesdb" else f"XenStore {key}"
+
+
+def values(source, env, mapping) -> dict:
+    """{XenStore name: text or None (absent)} of ``mapping``'s values from
+    ``source``, in one connection (XenStore: one round trip)."""
+    if source == "qubesdb":
+        return qubesdb_values(env, mapping)
+    from .xs import XenStore
+
+    with XenStore(env) as xs:
+        return xs.read_many(list(mapping))
+
+
+def qubesdb_values(env, mapping) -> dict:
+    """As :func:`values`, from QubesDB: a path that is a prefix of others
+    (``/qubes-netvm-gateway`` of ``...gateway6``) is one multiread for all
+    of them, the others one read each, on one connection."""
+    from .qubesdb import QubesDB
+
+    paths = sorted(set(mapping.values()))
+    found, covered = {}, []
+    with QubesDB(env) as q:
+        for path in paths:
+            if any(path.startswith(c) for c in covered):
+                continue
+            if any(o != path and o.startswith(path) for o in paths):
+                found.update(q.multiread(path))
+                covered.append(path)
+            else:
+                raw = q.read(path)
+                if raw is not None:
+                    found[path] = raw
+    out = {}
+    for key, path in mapping.items():
+        raw = found.get(path)
+        try:
+            out[key] = raw.decode("ascii") if raw is not None else None
+        except UnicodeDecodeError:
+            raise Failure(f"QubesDB {path}: {raw[:40]!r} is not ASCII text") from None
+    return out
+
+
+def netvm_from_qubesdb(env) -> dict:
+    """The hotplug script's netvm values from QubesDB (one multiread answers
+    both gateways, one read the service)."""
+    return qubesdb_values(env, NETVM)
