@@ -786,3 +786,196 @@ def test_udev_rule_pulls_in_the_unit():
     wanted = keys[("ENV{SYSTEMD_WANTS}", "+=")]
     assert os.path.exists(os.path.join(ROOT, "etc", "systemd", "system", wanted.replace("$name", "")))
     assert "RUN" not in rules[0]
+
+
+# ----------------------------------------------------------------------------
+# QubesDB: the keys today's Qubes writes (issue 18), the real daemon
+
+
+def qput(qdb, **keys):
+    """Write QubesDB keys (path=value; the path's leading / and dashes as
+    given) through the daemon's own qubesdb-write."""
+    for path, value in keys.items():
+        res = qdb.cli("qubesdb-write", path, value)
+        assert res.returncode == 0, res.stderr
+
+
+QDB_GOOD = {"/qubes-ip": GUEST_IP, "/qubes-netmask": "255.255.255.255", "/qubes-gateway": GATEWAY,
+            "/qubes-primary-dns": DNS1, "/qubes-secondary-dns": DNS2}
+
+
+@pytest.fixture
+def qenv(qdb, env, xenstored):
+    # XenStore holds other values: what the guest ends up with proves the source
+    put(xenstored, qubes_ip="10.137.0.99", qubes_gateway="10.137.0.98")
+    return qdb.env(env)
+
+
+def addresses(ns, dev="eth0"):
+    return sorted(line.split()[3] for line in ns.ip("-o", "addr", "show", "dev", dev, "scope", "global")
+                  .stdout.splitlines())
+
+
+def test_qubesdb_keys_configure_the_guest_and_traffic_flows(qdb, qenv, link, tmp_path):
+    qput(qdb, **QDB_GOOD, **{"/qubes-ip6": GUEST_IP6, "/qubes-netmask6": "64", "/qubes-gateway6": GATEWAY6})
+    resolv = tmp_path / "resolv.conf"
+    dry = setup_ip(link.guest, qenv, "-n", "--resolv-conf", str(resolv), "eth0")
+    assert dry.returncode == 0, dry.stderr
+    assert f"# configuration: qubesdb (auto: QubesDB answers on {qdb.socket})" in dry.stdout
+    assert f"addr replace {GUEST_IP6}/64 dev eth0 nodad" in dry.stdout
+    assert addresses(link.guest) == [] and not resolv.exists()
+
+    res = setup_ip(link.guest, qenv, "--resolv-conf", str(resolv), "eth0")
+    assert res.returncode == 0, res.stderr
+    assert addresses(link.guest) == sorted([f"{GUEST_IP}/32", f"{GUEST_IP6}/64"])
+    assert neighbour(link.guest, GATEWAY) == f"{GATEWAY} lladdr {S.GATEWAY_MAC} PERMANENT"
+    assert neighbour(link.guest, GATEWAY6) == f"{GATEWAY6} lladdr {S.GATEWAY_MAC} PERMANENT"
+    assert resolv.read_text() == ("# Written by qubes-setup-ip from QubesDB (/qubes-primary-dns, "
+                                  f"/qubes-secondary-dns).\nnameserver {DNS1}\nnameserver {DNS2}\n")
+    with UdpSink(link.gw, OUTSIDE, 9999) as real:
+        assert udp_send(link.guest, OUTSIDE, 9999, "via-qubesdb").returncode == 0
+        assert real.got("via-qubesdb", 3)
+    # a re-run is quiet; XenStore's different values were never used
+    again = setup_ip(link.guest, qenv, "-v", "--resolv-conf", str(resolv), "eth0")
+    assert "unchanged" in again.stderr
+    assert "10.137.0.99" not in again.stderr + again.stdout
+    # VIF_ROUTE_QUBES_CONFIG=xenstore chooses the design document's scheme
+    xs = setup_ip(link.guest, dict(qenv, VIF_ROUTE_QUBES_CONFIG="xenstore"), "-n", "--resolv-conf", str(resolv))
+    assert "# configuration: xenstore (VIF_ROUTE_QUBES_CONFIG=xenstore)" in xs.stdout
+    assert "addr replace 10.137.0.99/32 dev eth0" in xs.stdout
+
+
+def test_qubesdb_net_config_of_this_mac_first_and_custom_unpins(qdb, qenv, link, tmp_path):
+    mine, other = f"/net-config/{GUEST_MAC}/", "/net-config/00:16:3e:5e:00:99/"
+    qput(qdb, **QDB_GOOD, **{mine + "ip": "10.137.0.33", mine + "gateway": GATEWAY, mine + "custom": "",
+                              other + "ip": "10.137.0.44", other + "gateway": "10.137.0.4"})
+    res = setup_ip(link.guest, qenv, "--resolv-conf", str(tmp_path / "r"), "eth0")
+    assert res.returncode == 0, res.stderr
+    assert addresses(link.guest) == ["10.137.0.33/32"]
+    # custom: no pinned gateway MAC (learnt by ARP instead), and traffic flows
+    with UdpSink(link.gw, OUTSIDE, 9999) as real:
+        assert udp_send(link.guest, OUTSIDE, 9999, "custom", src="10.137.0.33").returncode == 0
+        assert real.got("custom", 3)
+    assert "PERMANENT" not in neighbour(link.guest, GATEWAY)
+    # without the per-MAC ip, the qube's own keys
+    assert qdb.cli("qubesdb-rm", mine + "ip").returncode == 0
+    assert setup_ip(link.guest, qenv, "--resolv-conf", str(tmp_path / "r"), "eth0").returncode == 0
+    assert addresses(link.guest) == [f"{GUEST_IP}/32"]
+    assert neighbour(link.guest, GATEWAY) == f"{GATEWAY} lladdr {S.GATEWAY_MAC} PERMANENT"
+
+
+def test_qubesdb_bad_values_name_their_key_and_change_nothing(qdb, qenv, link, tmp_path):
+    qput(qdb, **QDB_GOOD)
+    resolv = tmp_path / "resolv.conf"
+    assert setup_ip(link.guest, qenv, "--resolv-conf", str(resolv)).returncode == 0
+    before = (addresses(link.guest), link.guest.ip("route", "show").stdout, resolv.read_text())
+    for path, value, message in (
+            ("/qubes-ip", "10.137.0.300", "QubesDB /qubes-ip: "),
+            ("/qubes-netmask6", "129", "QubesDB /qubes-netmask6: '129' is not an IPv6 prefix length"),
+            ("/qubes-service/disable-default-route", "maybe", "QubesDB /qubes-service/disable-default-route: "),
+            ("/qubes-primary-dns", "10.139.1.1 ; rm", "QubesDB /qubes-primary-dns: ")):
+        keep = qdb.cli("qubesdb-read", path)
+        qput(qdb, **{path: value})
+        if path == "/qubes-netmask6":
+            qput(qdb, **{"/qubes-ip6": GUEST_IP6})
+        res = setup_ip(link.guest, qenv, "--resolv-conf", str(resolv))
+        assert res.returncode == 1 and message in res.stderr, (path, res.stderr)
+        assert (addresses(link.guest), link.guest.ip("route", "show").stdout, resolv.read_text()) == before
+        if keep.returncode == 0:
+            qput(qdb, **{path: keep.stdout.decode()})
+        else:
+            assert qdb.cli("qubesdb-rm", path).returncode == 0
+        assert qdb.cli("qubesdb-rm", "/qubes-ip6").returncode == 0
+    # the daemon gone while QubesDB is the chosen source: one clear line
+    qdb.stop()
+    res = setup_ip(link.guest, dict(qenv, VIF_ROUTE_QUBES_CONFIG="qubesdb"), "--resolv-conf", str(resolv))
+    assert res.returncode == 1 and "QubesDB" in res.stderr and len(res.stderr.splitlines()) == 1, res.stderr
+    assert (addresses(link.guest), link.guest.ip("route", "show").stdout, resolv.read_text()) == before
+
+
+def test_qubesdb_services_as_qubes_names_them(qdb, qenv, link, tmp_path):
+    resolv = tmp_path / "resolv.conf"
+    resolv.write_text("nameserver 192.0.2.53\n")
+    qput(qdb, **QDB_GOOD, **{"/qubes-service/disable-default-route": "1",
+                             "/qubes-service/disable-dns-server": "1"})
+    res = setup_ip(link.guest, qenv, "--resolv-conf", str(resolv))
+    assert res.returncode == 0, res.stderr
+    assert link.guest.ip("route", "show", "default").stdout == ""
+    assert resolv.read_text() == "nameserver 192.0.2.53\n"
+    qput(qdb, **{"/qubes-service/disable-default-route": "0", "/qubes-service/disable-dns-server": "0"})
+    assert setup_ip(link.guest, qenv, "--resolv-conf", str(resolv)).returncode == 0
+    assert link.guest.ip("route", "show", "default").stdout.startswith(f"default via {GATEWAY} dev eth0")
+    assert f"nameserver {DNS1}" in resolv.read_text()
+
+
+def test_qubesdb_a_qube_providing_network_runs_the_dnat_then_the_hook(qdb, qenv, link, tmp_path):
+    hook = tmp_path / "hook"
+    hook.write_text(f"#!/bin/sh\necho ran >> {tmp_path}/hook.log\n")
+    hook.chmod(0o755)
+    env = dict(qenv, QUBES_SETUP_IP_HOOK=str(hook), VIF_ROUTE_QUBES_FIREWALL="nft",
+               VIF_ROUTE_QUBES_STATE_DIR=str(tmp_path / "state"))
+    resolv = tmp_path / "resolv.conf"
+    # the qube's own nameservers (what its resolv.conf gets) differ from the
+    # virtual ones it serves, so the translation shows in the rules (Qubes'
+    # proxy qubes have the same on both sides: no rule is needed then)
+    qput(qdb, **{**QDB_GOOD, "/qubes-primary-dns": "192.0.2.53", "/qubes-secondary-dns": "192.0.2.54",
+                 "/qubes-netvm-primary-dns": DNS1, "/qubes-netvm-secondary-dns": DNS2})
+    # an AppVM (no /qubes-netvm-network): neither the DNAT nor the hook, as in Qubes
+    assert setup_ip(link.guest, env, "--resolv-conf", str(resolv)).returncode == 0
+    assert not (tmp_path / "hook.log").exists()
+    assert "dnat-dns" not in link.guest.exec(["nft", "list", "ruleset"]).stdout
+    # a qube that provides network (sys-firewall): DNS1/DNS2 translated to its
+    # own nameservers, then the hook; on every add, as Qubes' setup-ip
+    qput(qdb, **{"/qubes-netvm-network": "10.137.0.0"})
+    for n in (1, 2):
+        res = setup_ip(link.guest, env, "--resolv-conf", str(resolv))
+        assert res.returncode == 0, res.stderr
+        assert (tmp_path / "hook.log").read_text() == "ran\n" * n
+    chain = link.guest.exec(["nft", "list", "chain", "ip", "qubes", "dnat-dns"]).stdout
+    assert f"ip daddr {DNS1} udp dport 53 dnat to 192.0.2.53" in chain, chain
+    assert f"ip daddr {DNS2} udp dport 53 dnat to 192.0.2.54" in chain
+    # disable-dns-server: no DNAT run (the rules in force stay), the hook still
+    qput(qdb, **{"/qubes-service/disable-dns-server": "1"})
+    link.guest.exec(["nft", "flush", "chain", "ip", "qubes", "dnat-dns"])
+    assert setup_ip(link.guest, env, "--resolv-conf", str(resolv)).returncode == 0
+    assert "dnat to" not in link.guest.exec(["nft", "list", "chain", "ip", "qubes", "dnat-dns"]).stdout
+    assert (tmp_path / "hook.log").read_text() == "ran\n" * 3
+
+
+NMCLI = """#!/bin/sh
+# nmcli stand-in: NetworkManager does not run here; records the call
+echo "$@" >> "$NMCLI_LOG"
+"""
+
+
+def test_qubesdb_network_manager_gets_qubes_keyfile(qdb, qenv, link, tmp_path):
+    bindir, nmdir = tmp_path / "bin", tmp_path / "nm"
+    bindir.mkdir()
+    nmdir.mkdir()
+    (bindir / "nmcli").write_text(NMCLI)
+    (bindir / "nmcli").chmod(0o755)
+    env = dict(qenv, PATH=f"{bindir}:{qenv['PATH']}", NMCLI_LOG=str(tmp_path / "nmcli.log"),
+               QUBES_SETUP_IP_NM_DIR=str(nmdir))
+    qput(qdb, **QDB_GOOD, **{"/qubes-service/network-manager": "1", "/qubes-ip6": GUEST_IP6,
+                             "/qubes-gateway6": GATEWAY6})
+    resolv = tmp_path / "resolv.conf"
+    res = setup_ip(link.guest, env, "--resolv-conf", str(resolv), "eth0")
+    assert res.returncode == 0, res.stderr
+    keyfile = nmdir / "qubes-uplink-eth0"
+    assert keyfile.stat().st_mode & 0o777 == 0o600
+    assert keyfile.read_text() == (
+        "[802-3-ethernet]\nduplex=full\n\n[ethernet]\n"
+        f"mac-address={GUEST_MAC}\n\n[connection]\nid=VM uplink eth0\n"
+        f"uuid=de85f79b-8c3d-405f-a652-{GUEST_MAC.replace(':', '')}\ntype=802-3-ethernet\n\n"
+        f"[ipv4]\nmethod=manual\nmay-fail=false\ndns={DNS1};{DNS2};\naddresses1={GUEST_IP};32;{GATEWAY}\n\n"
+        f"[ipv6]\nmethod=manual\nmay-fail=false\naddresses1={GUEST_IP6};128;{GATEWAY6}\n")
+    assert (tmp_path / "nmcli.log").read_text() == f"connection load {keyfile}\n"
+    # NetworkManager configures the addresses; here the group and the pins only
+    assert addresses(link.guest) == [] and not resolv.exists()
+    assert link.guest.ip("-d", "link", "show", "eth0").stdout.count(" group 1 ") == 1
+    assert neighbour(link.guest, GATEWAY) == f"{GATEWAY} lladdr {S.GATEWAY_MAC} PERMANENT"
+    # unchanged: not loaded again; remove takes the keyfile away, as Qubes does
+    assert setup_ip(link.guest, env, "--resolv-conf", str(resolv), "eth0").returncode == 0
+    assert (tmp_path / "nmcli.log").read_text().count("connection load") == 1
+    assert setup_ip(link.guest, env, "remove", "eth0").returncode == 0
+    assert not keyfile.exists()

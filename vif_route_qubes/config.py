@@ -39,6 +39,28 @@ DNAT = {
 }
 QUBESDB = {**NETVM, **DNAT}
 
+# the guest's values (qubes-setup-ip), as Qubes' network/setup-ip reads
+# them. Per interface: under /net-config/MAC/ when dom0 wrote an ``ip``
+# there (a qube with several vifs), else the qube's /qubes-* keys; the
+# suffixes are the same in both (ip, netmask, ..., netmask6). ``custom``
+# (its presence) means "not Qubes' usual gateway MAC": nothing pinned.
+GUEST_IFACE = {
+    "qubes_ip": "ip", "qubes_netmask": "netmask", "qubes_gateway": "gateway",
+    "qubes_ip6": "ip6", "qubes_netmask6": "netmask6", "qubes_gateway6": "gateway6",
+}
+GUEST_CUSTOM = "custom"
+# per qube, wherever the interface's own values come from; the switches are
+# Qubes' services, "1" when enabled; /qubes-netvm-network is non-empty when
+# this qube provides network to others (it then runs the DNAT)
+GUEST = {
+    "qubes_primary_dns": "/qubes-primary-dns",
+    "qubes_secondary_dns": "/qubes-secondary-dns",
+    "disable-default-route": "/qubes-service/disable-default-route",
+    "disable-dns-server": "/qubes-service/disable-dns-server",
+    "network-manager": "/qubes-service/network-manager",
+    "qubes_netvm_network": "/qubes-netvm-network",
+}
+
 
 def choose(env):
     """-> (source name, reason), for the log, the dry run and status."""
@@ -69,24 +91,29 @@ def values(source, env, mapping) -> dict:
 
 
 def qubesdb_values(env, mapping) -> dict:
-    """As :func:`values`, from QubesDB: a path that is a prefix of others
-    (``/qubes-netvm-gateway`` of ``...gateway6``) is one multiread for all
-    of them, the others one read each, on one connection."""
+    """As :func:`values`, from QubesDB, on one connection."""
     from .qubesdb import QubesDB
 
+    with QubesDB(env) as q:
+        return _read(q, mapping)
+
+
+def _read(q, mapping) -> dict:
+    """``mapping``'s values on connection ``q``: a path that is a prefix of
+    others (``/qubes-netvm-gateway`` of ``...gateway6``) is one multiread
+    for all of them, the others one read each."""
     paths = sorted(set(mapping.values()))
     found, covered = {}, []
-    with QubesDB(env) as q:
-        for path in paths:
-            if any(path.startswith(c) for c in covered):
-                continue
-            if any(o != path and o.startswith(path) for o in paths):
-                found.update(q.multiread(path))
-                covered.append(path)
-            else:
-                raw = q.read(path)
-                if raw is not None:
-                    found[path] = raw
+    for path in paths:
+        if any(path.startswith(c) for c in covered):
+            continue
+        if any(o != path and o.startswith(path) for o in paths):
+            found.update(q.multiread(path))
+            covered.append(path)
+        else:
+            raw = q.read(path)
+            if raw is not None:
+                found[path] = raw
     out = {}
     for key, path in mapping.items():
         raw = found.get(path)
@@ -101,3 +128,26 @@ def netvm_from_qubesdb(env) -> dict:
     """The hotplug script's netvm values from QubesDB (one multiread answers
     both gateways, one read the service)."""
     return qubesdb_values(env, NETVM)
+
+
+def guest_values(env, mac) -> tuple:
+    """The guest's values for the interface with MAC ``mac`` (None: unknown)
+    from QubesDB on one connection -> ({XenStore name: text or None}, {XenStore
+    name: QubesDB path}, for messages). ``custom`` present becomes
+    ``disable-gateway-mac-pin=1``, the XenStore scheme's switch for it."""
+    from .qubesdb import QubesDB
+
+    with QubesDB(env) as q:
+        prefix = "/qubes-"
+        if mac is not None and q.read(f"/net-config/{mac}/ip") is not None:
+            prefix = f"/net-config/{mac}/"
+        mapping = {key: prefix + suffix for key, suffix in GUEST_IFACE.items()}
+        mapping.update(GUEST)
+        if prefix != "/qubes-":
+            mapping[GUEST_CUSTOM] = prefix + GUEST_CUSTOM
+        found = _read(q, mapping)
+    custom = mapping.pop(GUEST_CUSTOM, None)
+    if found.pop(GUEST_CUSTOM, None) is not None:
+        found["disable-gateway-mac-pin"] = "1"
+        mapping["disable-gateway-mac-pin"] = custom
+    return found, mapping

@@ -44,8 +44,8 @@ class AtomicWrite:
     did not predict.
     """
 
-    def __init__(self, s: System, path: str, text: str):
-        self.path, self.text = path, text
+    def __init__(self, s: System, path: str, text: str, mode=None):
+        self.path, self.text, self.mode = path, text, mode
         self.tmp = self.fd = None
         self.mounted = is_mount_point(path)
         s.before_change(["write", path])
@@ -81,10 +81,13 @@ class AtomicWrite:
                 os.fsync(f.fileno())
             # the replaced file's permissions, not mkstemp's 0600: every
             # program reading resolv.conf or xl.conf must still read it
-            try:
-                mode = os.stat(self.path).st_mode & 0o7777
-            except OSError:
-                mode = 0o644
+            # (or the caller's: NetworkManager reads only 0600 keyfiles)
+            mode = self.mode
+            if mode is None:
+                try:
+                    mode = os.stat(self.path).st_mode & 0o7777
+                except OSError:
+                    mode = 0o644
             os.chmod(tmp, mode)
         except OSError as exc:
             _discard(tmp)

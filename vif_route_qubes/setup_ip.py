@@ -4,8 +4,10 @@ systemd runs it in a guest when a Xen network interface (xen-netfront)
 appears: udev's rule (etc/udev/rules.d/99-qubes-setup-ip.rules) pulls in
 ``qubes-setup-ip@IFACE.service``, whose start is ``qubes-setup-ip add IFACE``
 and whose stop (the interface went away) is ``qubes-setup-ip remove IFACE``.
-``add`` reads the guest's own configuration from its XenStore home in one
-round trip and makes the interface look like the plan says:
+``add`` reads the guest's own configuration, from its XenStore home in one
+round trip or from its QubesDB on today's Qubes (the configuration source
+seam, :mod:`vif_route_qubes.config`: :func:`read_values`), and makes the
+interface look like the plan says:
 
 * the address (``/32`` for Qubes' usual netmask 255.255.255.255), link up,
   the link in interface group 1 ("the uplink", for firewall rules);
@@ -92,7 +94,7 @@ ENV_HELP = """
 
 \b
 Actions:
-  add (default)    configure INTERFACE from XenStore
+  add (default)    configure INTERFACE from XenStore or QubesDB
   remove           take INTERFACE down and remove what add configured
                    (address, routes, pinned gateway MAC, group; resolved's
                    servers for it); resolv.conf is left as it is
@@ -101,6 +103,9 @@ A single word add or remove is the action (INTERFACE then as below).
 \b
 Environment:
   INTERFACE        the interface when none is given (udev sets it); default eth0
+  VIF_ROUTE_QUBES_CONFIG  qubesdb, xenstore or auto (default auto: QubesDB
+                   where its daemon answers, else XenStore)
+  VIF_ROUTE_QUBES_QUBESDB_SOCKET  QubesDB socket (default /var/run/qubes/qubesdb.sock)
   XENSTORED_PATH   XenStore socket (default /var/run/xenstored/socket if it
                    exists, else /dev/xen/xenbus)
   QUBES_SETUP_IP_RESOLV_CONF  default for --resolv-conf (/etc/resolv.conf)
@@ -125,6 +130,23 @@ XenStore keys read (relative to this domain's home, one round trip):
                          (a backend with a custom MAC; like --no-pin-gateway-mac)
 
 \b
+QubesDB keys read instead (today's Qubes; one connection):
+  /net-config/MAC/ip, netmask, gateway, ip6, netmask6, gateway6, custom
+                       this interface's values (MAC: its own); when there is
+                       no ip there, /qubes-ip, /qubes-netmask, /qubes-gateway,
+                       /qubes-ip6, /qubes-netmask6 (default 128), /qubes-gateway6;
+                       custom present: no pinned gateway MAC
+  /qubes-primary-dns, /qubes-secondary-dns   DNS1, DNS2
+  /qubes-service/disable-default-route, disable-dns-server   as above
+  /qubes-service/network-manager  1 (and nmcli installed): NetworkManager
+                       configures INTERFACE from Qubes' keyfile
+                       (/etc/NetworkManager/system-connections/qubes-uplink-IF)
+  /qubes-netvm-network  non-empty: this qube provides network; then every
+                       add runs qubes-setup-dnat-to-ns (unless
+                       disable-dns-server) and the hook, as Qubes does (the
+                       hook does not run otherwise)
+
+\b
 Files:
   /etc/resolv.conf     written atomically (rename); in place when it is a
                        mount point (containers, ip netns exec); left alone
@@ -147,9 +169,11 @@ argument).
 #   default_route  False: disable-default-route
 #   configure_dns  False: disable-dns-server (resolv.conf, resolved untouched)
 #   gateway_mac    the MAC pinned for the gateways, None: not pinned
+#   prefix6        the IPv6 address's prefix length (QubesDB's netmask6;
+#                  the XenStore scheme has none: 128)
 GuestNet = namedtuple(
-    "GuestNet", "ip prefix gateway dns ip6 gateway6 dns6 default_route configure_dns gateway_mac",
-    defaults=(None, (), None, None, (), True, True, GATEWAY_MAC))
+    "GuestNet", "ip prefix gateway dns ip6 gateway6 dns6 default_route configure_dns gateway_mac prefix6",
+    defaults=(None, (), None, None, (), True, True, GATEWAY_MAC, 128))
 
 
 # ----------------------------------------------------------------------------
@@ -195,55 +219,74 @@ def _nameserver(value, what, version=None):
     return found[0]
 
 
-def _dns_pair(values, primary_key, secondary_key, version, default=None):
+def _prefix6(value, what) -> int:
+    text = (value or "").strip()
+    if not (text.isdigit() and len(text) <= 3 and 1 <= int(text) <= 128):
+        raise Failure(f"{what}: {text[:40]!r} is not an IPv6 prefix length (1 to 128)")
+    return int(text)
+
+
+def _dns_pair(values, primary_key, secondary_key, version, default=None, where=None):
+    where = where or _xenstore
     dns = []
     primary = values.get(primary_key)
     if primary not in (None, ""):
-        dns.append(_nameserver(primary, f"XenStore {primary_key}", version))
+        dns.append(_nameserver(primary, where(primary_key), version))
     elif default is not None:
         dns.append(default)
     secondary = values.get(secondary_key)
     if secondary not in (None, ""):
-        second = _nameserver(secondary, f"XenStore {secondary_key}", version)
+        second = _nameserver(secondary, where(secondary_key), version)
         if second not in dns:
             dns.append(second)
     return tuple(dns)
 
 
-def guest_net(values: dict):
-    """XenStore values (None when absent) -> :class:`GuestNet`, or None when
-    there is no ``qubes_ip`` (not a networked guest). Raises Failure."""
+def _xenstore(key):
+    return f"XenStore {key}"
+
+
+def guest_net(values: dict, names=None):
+    """The values under their XenStore names (None when absent) ->
+    :class:`GuestNet`, or None when there is no ``qubes_ip`` (not a
+    networked guest). ``names`` ({name: QubesDB path}) gives the real keys
+    for the messages when the values came from QubesDB. Raises Failure."""
+    def where(key):
+        return f"QubesDB {names[key]}" if names and key in names else _xenstore(key)
+
     raw_ip = values.get("qubes_ip")
     if raw_ip is None or not raw_ip.strip():
         return None
-    ip = _address(raw_ip, "XenStore qubes_ip", 4)
+    ip = _address(raw_ip, where("qubes_ip"), 4)
     mask = values.get("qubes_netmask")
-    prefix = netmask_prefix(DEFAULT_NETMASK if mask in (None, "") else mask)
+    prefix = netmask_prefix(DEFAULT_NETMASK if mask in (None, "") else mask, where("qubes_netmask"))
     if prefix < 31:
         import ipaddress
 
         net = ipaddress.IPv4Network(f"{ip}/{prefix}", strict=False)
         if ip in (net.network_address, net.broadcast_address):
-            raise Failure(f"XenStore qubes_ip: {ip} is the network or broadcast address of {net}")
-    gw = validate.gateway(values.get("qubes_gateway"), "XenStore qubes_gateway", 4)
+            raise Failure(f"{where('qubes_ip')}: {ip} is the network or broadcast address of {net}")
+    gw = validate.gateway(values.get("qubes_gateway"), where("qubes_gateway"), 4)
     if gw is not None and gw == ip:
-        raise Failure(f"XenStore qubes_gateway: {gw} is the guest's own address")
-    dns = _dns_pair(values, "qubes_primary_dns", "qubes_secondary_dns", 4, default=gw)
-    ip6 = validate.gateway(values.get("qubes_ip6"), "XenStore qubes_ip6", 6)
-    gw6 = validate.gateway(values.get("qubes_gateway6"), "XenStore qubes_gateway6", 6)
+        raise Failure(f"{where('qubes_gateway')}: {gw} is the guest's own address")
+    dns = _dns_pair(values, "qubes_primary_dns", "qubes_secondary_dns", 4, default=gw, where=where)
+    ip6 = validate.gateway(values.get("qubes_ip6"), where("qubes_ip6"), 6)
+    gw6 = validate.gateway(values.get("qubes_gateway6"), where("qubes_gateway6"), 6)
     if gw6 is not None and ip6 is None:
-        raise Failure("XenStore qubes_gateway6 is set but qubes_ip6 is not")
+        raise Failure(f"{where('qubes_gateway6')} is set but {(names or {}).get('qubes_ip6', 'qubes_ip6')} is not")
     if gw6 is not None and gw6 == ip6:
-        raise Failure(f"XenStore qubes_gateway6: {gw6} is the guest's own address")
+        raise Failure(f"{where('qubes_gateway6')}: {gw6} is the guest's own address")
+    mask6 = values.get("qubes_netmask6")
+    prefix6 = 128 if mask6 in (None, "") else _prefix6(mask6, where("qubes_netmask6"))
     # Validated even without qubes_ip6 (a typo is reported, not hidden), but
     # used only with it: a guest without an IPv6 address cannot reach them.
-    dns6 = _dns_pair(values, "qubes_primary_dns6", "qubes_secondary_dns6", 6)
-    no_route, no_dns, no_pin = (validate.switch(values.get(k), f"XenStore {k}")
+    dns6 = _dns_pair(values, "qubes_primary_dns6", "qubes_secondary_dns6", 6, where=where)
+    no_route, no_dns, no_pin = (validate.switch(values.get(k), where(k))
                                 for k in (SWITCH_NO_DEFAULT_ROUTE, SWITCH_NO_DNS, SWITCH_NO_MAC_PIN))
     return GuestNet(
         ip=ip, prefix=prefix, gateway=gw, dns=() if no_dns else dns, ip6=ip6, gateway6=gw6,
         dns6=() if no_dns or ip6 is None else dns6, default_route=not no_route,
-        configure_dns=not no_dns, gateway_mac=None if no_pin else GATEWAY_MAC)
+        configure_dns=not no_dns, gateway_mac=None if no_pin else GATEWAY_MAC, prefix6=prefix6)
 
 
 def without_ipv6(net: GuestNet) -> GuestNet:
@@ -272,7 +315,7 @@ def render_batch(net: GuestNet, ifname: str, ipv6: bool = True, stale=(), stale_
     if net.ip6 is not None:
         # The address is dom0's to give and unique by construction; DAD would
         # only keep it unusable for a second after every boot.
-        lines.append(f"addr replace {net.ip6}/128 dev {n} nodad")
+        lines.append(f"addr replace {net.ip6}/{net.prefix6} dev {n} nodad")
     lines += [f"addr del {a} dev {n}" for a in stale]
     lines.append(f"link set dev {n} up group {UPLINK_GROUP}")
     lines += [f"neigh del {a} dev {n}" for a in stale_neigh]
@@ -307,9 +350,16 @@ def render_remove(ifname: str) -> list:
             f"neigh flush dev {n} nud permanent", f"route flush dev {n} table all"]
 
 
-def render_resolv(net: GuestNet) -> str:
-    lines = ["# Written by qubes-setup-ip from XenStore (qubes_primary_dns, qubes_secondary_dns"
-             + (", qubes_primary_dns6, qubes_secondary_dns6)." if net.dns6 else ").")]
+def render_resolv(net: GuestNet, names=None) -> str:
+    """resolv.conf; ``names`` as for :func:`guest_net` (the header names the
+    keys the servers came from)."""
+    keys = ["qubes_primary_dns", "qubes_secondary_dns"] + (
+        ["qubes_primary_dns6", "qubes_secondary_dns6"] if net.dns6 else [])
+    if names:
+        origin = "QubesDB (" + ", ".join(names[k] for k in keys if k in names) + ")."
+    else:
+        origin = "XenStore (" + ", ".join(keys) + ")."
+    lines = ["# Written by qubes-setup-ip from " + origin]
     lines += [f"nameserver {a}" for a in nameservers(net)]
     return "\n".join(lines) + "\n"
 
@@ -407,7 +457,7 @@ def stale_addresses(net: GuestNet, current: Current, ipv6: bool) -> tuple:
 
     wanted = {f"{net.ip}/{net.prefix}"}
     if net.ip6 is not None and ipv6:
-        wanted.add(f"{net.ip6}/128")
+        wanted.add(f"{net.ip6}/{net.prefix6}")
     stale = []
     for a in current.addresses:
         iface = ipaddress.ip_interface(a)
@@ -478,7 +528,7 @@ def in_place(net: GuestNet, current: Current, ipv6: bool) -> bool:
         if host not in current.routes4 or (net.default_route and default not in current.routes4):
             return False
     if net.ip6 is not None and ipv6:
-        if f"{net.ip6}/128" not in have:
+        if f"{net.ip6}/{net.prefix6}" not in have:
             return False
         if net.gateway6 is not None:
             any6 = ipaddress.IPv6Address(0)
@@ -576,19 +626,19 @@ def _run(s, log, interface, env, resolv_conf, hook, pin_gateway_mac) -> int:
     exists = s.iface_exists(name)
     started = probe_start(s, name) if exists else None
     try:
-        from .xs import XenStore
-
-        with XenStore(env) as xs:
-            values = xs.read_many(KEYS)
+        source, values, names = read_values(env, name)
     except BaseException:
         if started:
             started.wait(check=False)  # leave nothing running behind us
         raise
     current = probe_result(started, name) if started else None
-    log.debug("xenstore: " + " ".join(f"{k}={values[k]}" for k in KEYS if values[k] is not None))
-    net = guest_net(values)
+    log.debug(f"configuration: {source[0]} ({source[1]})")
+    s.note(f"configuration: {source[0]} ({source[1]})")
+    log.debug(f"{source[0]}: " + " ".join(f"{k}={v}" for k, v in values.items() if v is not None))
+    net = guest_net(values, names)
     if net is None:
-        log.info(f"{name}: no qubes_ip in XenStore, nothing to configure")
+        where = f"{names['qubes_ip']} in QubesDB" if names else "qubes_ip in XenStore"
+        log.info(f"{name}: no {where}, nothing to configure")
         return 0
     if not pin_gateway_mac:
         net = net._replace(gateway_mac=None)
@@ -598,6 +648,13 @@ def _run(s, log, interface, env, resolv_conf, hook, pin_gateway_mac) -> int:
     if net.ip6 is not None and not ipv6:
         log.info(f"IPv6 is disabled on {name}: qubes_ip6 {net.ip6} is not configured")
         net = without_ipv6(net)
+
+    if names and validate.switch(values.get("network-manager"), f"QubesDB {names['network-manager']}"):
+        if s.which("nmcli") is not None:
+            _network_manager(s, log, name, net, env)
+            _provide_network(s, log, env, net, values, resolv_conf, hook)
+            return 0
+        log.info("the network-manager service is on but nmcli is not installed: configured here")
 
     batch = render_batch(net, name, ipv6, stale_addresses(net, current, ipv6),
                          stale_neighbours(net, current, ipv6), stale_routes(net, current, ipv6))
@@ -614,7 +671,7 @@ def _run(s, log, interface, env, resolv_conf, hook, pin_gateway_mac) -> int:
     elif resolved and points_into_resolved(resolv_conf):
         log.debug(f"{resolv_conf} points into {RESOLVED_DIR}: resolved serves it, not rewritten")
     else:
-        text = render_resolv(net)
+        text = render_resolv(net, names)
     dns_changes = text is not None and System.read(resolv_conf) != text
     if resolved and not s.dry_run and s.which("resolvectl") is None:
         raise Failure("systemd-resolved is running but resolvectl is not on PATH (install systemd-resolved)")
@@ -655,14 +712,136 @@ def _run(s, log, interface, env, resolv_conf, hook, pin_gateway_mac) -> int:
     if link_changes or dns_changes:
         log.info(f"{name}: configured {what}, nameservers {' '.join(map(str, nameservers(net))) or 'none'}"
                  + (" (also to systemd-resolved)" if resolved else ""))
-        _run_hook(s, log, hook)
     else:
         log.info(f"{name}: unchanged ({what})")
+    if names is not None:
+        _provide_network(s, log, env, net, values, resolv_conf, hook)
+    elif link_changes or dns_changes:
+        _run_hook(s, log, hook)
     return 0
+
+
+def read_values(env, ifname) -> tuple:
+    """-> (source (name, reason), values under the XenStore names, names):
+    ``names`` is {XenStore name: QubesDB path} when the values came from
+    QubesDB (Qubes' keys: /net-config/MAC/ for this interface's MAC first,
+    else /qubes-*), None for XenStore (:data:`KEYS`, one round trip)."""
+    from .config import choose
+
+    source = choose(env)
+    if source[0] == "qubesdb":
+        from .config import guest_values
+
+        values, names = guest_values(env, interface_mac(ifname))
+        return source, values, names
+    from .xs import XenStore
+
+    with XenStore(env) as xs:
+        return source, xs.read_many(KEYS), None
+
+
+def interface_mac(ifname):
+    """The interface's MAC as QubesDB's /net-config/MAC/ spells it (lower
+    case), or None when there is no such interface (or no sane MAC)."""
+    text = (System.read(f"/sys/class/net/{ifname}/address", "") or "").strip().lower()
+    parts = text.split(":")
+    if len(parts) == 6 and all(len(p) == 2 and all(c in "0123456789abcdef" for c in p) for p in parts):
+        return text
+    return None
+
+
+def _provide_network(s, log, env, net, values, resolv_conf, hook):
+    """QubesDB's /qubes-netvm-network is non-empty: this qube gives network
+    to others. As Qubes' setup-ip does then: the DNAT of the virtual
+    nameservers to this qube's own (unless disable-dns-server), then the
+    change hook; a qube that provides no network runs neither."""
+    if not (values.get("qubes_netvm_network") or "").strip():
+        return
+    if net.configure_dns:
+        from . import dnat
+        from .log import Log
+
+        opts = dnat.Options(resolv_conf=resolv_conf, dry_run=s.dry_run)
+        rc = dnat.run(opts, env, out=s.out, log=Log(dnat.PROG, env, stderr_only=s.dry_run))
+        if rc not in (0, 100):
+            raise Failure(f"{dnat.PROG} failed (exit {rc}): the interface is configured, the virtual "
+                          "nameservers are not translated")
+    _run_hook(s, log, hook)
+
+
+# ----------------------------------------------------------------------------
+# NetworkManager (Qubes' network-manager service)
+
+NM_DIR = "/etc/NetworkManager/system-connections"
+
+
+def nm_keyfile_path(ifname, env=None) -> str:
+    directory = (env or {}).get("QUBES_SETUP_IP_NM_DIR") or NM_DIR
+    return os.path.join(directory, f"qubes-uplink-{ifname}")
+
+
+def render_nm_keyfile(net: GuestNet, ifname: str, mac: str) -> str:
+    """The keyfile Qubes' setup-ip gives NetworkManager for the uplink (same
+    name, id and uuid, so it replaces Qubes' own): static addresses, the
+    gateways unless disable-default-route, the nameservers unless
+    disable-dns-server."""
+    uuid = "de85f79b-8c3d-405f-a652-" + mac.replace(":", "")
+    lines = ["[802-3-ethernet]", "duplex=full", "", "[ethernet]", f"mac-address={mac}", "",
+             "[connection]", f"id=VM uplink {ifname}", f"uuid={uuid}", "type=802-3-ethernet", ""]
+    gw = f";{net.gateway}" if net.default_route and net.gateway is not None else ""
+    lines += ["[ipv4]", "method=manual", "may-fail=false"]
+    if net.configure_dns and net.dns:
+        lines.append("dns=" + "".join(f"{a};" for a in net.dns))
+    lines += [f"addresses1={net.ip};{net.prefix}{gw}", ""]
+    if net.ip6 is not None:
+        gw6 = f";{net.gateway6}" if net.default_route and net.gateway6 is not None else ""
+        lines += ["[ipv6]", "method=manual", "may-fail=false", f"addresses1={net.ip6};{net.prefix6}{gw6}", ""]
+    else:
+        lines += ["[ipv6]", "method=ignore", ""]
+    return "\n".join(lines)
+
+
+def _network_manager(s, log, name, net, env):
+    """NetworkManager configures the uplink (Qubes' network-manager service
+    with nmcli installed): its keyfile, written (0600, NetworkManager
+    ignores others) and loaded when it changed; here only the uplink group
+    and the pinned gateway MAC, as Qubes' setup-ip does."""
+    mac = interface_mac(name)
+    if mac is None:
+        raise Failure(f"interface {name}: no MAC address to name in the NetworkManager keyfile")
+    path = nm_keyfile_path(name, env)
+    text = render_nm_keyfile(net, name, mac)
+    lines = [f"link set dev {name} group {UPLINK_GROUP}"]
+    if net.gateway_mac:
+        lines += [f"neigh replace {gw} lladdr {net.gateway_mac} nud permanent dev {name}"
+                  for gw in (net.gateway, net.gateway6) if gw is not None]
+    if s.dry_run:
+        print(f"$ write {path} (mode 0600) <<'EOF'\n{text}EOF", file=s.out)
+    elif System.read(path) != text:
+        AtomicWrite(s, path, text, mode=0o600).commit()
+    else:
+        s.note(f"{path} unchanged")
+        text = None
+    s.run(["ip", "-batch", "-"], "".join(line + "\n" for line in lines))
+    if text is not None:
+        res = s.run(["nmcli", "connection", "load", path], check=False)
+        if res.code != 0:
+            log.warning(f"nmcli connection load {path} failed (exit {res.code}): NetworkManager "
+                        "reads the keyfile when it next starts")
+    log.info(f"{name}: handed to NetworkManager ({path}), uplink group and pinned gateway set")
 
 
 def _remove(s, log, interface, env) -> int:
     name = _interface(interface, env)
+    keyfile = nm_keyfile_path(name, env)
+    if os.path.lexists(keyfile):
+        # as Qubes' setup-ip: a keyfile left behind would give the next
+        # interface of that name a stale duplicate connection
+        s.before_change(["rm", keyfile])
+        if s.dry_run:
+            print(f"$ rm {keyfile}", file=s.out)
+        else:
+            os.unlink(keyfile)
     if not s.iface_exists(name):
         # udev's remove comes after the kernel dropped the interface: its
         # addresses, routes and neighbour entries went with it.
@@ -707,7 +886,7 @@ def command():
     import click
 
     @click.command(
-        help="Configure this guest's Xen network interface from XenStore: address, "
+        help="Configure this guest's Xen network interface from XenStore (or QubesDB on today's Qubes): address, "
         "uplink group, pinned gateway MAC, gateway and default route, IPv6, /etc/resolv.conf "
         "(and systemd-resolved when it runs), then run the change hook if anything changed; "
         "'remove' takes the interface down and removes all of that. systemd runs it as "
