@@ -319,3 +319,58 @@ def test_install_run_remove_reinstall_purge(system):
     left = {p: after[p] for p in after if p not in before or before[p] != after[p]}
     gone = sorted(p for p in before if p not in after)
     assert not left and not gone, f"left by the packages: {sorted(left)}; removed: {gone}"
+
+
+# A stand-in for Qubes' qubes-core-agent-networking: the three files of it
+# that ours replace (docs/qubes.md), each a script that says whose it is.
+QUBES_STANDIN = r"""
+rm -rf /tmp/qubes-pkg && mkdir -p /tmp/qubes-pkg/DEBIAN /tmp/qubes-pkg/etc/xen/scripts /tmp/qubes-pkg/usr/lib/qubes
+printf 'Package: qubes-core-agent-networking\nVersion: 4.2.99\nArchitecture: all\nMaintainer: test <t@example.org>\nDescription: stand-in of Qubes networking files\n' > /tmp/qubes-pkg/DEBIAN/control
+for f in etc/xen/scripts/vif-route-qubes usr/lib/qubes/qubes-setup-dnat-to-ns usr/lib/qubes/setup-ip; do
+    printf '#!/bin/sh\necho qubes %s\n' "$f" > /tmp/qubes-pkg/$f
+    chmod 0755 /tmp/qubes-pkg/$f
+done
+dpkg-deb -Zgzip --build /tmp/qubes-pkg /tmp/qubes-core-agent-networking.deb >/dev/null
+dpkg -i /tmp/qubes-core-agent-networking.deb >/dev/null
+rm -rf /tmp/qubes-pkg /tmp/qubes-core-agent-networking.deb
+"""
+QUBES_FILES = ("etc/xen/scripts/vif-route-qubes", "usr/lib/qubes/qubes-setup-dnat-to-ns", "usr/lib/qubes/setup-ip")
+
+
+def test_on_a_qubes_template_qubes_files_are_diverted_and_given_back(system):
+    root = system
+    chroot(root, QUBES_STANDIN)
+    before = snapshot(root)
+    install(root)
+    # Qubes' copies set aside, its callers' paths run ours
+    for rel in QUBES_FILES:
+        assert (root / f"{rel}.qubes").read_text() == f"#!/bin/sh\necho qubes {rel}\n", rel
+    assert os.readlink(root / "usr/lib/qubes/qubes-setup-dnat-to-ns") == "/usr/bin/qubes-setup-dnat-to-ns"
+    assert os.readlink(root / "usr/lib/qubes/setup-ip") == "/usr/bin/qubes-setup-ip"
+    assert chroot(root, "/usr/lib/qubes/setup-ip --help").stdout.startswith("Usage: qubes-setup-ip ")
+    assert chroot(root, "/usr/lib/qubes/qubes-setup-dnat-to-ns --help").stdout.startswith(
+        "Usage: qubes-setup-dnat-to-ns ")
+    assert "Usage: vif-route-qubes" in chroot(root, "/etc/xen/scripts/vif-route-qubes --help").stdout
+    diversions = chroot(root, "dpkg-divert --list").stdout
+    assert sorted(line for line in diversions.splitlines() if "vif-route-qubes-" in line) == sorted(
+        f"diversion of /{rel} to /{rel}.qubes by {pkg}" for rel, pkg in zip(
+            QUBES_FILES, ("vif-route-qubes-netvm", "vif-route-qubes-netvm", "vif-route-qubes-guest")))
+    # idempotent: again over itself, and Qubes' package upgraded meanwhile
+    # lands beside ours, not over it
+    install(root, "--reinstall")
+    chroot(root, QUBES_STANDIN.replace("4.2.99", "4.2.100"))
+    assert os.readlink(root / "usr/lib/qubes/setup-ip") == "/usr/bin/qubes-setup-ip"
+    assert "Usage: vif-route-qubes" in chroot(root, "/etc/xen/scripts/vif-route-qubes --help").stdout
+    # remove gives the two commands back; purge the hotplug script too
+    chroot(root, "apt-get remove -y -q vif-route-qubes-guest vif-route-qubes-netvm")
+    assert chroot(root, "/usr/lib/qubes/setup-ip").stdout == "qubes usr/lib/qubes/setup-ip\n"
+    assert chroot(root, "/usr/lib/qubes/qubes-setup-dnat-to-ns").stdout == "qubes usr/lib/qubes/qubes-setup-dnat-to-ns\n"
+    chroot(root, "apt-get purge -y -q --autoremove " + " ".join(PACKAGES))
+    assert chroot(root, "/etc/xen/scripts/vif-route-qubes").stdout == "qubes etc/xen/scripts/vif-route-qubes\n"
+    assert "vif-route-qubes-" not in chroot(root, "dpkg-divert --list").stdout
+    assert chroot(root, "dpkg --verify qubes-core-agent-networking", check=False).returncode == 0
+    after = snapshot(root)
+    left = {p: after[p] for p in after if p not in before or before[p] != after[p]}
+    gone = sorted(p for p in before if p not in after)
+    assert not left and not gone, f"left by the packages: {sorted(left)}; removed: {gone}"
+    chroot(root, "dpkg --purge qubes-core-agent-networking >/dev/null")
