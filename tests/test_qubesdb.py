@@ -73,3 +73,30 @@ def test_a_daemon_that_is_gone_is_a_clear_error(qdb):
     assert not answers(env)
     with pytest.raises(Failure, match="cannot connect to"):
         QubesDB(env)
+
+
+def test_watch_events_from_the_daemons_own_writer(qdb):
+    """A watch on a path ending in '/' fires for qubesdb-write and
+    qubesdb-rm under it, not for a sibling; no event is a None after the
+    timeout; reads between events still answer (an event in between is
+    skipped by the read, not taken for its answer); a daemon that goes is
+    a clear error."""
+    import time
+
+    with QubesDB(qdb.env()) as q:
+        q.watch("/mapped-ip/10.138.0.9/")
+        t0 = time.monotonic()
+        assert q.event(0.2) is None
+        assert 0.15 < time.monotonic() - t0 < 2
+        assert qdb.cli("qubesdb-write", "/mapped-ip/10.138.0.90/visible-ip", "1.2.3.4").returncode == 0
+        assert qdb.cli("qubesdb-write", "/mapped-ip/10.138.0.9/visible-ip", "10.137.0.5").returncode == 0
+        assert q.event(5) == "/mapped-ip/10.138.0.9/visible-ip"
+        assert q.event(0.2) is None  # the sibling fired nothing
+        assert qdb.cli("qubesdb-write", "/mapped-ip/10.138.0.9/visible-gateway", "10.137.0.1").returncode == 0
+        time.sleep(0.2)  # the event is queued before the read's answer
+        assert q.read("/mapped-ip/10.138.0.9/visible-gateway") == b"10.137.0.1"
+        assert qdb.cli("qubesdb-rm", "/mapped-ip/10.138.0.9/visible-ip").returncode == 0
+        assert q.event(5) == "/mapped-ip/10.138.0.9/visible-ip"
+        qdb.stop()
+        with pytest.raises(Failure, match="QubesDB: .*closed the connection|QubesDB: .*qubesdb.dom0.sock"):
+            q.event(5)

@@ -8,7 +8,9 @@ The wire format is ``struct qdb_hdr`` of QubesDB's ``include/qubesdb.h``: a
 takes values of at most 3071 bytes, without NUL). A read answers ``QDB_RESP_READ`` with the value or
 ``QDB_RESP_ERROR_NOENT``; a multiread answers one ``QDB_RESP_MULTIREAD`` per
 entry and ends with an empty path. Watch events (``QDB_RESP_WATCH``) may come
-between any two messages; this client registers none, and skips them.
+between any two messages: a command's answer skips them, and
+:meth:`QubesDB.event` waits for the next one. A watch on a path ending in
+``/`` fires for every entry under it.
 
 Values are bytes, exactly as stored: what they mean, and whether they are
 valid, is for the caller's validation (``vif_route_qubes.validate``).
@@ -53,6 +55,7 @@ class QubesDB:
     def __init__(self, env=None, timeout=10.0):
         self.path = socket_path(env)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        self.timeout = timeout
         self.sock.settimeout(timeout)
         try:
             self.sock.connect(self.path)
@@ -135,6 +138,36 @@ class QubesDB:
         kind, _, _ = self._receive()
         if kind not in (RESP_OK, RESP_NOENT):
             raise Failure(f"QubesDB: removing {path} failed (answer type {kind})")
+
+    def watch(self, path):
+        """Be told of every change at ``path`` (or under it, with a trailing
+        ``/``) until this connection closes."""
+        self._send(CMD_WATCH, path)
+        kind, _, _ = self._receive()
+        if kind != RESP_OK:
+            raise Failure(f"QubesDB: watching {path} failed (answer type {kind})")
+
+    def event(self, timeout):
+        """The path of the next watch event, or None when none came within
+        ``timeout`` seconds. Only between commands: an answer is never
+        expected here."""
+        self.sock.settimeout(max(timeout, 0.001))
+        try:
+            head = self.sock.recv(HDR.size, socket.MSG_PEEK)
+        except socket.timeout:
+            return None
+        except OSError as exc:
+            raise self._gone(exc) from None
+        finally:
+            self.sock.settimeout(self.timeout)
+        if not head:
+            raise self._gone(None)
+        kind, raw, size = HDR.unpack(self._exactly(HDR.size))
+        if size:
+            self._exactly(min(size, MAX_DATA))
+        if kind != RESP_WATCH:
+            raise Failure(f"QubesDB: {self.path}: an answer (type {kind}) where a watch event was expected")
+        return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
 
     def close(self):
         self.sock.close()
