@@ -1,16 +1,20 @@
 """Mapped addresses (a disposable's "fake IP", vif-qubes-nat.sh): golden
-plans (pure), then the real namespace, veth pair and netdev NAT in network
-namespaces with real packets: the guest talks with its visible address and
-the upstream sees the real one, a forged source is dropped, IPv6 maps and
-passes through, and teardown leaves the netvm as it was."""
+plans (pure), then ``vif-route-qubes`` with its values in the real QubesDB
+daemon, in network namespaces with real packets: the guest talks with its
+visible address and the upstream sees the real one, a forged source is
+dropped, IPv6 maps and passes through, a re-run rebuilds in place or removes
+a NAT whose keys went, a failed online at any step leaves the netvm as it
+was, keys that arrive after online still map the vif (Qubes issue 9318),
+and offline leaves nothing."""
 
 import json
 import os
+import time
 from ipaddress import ip_address
 
 import pytest
 
-from tests.rigs.netns import PY, UdpSink, comparable, run, udp_send
+from tests.rigs.netns import UdpSink, _script, comparable, run, udp_send
 from vif_route_qubes import mapped as M
 from vif_route_qubes.errors import Failure
 from vif_route_qubes.plan import Vif
@@ -118,53 +122,78 @@ def test_an_emulated_nic_name_is_too_long_for_its_peer():
 
 
 # ----------------------------------------------------------------------------
-# Real namespaces, real packets
+# Through the hotplug script, values in the real QubesDB, real packets
 
-DRIVER = r"""
-import json, sys
-from ipaddress import ip_address as A
-from vif_route_qubes import mapped, plan
-from vif_route_qubes.system import System
-a = json.loads(sys.argv[1])
-s = System()
-if a["op"] == "up":
-    v = plan.Vif(name=a["name"], domid=a["domid"], mac=a["mac"], addresses=tuple(map(A, a["addresses"])),
-                 gateway=A(a["gateway"]), gateway6=A(a["gateway6"]) if a.get("gateway6") else None)
-    m = mapped.mapping_for(v, {A(r): (A(x), A(g)) for r, x, g in a["maps"]})
-    mapped.apply(s, m)
-    print("processes", s.spawned)
-else:
-    print(json.dumps(mapped.teardown(s, a["name"])))
-"""
+SCRIPT = _script("vif-route-qubes")
 
 
-def drive(world, guest, op, maps=(), gateway6=None):
-    args = {"op": op, "name": guest.vif, "domid": guest.domid, "mac": guest.mac,
-            "addresses": guest.addresses, "gateway": world.gateway, "gateway6": gateway6,
-            "maps": [list(map(str, x)) for x in maps]}
-    return world.netvm.exec_shared([PY, "-c", DRIVER, json.dumps(args)], env=dict(os.environ))
+def qwrite(qdb, keys):
+    for path, value in keys.items():
+        res = qdb.cli("qubesdb-write", path, value)
+        assert res.returncode == 0, res.stderr
+
+
+def qrm(qdb, *paths):
+    for path in paths:
+        assert qdb.cli("qubesdb-rm", path).returncode == 0
+
+
+def maps(qdb, real, visible, gateway):
+    qwrite(qdb, {f"/mapped-ip/{real}/visible-ip": str(visible), f"/mapped-ip/{real}/visible-gateway": str(gateway)})
+
+
+def qenv(world, qdb, guest, **extra):
+    """libxl's environment for ``guest``, with the netvm's values in QubesDB
+    (VIF_ROUTE_QUBES_MAPPED_WAIT=0: no late-keys watch unless a test asks)."""
+    return qdb.env(guest.env(**dict({"VIF_ROUTE_QUBES_CONFIG": "qubesdb", "VIF_ROUTE_QUBES_MAPPED_WAIT": "0"},
+                                    **extra)))
+
+
+def hotplug(world, qdb, guest, command, **extra):
+    return world.hotplug(guest, command, env=qenv(world, qdb, guest, **extra), shared=True)
 
 
 def nat_names(world):
     return [n for n in os.listdir("/run/netns") if n.endswith("-nat")]
 
 
+def as_before(world, guest, before):
+    """No NAT namespace of the guest's, and the netvm exactly as it was."""
+    assert M.netns_name(guest.vif) not in nat_names(world)
+    assert comparable(world.snapshot()) == before
+
+
+def record(world, guest):
+    path = os.path.join(world.env["VIF_ROUTE_QUBES_STATE_DIR"], f"{guest.vif}.json")
+    with open(path) as f:
+        return json.load(f)
+
+
 @pytest.fixture
-def nat_cleanup():
-    """A NAT namespace outlives the netvm's (it is bound in /run/netns):
-    whatever a failing test left is deleted."""
+def mworld(world, qdb):
+    """The nft world with the netvm's gateway in QubesDB; every NAT
+    namespace a test makes is deleted, whatever happens (it is bound in
+    /run/netns and outlives the netvm's namespace)."""
+    qwrite(qdb, {"/qubes-netvm-gateway": world.gateway})
+    world.upstream.ip("route", "add", "10.138.0.0/16", "via", world.UPLINK_NETVM)
     made = []
-    yield made
+    yield world, qdb, made
     for name in made:
         run(["ip", "netns", "del", M.netns_name(name)], check=False)
 
 
-def ipv6_uplink(world):
+def new_guest(world, made, n, addresses=(str(REAL),)):
+    guest = world.add_guest(n + os.getpid() % 20000, list(addresses))
+    made.append(guest.vif)
+    return guest
+
+
+def ipv6_uplink(world, qdb):
     world.netvm.ip("-6", "addr", "add", "fd00:1::2/64", "dev", "eth0", "nodad")
     world.upstream.ip("-6", "addr", "add", "fd00:1::1/64", "dev", "eth0", "nodad")
     world.netvm.ip("-6", "route", "add", "default", "via", "fd00:1::1")
     world.upstream.ip("-6", "route", "add", "fd09::/16", "via", "fd00:1::2")
-    world.xs.write("/local/domain/0/qubes_netvm_gateway6", str(GW6))
+    qwrite(qdb, {"/qubes-netvm-gateway6": str(GW6)})
 
 
 def guest_side(guest, addresses, gateways):
@@ -181,67 +210,90 @@ def guest_side(guest, addresses, gateways):
         guest.ns.ip(*fam, "route", "add", "default", "via", str(g), "dev", "eth0", "onlink")
 
 
+def talks_as(world, guest, visible, real, tag):
+    """A datagram from the guest's visible address reaches upstream from
+    the real one, and one to the real address reaches the guest."""
+    with UdpSink(world.upstream, "0.0.0.0", PORT) as up, UdpSink(guest.ns, str(visible), PORT) as down:
+        udp_send(guest.ns, world.UPLINK_UPSTREAM, PORT, f"up-{tag}", src=str(visible))
+        assert up.got(f"up-{tag}", wait=3), up.collect()
+        assert {s for s, d in up.collect() if d == f"up-{tag}"} == {str(real)}
+        udp_send(world.upstream, str(real), PORT, f"down-{tag}")
+        assert down.got(f"down-{tag}"), down.collect()
+
+
 @NFT
-def test_mapped_ipv4_real_packets_forged_dropped_teardown_leaves_nothing(world, nat_cleanup):
-    world.upstream.ip("route", "add", "10.138.0.0/16", "via", world.UPLINK_NETVM)
-    guest = world.add_guest(12 + os.getpid() % 20000, [str(REAL)])
-    nat_cleanup.append(guest.vif)
+def test_mapped_ipv4_through_hotplug_forged_dropped_offline_leaves_nothing(mworld):
+    world, qdb, made = mworld
+    guest = new_guest(world, made, 12)
+    maps(qdb, REAL, VISIBLE, VGW)
     before = comparable(world.snapshot())
     guest_side(guest, [VISIBLE], [VGW])
 
-    res = drive(world, guest, "up", [(REAL, VISIBLE, VGW)])
-    assert res.stdout.split() == ["processes", "3"], res.stdout + res.stderr
-    assert M.netns_name(guest.vif) in nat_names(world)
-    res = world.hotplug(guest, "online")
+    res = hotplug(world, qdb, guest, "online", VIF_ROUTE_QUBES_VERBOSE="1")
     assert res.returncode == 0, res.stderr
+    assert M.netns_name(guest.vif) in nat_names(world)
+    assert record(world, guest)["mapped"] == {"maps": [[str(REAL), str(VISIBLE), str(VGW)]], "passthrough": []}
+    talks_as(world, guest, VISIBLE, REAL, "first")
 
-    with UdpSink(world.upstream, "0.0.0.0", PORT) as up, UdpSink(guest.ns, str(VISIBLE), PORT) as down:
-        udp_send(guest.ns, world.UPLINK_UPSTREAM, PORT, "from-visible", src=str(VISIBLE))
-        assert up.got("from-visible"), up.collect()
-        # the outside sees the real address only
-        assert {s for s, d in up.collect() if d == "from-visible"} == {str(REAL)}
-        udp_send(world.upstream, str(REAL), PORT, "to-real")
-        assert down.got("to-real"), down.collect()
-        assert {s for s, d in down.collect() if d == "to-real"} == {world.UPLINK_UPSTREAM}
-
-        # forged sources: the real address itself (the guest must not use
-        # it) and another guest's address
+    # forged sources: the real address itself (the guest must not use it)
+    # and another guest's address
+    with UdpSink(world.upstream, "0.0.0.0", PORT) as up:
         for forged in (REAL, A("10.137.0.77")):
             guest.ns.ip("addr", "add", f"{forged}/32", "dev", "eth0")
             udp_send(guest.ns, world.UPLINK_UPSTREAM, PORT, f"forged-{forged}", src=str(forged))
         assert not [d for _, d in up.collect(0.5) if d.startswith("forged")], up.collect()
-        # nothing in the namespace passes IPv4 it was not told of
-        counters = world.netvm.exec(["ip", "netns", "exec", M.netns_name(guest.vif), "nft", "list", "ruleset"]).stdout
-        assert "policy drop" in counters
+    for forged in (REAL, A("10.137.0.77")):
+        guest.ns.ip("addr", "del", f"{forged}/32", "dev", "eth0")
 
-    # a re-run rebuilds in place: same namespace, packets still flow
-    res = drive(world, guest, "up", [(REAL, VISIBLE, VGW)])
+    # status shows the NAT
+    st = world.netvm.exec_shared([SCRIPT, "status"], check=False, env=qenv(world, qdb, guest))
+    assert any(line.split()[:3] == ["ok", "nat", M.netns_name(guest.vif)] for line in st.stdout.splitlines()), \
+        st.stdout
+
+    # a re-run rebuilds in place: the same namespace, packets still flow
+    ino = os.stat(f"/run/netns/{M.netns_name(guest.vif)}").st_ino
+    assert hotplug(world, qdb, guest, "online").returncode == 0
+    assert os.stat(f"/run/netns/{M.netns_name(guest.vif)}").st_ino == ino
+    talks_as(world, guest, VISIBLE, REAL, "rerun")
+
+    res = hotplug(world, qdb, guest, "offline")
     assert res.returncode == 0, res.stderr
-    with UdpSink(world.upstream, "0.0.0.0", PORT) as up:
-        udp_send(guest.ns, world.UPLINK_UPSTREAM, PORT, "after-rerun", src=str(VISIBLE))
-        assert up.got("after-rerun"), up.collect()
-
-    assert world.hotplug(guest, "offline").returncode == 0
-    res = drive(world, guest, "down")
-    assert json.loads(res.stdout) == [f"NAT namespace {M.netns_name(guest.vif)}"], res.stderr
-    assert M.netns_name(guest.vif) not in nat_names(world)
-    # the real vif is back under its own name, nothing of ours on it
-    assert comparable(world.snapshot()) == before
-    # and a second teardown finds nothing
-    assert json.loads(drive(world, guest, "down").stdout) == []
+    # the real vif is back under its own name, nothing of ours anywhere
+    as_before(world, guest, before)
 
 
 @NFT
-def test_ipv6_maps_and_passes_through(world, nat_cleanup):
-    world.upstream.ip("route", "add", "10.138.0.0/16", "via", world.UPLINK_NETVM)
-    ipv6_uplink(world)
-    other6 = A("fd09:24ef:4179::a8a:10")
-    guest = world.add_guest(13 + os.getpid() % 20000, [str(REAL), str(REAL6), str(other6)])
-    nat_cleanup.append(guest.vif)
-    guest_side(guest, [VISIBLE, VISIBLE6, other6], [VGW, GW6])
-    res = drive(world, guest, "up", [(REAL, VISIBLE, VGW), (REAL6, VISIBLE6, GW6)], gateway6=str(GW6))
+def test_keys_gone_a_rerun_removes_the_nat_and_the_real_address_works(mworld):
+    world, qdb, made = mworld
+    guest = new_guest(world, made, 14)
+    maps(qdb, REAL, VISIBLE, VGW)
+    guest_side(guest, [VISIBLE], [VGW])
+    assert hotplug(world, qdb, guest, "online").returncode == 0
+    talks_as(world, guest, VISIBLE, REAL, "mapped")
+
+    # dom0 stops hiding the address (Qubes writes visible-ip = the real one)
+    maps(qdb, REAL, REAL, GW)
+    res = hotplug(world, qdb, guest, "online")
     assert res.returncode == 0, res.stderr
-    assert world.hotplug(guest, "online").returncode == 0
+    assert M.netns_name(guest.vif) not in nat_names(world)
+    assert record(world, guest)["mapped"] is None
+    guest.ns.ip("addr", "flush", "dev", "eth0")
+    guest_side(guest, [REAL], [GW])
+    talks_as(world, guest, REAL, REAL, "unmapped")
+    assert hotplug(world, qdb, guest, "offline").returncode == 0
+
+
+@NFT
+def test_ipv6_maps_and_passes_through(mworld):
+    world, qdb, made = mworld
+    ipv6_uplink(world, qdb)
+    other6 = A("fd09:24ef:4179::a8a:10")
+    guest = new_guest(world, made, 13, [str(REAL), str(REAL6), str(other6)])
+    maps(qdb, REAL, VISIBLE, VGW)
+    maps(qdb, REAL6, VISIBLE6, GW6)
+    guest_side(guest, [VISIBLE, VISIBLE6, other6], [VGW, GW6])
+    res = hotplug(world, qdb, guest, "online")
+    assert res.returncode == 0, res.stderr
 
     with UdpSink(world.upstream, "::", PORT) as up:
         udp_send(guest.ns, "fd00:1::1", PORT, "mapped6", src=str(VISIBLE6))
@@ -257,6 +309,114 @@ def test_ipv6_maps_and_passes_through(world, nat_cleanup):
         udp_send(world.upstream, str(other6), PORT, "to-other6")
         assert down.got("to-real6") and down.got("to-other6"), down.collect()
 
-    assert world.hotplug(guest, "offline").returncode == 0
-    assert json.loads(drive(world, guest, "down").stdout)
+    assert hotplug(world, qdb, guest, "offline").returncode == 0
     assert M.netns_name(guest.vif) not in nat_names(world)
+
+
+@NFT
+def test_a_failed_online_at_any_step_leaves_the_netvm_as_it_was(mworld):
+    """VIF_ROUTE_QUBES_FAIL_AT=N for every change of a first online with a
+    mapped address: each failure leaves no namespace and the netvm exactly
+    as before; then the run without a fault works."""
+    world, qdb, made = mworld
+    guest = new_guest(world, made, 15)
+    maps(qdb, REAL, VISIBLE, VGW)
+    before = comparable(world.snapshot())
+    for n in range(1, 40):
+        res = hotplug(world, qdb, guest, "online", VIF_ROUTE_QUBES_FAIL_AT=str(n))
+        if res.returncode == 0:
+            break
+        assert f"VIF_ROUTE_QUBES_FAIL_AT={n}" in res.stderr, res.stderr
+        as_before(world, guest, before)
+    else:
+        pytest.fail("online never got through")
+    assert n > 5  # the NAT's own steps were among those failed
+    assert hotplug(world, qdb, guest, "offline").returncode == 0
+    assert comparable(world.snapshot()) == before
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    stat = open(f"/proc/{pid}/stat").read()
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def watch_pid(world, guest):
+    path = os.path.join(world.env["VIF_ROUTE_QUBES_STATE_DIR"], f"{guest.vif}.watch")
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if os.path.exists(path):
+            return int(open(path).read().split()[0])
+        time.sleep(0.02)
+    return None
+
+
+@NFT
+def test_keys_that_arrive_after_online_map_the_vif_without_a_detach(mworld):
+    world, qdb, made = mworld
+    guest = new_guest(world, made, 16)
+    before = comparable(world.snapshot())
+    t0 = time.monotonic()
+    res = hotplug(world, qdb, guest, "online", VIF_ROUTE_QUBES_MAPPED_WAIT="30")
+    assert res.returncode == 0, res.stderr
+    # online did not wait for the keys (the watch is detached)
+    assert time.monotonic() - t0 < 10
+    assert M.netns_name(guest.vif) not in nat_names(world)
+    pid = watch_pid(world, guest)
+    assert pid and _alive(pid)
+
+    # dom0 writes the keys late, visible-ip first (an address without its
+    # gateway is no mapping yet)
+    qwrite(qdb, {f"/mapped-ip/{REAL}/visible-ip": str(VISIBLE)})
+    time.sleep(0.3)
+    assert M.netns_name(guest.vif) not in nat_names(world)
+    qwrite(qdb, {f"/mapped-ip/{REAL}/visible-gateway": str(VGW)})
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (record(world, guest).get("mapped") is None or _alive(pid)):
+        time.sleep(0.05)
+    assert record(world, guest)["mapped"] == {"maps": [[str(REAL), str(VISIBLE), str(VGW)]], "passthrough": []}
+    assert not _alive(pid)
+    assert not os.path.exists(os.path.join(world.env["VIF_ROUTE_QUBES_STATE_DIR"], f"{guest.vif}.watch"))
+    guest_side(guest, [VISIBLE], [VGW])
+    talks_as(world, guest, VISIBLE, REAL, "late")
+
+    assert hotplug(world, qdb, guest, "offline").returncode == 0
+    as_before(world, guest, before)
+
+
+@NFT
+def test_offline_ends_a_watch_whose_keys_never_came(mworld):
+    world, qdb, made = mworld
+    guest = new_guest(world, made, 17)
+    before = comparable(world.snapshot())
+    assert hotplug(world, qdb, guest, "online", VIF_ROUTE_QUBES_MAPPED_WAIT="30").returncode == 0
+    pid = watch_pid(world, guest)
+    assert pid and _alive(pid)
+    assert hotplug(world, qdb, guest, "offline").returncode == 0
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and _alive(pid):
+        time.sleep(0.02)
+    assert not _alive(pid)
+    # keys written now change nothing: the vif is gone
+    maps(qdb, REAL, VISIBLE, VGW)
+    time.sleep(0.3)
+    as_before(world, guest, before)
+
+
+@NFT
+def test_dry_run_prints_the_nat_and_changes_nothing(mworld):
+    world, qdb, made = mworld
+    guest = new_guest(world, made, 18)
+    maps(qdb, REAL, VISIBLE, VGW)
+    before = comparable(world.snapshot())
+    res = run(world.netvm.shared([SCRIPT, "online", "--dry-run", "type_if=vif"]), check=False,
+              env=qenv(world, qdb, guest))
+    assert res.returncode == 0, res.stderr
+    assert f"# mapped addresses (NAT namespace {M.netns_name(guest.vif)}): {REAL} seen by the guest as " \
+           f"{VISIBLE} (gateway {VGW})" in res.stdout
+    assert f"netns add {M.netns_name(guest.vif)}" in res.stdout
+    assert f"$ ip netns exec {M.netns_name(guest.vif)} nft -f -" in res.stdout
+    as_before(world, guest, before)

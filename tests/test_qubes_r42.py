@@ -8,12 +8,16 @@ the suite as a drop-in where only Qubes' own scheme exists.
   address: no NAT); XenStore holds only libxl's backend directories,
   nothing of Qubes;
 * two guests, each with its own QubesDB (the real daemon) seeded as dom0
-  writes an AppVM's; ``qubes-setup-ip`` configures them from it;
+  writes it: an AppVM, and a disposable whose real address (10.138.x) is
+  hidden from it behind a mapped one (``/mapped-ip/REAL/visible-ip``, as
+  dom0 writes it in sys-net's QubesDB); ``qubes-setup-ip`` configures them
+  from their own QubesDB;
 * ``vif-route-qubes online`` (nft backend) for both, ``qubes-setup-dnat-to-ns``
   with the virtual nameservers from QubesDB and real upstream DNS servers;
 
-then with real packets: each guest reaches upstream with its own address,
-a forgery (the other guest's address) is dropped, DNS to DNS1/DNS2 is
+then with real packets: each guest reaches upstream with its own address
+(the disposable's seen as its real one), a forgery (the other guest's
+address) is dropped, from either, DNS to DNS1/DNS2 is
 answered by the upstreams over UDP and TCP; and ``offline`` leaves Qubes'
 tables exactly as it found them.
 """
@@ -35,7 +39,10 @@ BIN = os.path.dirname(sys.executable)
 ANTISPOOF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "qubes", "qubes-antispoof.nft")
 GATEWAY, DNS1, DNS2 = "10.137.0.1", "10.139.1.1", "10.139.1.2"
 UP1, UP2 = "192.168.0.53", "192.168.0.54"
-GUESTS = {12: "10.137.0.12", 13: "10.137.0.13"}
+GUESTS = {12: "10.137.0.12", 13: "10.138.0.13"}  # real addresses; 13 is the disposable
+# what the disposable sees as its own address: Qubes gives a disposable the
+# address of the qube it was made from, and hides its real one
+VISIBLE = {12: "10.137.0.12", 13: "10.137.0.99"}
 PORT = 5757
 
 
@@ -82,6 +89,7 @@ def netvm():
         write(sysnet, {"/qubes-netvm-gateway": GATEWAY, "/qubes-netvm-netmask": "255.255.255.0",
                        "/qubes-netvm-network": "10.137.0.0",
                        "/qubes-netvm-primary-dns": DNS1, "/qubes-netvm-secondary-dns": DNS2})
+        world.upstream.ip("route", "add", "10.138.0.0/16", "via", world.UPLINK_NETVM)  # disposables' space
         for addr in (UP1, UP2):
             world.upstream.ip("addr", "add", f"{addr}/24", "dev", "eth0")
         for addr in (DNS1, DNS2):  # a query that leaks untranslated lands here
@@ -91,15 +99,19 @@ def netvm():
         for domid, ip in GUESTS.items():
             g = world.add_guest(domid, [ip])
             # what Qubes' dom0 writes for every qube behind sys-net
-            write(sysnet, {f"/mapped-ip/{ip}/visible-ip": ip, f"/mapped-ip/{ip}/visible-gateway": GATEWAY})
+            write(sysnet, {f"/mapped-ip/{ip}/visible-ip": VISIBLE[domid],
+                           f"/mapped-ip/{ip}/visible-gateway": GATEWAY})
             own = Daemon()
             daemons.append(own)
-            write(own, {"/qubes-ip": ip, "/qubes-netmask": "255.255.255.255", "/qubes-gateway": GATEWAY,
+            write(own, {"/qubes-ip": VISIBLE[domid], "/qubes-netmask": "255.255.255.255", "/qubes-gateway": GATEWAY,
                         "/qubes-primary-dns": DNS1, "/qubes-secondary-dns": DNS2,
                         "/qubes-service/qubes-update-check": "1"})
             guests[domid] = (g, own)
         yield world, sysnet, guests, servers, tmp
     finally:
+        # the disposable's NAT namespace is bound in /run/netns: it outlives
+        # the netvm's namespace if a failing test left it
+        subprocess.run(["ip", "netns", "del", "vif13.0-nat"], capture_output=True)
         if servers:
             servers.close()
         if world:
@@ -127,7 +139,7 @@ def test_a_qubes_r42_netvm_end_to_end(netvm):
     assert f"configuration: qubesdb (auto: QubesDB answers on {sysnet.socket})" in res.stderr
 
     for domid, (g, own) in guests.items():
-        res = world.hotplug(g, "online", env=sysnet.env(g.env()))
+        res = world.hotplug(g, "online", env=sysnet.env(g.env()), shared=True)
         assert res.returncode == 0, res.stderr
         genv = own.env({"PATH": world.env["PATH"], "QUBES_SETUP_IP_HOOK": "",
                         "VIF_ROUTE_QUBES_SYSLOG": world.env["VIF_ROUTE_QUBES_SYSLOG"],
@@ -143,19 +155,25 @@ def test_a_qubes_r42_netvm_end_to_end(netvm):
     for domid, ip in GUESTS.items():
         assert f'"vif{domid}.0" . {ip}' in during
 
+    # the disposable's real address lives behind its NAT namespace
+    assert os.path.exists("/run/netns/vif13.0-nat") and not os.path.exists("/run/netns/vif12.0-nat")
     g12, g13 = guests[12][0], guests[13][0]
     with UdpSink(world.upstream, world.UPLINK_UPSTREAM, PORT) as sink:
         assert udp_send(g12.ns, world.UPLINK_UPSTREAM, PORT, "own12").returncode == 0
         assert udp_send(g13.ns, world.UPLINK_UPSTREAM, PORT, "own13").returncode == 0
         assert sink.got("own12", 3) and sink.got("own13", 3)
-        # guest 12 forging guest 13's address: dropped in the netvm
-        g12.ns.ip("addr", "add", f"{GUESTS[13]}/32", "dev", "eth0")
-        udp_send(g12.ns, world.UPLINK_UPSTREAM, PORT, "forged", src=GUESTS[13])
+        # each forging the other's address (the disposable's real one, the
+        # AppVM's): dropped in the netvm, and in the disposable's namespace
+        for g, other in ((g12, GUESTS[13]), (g13, GUESTS[12])):
+            g.ns.ip("addr", "add", f"{other}/32", "dev", "eth0")
+            udp_send(g.ns, world.UPLINK_UPSTREAM, PORT, f"forged{g.domid}", src=other)
         seen = sink.collect(0.5)
-        g12.ns.ip("addr", "del", f"{GUESTS[13]}/32", "dev", "eth0")
+        for g, other in ((g12, GUESTS[13]), (g13, GUESTS[12])):
+            g.ns.ip("addr", "del", f"{other}/32", "dev", "eth0")
     sources = {data: src for src, data in seen}
+    # the upstream sees real addresses only: the disposable's mapped one never
     assert sources["own12"].startswith(GUESTS[12]) and sources["own13"].startswith(GUESTS[13])
-    assert "forged" not in sources
+    assert not [d for d in sources if d.startswith("forged")]
 
     # DNS: both virtual nameservers answered by the upstreams, UDP and TCP
     targets = [f"{d}/{p}" for d in (DNS1, DNS2) for p in ("udp", "tcp")]
@@ -171,8 +189,9 @@ def test_a_qubes_r42_netvm_end_to_end(netvm):
     # our helper sets, empty (docs/firewall.md: the fast path's skeleton,
     # kept like the tables themselves)
     for domid, (g, _) in guests.items():
-        res = world.hotplug(g, "offline", env=sysnet.env(g.env()))
+        res = world.hotplug(g, "offline", env=sysnet.env(g.env()), shared=True)
         assert res.returncode == 0, res.stderr
+    assert not os.path.exists("/run/netns/vif13.0-nat")
     after = qubes_tables(world.netvm)
     for fam in ("ip", "ip6"):
         was, now = blocks(found[fam]), blocks(after[fam])

@@ -40,6 +40,9 @@ Environment (as libxl and udev set it):
   VIF_ROUTE_QUBES_XS_TIMEOUT  seconds to wait for XenStore (default 10)
   VIF_ROUTE_QUBES_IFACE_WAIT  seconds online waits for the interface to
                               appear (default 5)
+  VIF_ROUTE_QUBES_MAPPED_WAIT seconds a watch left by online waits for
+                              /mapped-ip keys that are not there yet
+                              (default 60; 0: no watch)
   VIF_ROUTE_QUBES_DEBUG=1     debug logging on stderr (like -v)
   VIF_ROUTE_QUBES_SYSLOG      syslog socket (default /dev/log)
   VIF_ROUTE_QUBES_HOTPLUG_LOG hotplug log (default /var/log/xen/xen-hotplug.log)
@@ -56,6 +59,14 @@ XenStore keys read:
   qubes_netvm_gateway6     optional: IPv6 gateway (/128 and proxy_ndp)
   qubes-service/harden-network-interfaces
                            optional switch: Qubes' hardening sysctls for the vif
+  (from QubesDB, the netvm's three as /qubes-netvm-gateway, ...)
+
+\b
+QubesDB keys read (configuration qubesdb only):
+  /mapped-ip/REAL/visible-ip, /mapped-ip/REAL/visible-gateway
+                           optional, per guest address REAL: the guest lives
+                           with the visible address behind a NAT namespace
+                           VIF-nat (a disposable's mapped address)
 """
 
 WRITTEN_HELP = """

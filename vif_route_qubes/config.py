@@ -124,10 +124,54 @@ def _read(q, mapping) -> dict:
     return out
 
 
-def netvm_from_qubesdb(env) -> dict:
-    """The hotplug script's netvm values from QubesDB (one multiread answers
-    both gateways, one read the service)."""
-    return qubesdb_values(env, NETVM)
+# a guest's mapped addresses (disposables): /mapped-ip/REAL/{visible-ip,
+# visible-gateway}, keyed by the real address as Python's ipaddress prints
+# it (qubes-core-admin writes str(vm.ip)); the IPv6 form is ours (Qubes
+# issue 6216)
+MAPPED = "/mapped-ip/"
+MAPPED_KEYS = ("visible-ip", "visible-gateway")
+
+
+def mapped_path(real) -> str:
+    return f"{MAPPED}{real}/"
+
+
+def netvm_from_qubesdb(env, addresses=()) -> dict:
+    """The hotplug script's netvm values from QubesDB on one connection (one
+    multiread answers both gateways, one read the service); with
+    ``addresses`` (the guest's real addresses, canonical text), also their
+    mapped addresses, one multiread each, under ``"mapped-ip"``: {real:
+    (visible-ip, visible-gateway), text or None}."""
+    from .qubesdb import QubesDB
+
+    with QubesDB(env) as q:
+        found = _read(q, NETVM)
+        found["mapped-ip"] = mapped_of(q, addresses)
+    return found
+
+
+def mapped_of(q, addresses) -> dict:
+    """{real: (visible-ip, visible-gateway)} on connection ``q``. An address
+    whose key path is longer than QubesDB's paths can be has none (Qubes'
+    dom0 cannot have written it)."""
+    from .qubesdb import MAX_PATH
+
+    out = {}
+    for real in addresses:
+        base = mapped_path(real)
+        if len(base) + max(map(len, MAPPED_KEYS)) >= MAX_PATH:
+            out[real] = (None, None)
+            continue
+        got = q.multiread(base)
+        values = []
+        for key in MAPPED_KEYS:
+            raw = got.get(base + key)
+            try:
+                values.append(raw.decode("ascii") if raw is not None else None)
+            except UnicodeDecodeError:
+                raise Failure(f"QubesDB {base}{key}: {raw[:40]!r} is not ASCII text") from None
+        out[real] = tuple(values)
+    return out
 
 
 def guest_values(env, mac) -> tuple:

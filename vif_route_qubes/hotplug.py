@@ -10,6 +10,7 @@ import os
 import time
 from ipaddress import ip_interface
 
+from . import mapped
 from . import plan as P
 from . import state, validate
 from .config import choose as config_choice
@@ -33,6 +34,9 @@ ENV_WORDS = ("vif", "XENBUS_PATH", "type_if")
 DEFAULT_HOOKS = "/rw/config/network-hooks.d"
 # seconds online waits for the backend interface to appear (udev races)
 DEFAULT_IFACE_WAIT = 5.0
+# seconds a late-keys watch waits for a vif's /mapped-ip keys ("0": no watch)
+MAPPED_WAIT_ENV = "VIF_ROUTE_QUBES_MAPPED_WAIT"
+DEFAULT_MAPPED_WAIT = 60.0
 
 
 def parse_words(words):
@@ -91,6 +95,10 @@ class Context:
         self.fw_applied = False  # this run's firewall change is in force
         self.fw_was = None  # the other backend, when the record names it
         self.hooks_ran = False  # told the hooks "online" (rollback tells them back)
+        self.mapping = None  # the vif's NAT (mapped.MappedVif), from QubesDB's /mapped-ip
+        self.mapped_pending = []  # real IPv4 addresses whose /mapped-ip keys are not all there
+        self.nat_changed = False  # this run built, rebuilt or removed the vif's NAT namespace
+        self.late = False  # a late-keys watch's re-run: only a vif that is still online
 
     @property
     def config(self):
@@ -119,26 +127,65 @@ class Context:
 # Reading inputs
 
 
-def _backend_values(ctx, xp):
+def _backend_values(ctx, xp, mapped=False):
     """Backend keys and the netvm's own keys, in one XenStore round trip;
     key=value words override XenStore values of the same name. The
     directory itself is read too: whether it exists decides whether we may
-    report into it (``ctx.xp_exists``)."""
+    report into it (``ctx.xp_exists``). From QubesDB, with ``mapped``, the
+    guest's mapped addresses too (``found["mapped-ip"]``), on the same
+    connection; the XenStore scheme has none."""
     qdb = ctx.config[0] == "qubesdb"
     paths = [f"{xp}/{k}" for k in BACKEND_KEYS] + ([] if qdb else list(NETVM_KEYS)) + [xp]
     values = ctx.xs.read_many(paths)
     found = {k: values[f"{xp}/{k}"] for k in BACKEND_KEYS}
-    if qdb:
-        from .config import netvm_from_qubesdb
-
-        found.update(netvm_from_qubesdb(ctx.env))
-    else:
-        found.update({k: values[k] for k in NETVM_KEYS})
     ctx.xp_exists = values[xp] is not None
     for key in BACKEND_KEYS:
         if key in ctx.vars:
             found[key] = ctx.vars[key]
+    if qdb:
+        from .config import netvm_from_qubesdb
+
+        found.update(netvm_from_qubesdb(ctx.env, _real_addresses(found.get("ip")) if mapped else ()))
+    else:
+        found.update({k: values[k] for k in NETVM_KEYS})
     return found
+
+
+def _real_addresses(text) -> list:
+    """The canonical text of each word of an ``ip`` value that is an
+    address, for the /mapped-ip lookups (validated later, with the rest)."""
+    from ipaddress import ip_address
+
+    out = []
+    for word in (text or "").split()[:validate.MAX_ADDRESSES]:
+        try:
+            a = str(ip_address(word.split("/")[0]))
+        except ValueError:
+            continue
+        if a not in out:
+            out.append(a)
+    return out
+
+
+def _mapping(ctx, vif, raw):
+    """The vif's NAT (a mapped.MappedVif) from the validated /mapped-ip
+    values ``raw`` = {real text: (visible-ip, visible-gateway)}, or None.
+    Sets ``ctx.mapped_pending``: real IPv4 addresses whose keys are not
+    (both) there yet, which a late-keys watch waits for (Qubes issue 9318:
+    dom0 may write them after the hotplug ran). Only IPv4: Qubes' dom0
+    writes the keys for a qube's IPv4 address and never for IPv6, so
+    waiting for those would be waiting for nothing."""
+    found = {}
+    ctx.mapped_pending = []
+    for a in vif.addresses:
+        visible, gateway = (raw or {}).get(str(a), (None, None))
+        base = f"QubesDB /mapped-ip/{a}/"
+        v = validate.gateway(visible, base + "visible-ip", a.version)
+        g = validate.gateway(gateway, base + "visible-gateway", a.version)
+        if (v is None or g is None) and a.version == 4:
+            ctx.mapped_pending.append(a)
+        found[a] = (v, g)
+    return mapped.mapping_for(vif, found)
 
 
 def _netvm_gateways(found, source):
@@ -308,11 +355,16 @@ def _run_hooks(ctx, command, vif):
 
 def online(ctx) -> int:
     name, xp, front, devid = _identify(ctx)
-    found = _backend_values(ctx, xp)
+    found = _backend_values(ctx, xp, mapped=True)
     target = name
     if found.get("vifname"):
         target = validate.ifname(found["vifname"], _where(ctx, xp, "vifname"))
     vif = _vif_from(ctx, found, target, xp, front, devid)
+    if "mapped-ip" in found:
+        ctx.mapping = _mapping(ctx, vif, found["mapped-ip"])
+        if ctx.mapping is not None:
+            ctx.sys.note(f"mapped addresses (NAT namespace {mapped.netns_name(target)}): " + ", ".join(
+                f"{x.real} seen by the guest as {x.visible} (gateway {x.gateway})" for x in ctx.mapping.maps))
     s = ctx.sys
     present = _wait_for(ctx, [name, target] if target != name else [name])
     if present is None:
@@ -329,6 +381,11 @@ def online(ctx) -> int:
         if not ctx.dry_run:
             lock.acquire()
         record = state.load(ctx.state_dir, name)
+        if ctx.late and (record is None or record.get("name") != target):
+            # the watch outlived its vif (offline ran meanwhile): a re-run
+            # must not bring back a gone guest's configuration
+            ctx.log.info(f"late /mapped-ip keys for {name}: it is no longer online, nothing done")
+            return 0
         # Nothing is touched before the interface is proven the one netback
         # made for this backend directory: a vifname=eth0 must never turn
         # the uplink into a guest vif.
@@ -369,6 +426,7 @@ def online(ctx) -> int:
         f" mac {vif.mac} metric {vif.metric}" + (f" gateway {vif.gateway}" if vif.gateway else "")
         + f" firewall {ctx.fw.name} config {ctx.config[0]}"
     )
+    _start_watch(ctx, name)
     return 0
 
 
@@ -397,6 +455,11 @@ def _proof(present, name, domid, devid, record, facts):
         return Refusal("it is a loopback interface")
     if facts["group"] == P.UPLINK_GROUP:
         return Refusal(f"it is in group {P.UPLINK_GROUP} (an uplink)")
+    if (record and record.get("mapped") and record.get("name") == present
+            and record.get("ifindex") == facts["ifindex"] and mapped.netns_exists(present)):
+        # the real vif is in the NAT namespace; what is here is the netvm
+        # end of the veth pair an earlier online made in its place
+        return f"the netvm end of this vif's NAT, made by an earlier online (ifindex {facts['ifindex']})"
     if present == name:
         return f"named {name}, as netback names it (no parent device: not on Xen)"
     if record and record.get("name") == present and record.get("ifindex") == facts["ifindex"]:
@@ -434,6 +497,7 @@ def _online(ctx, name, target, rename, vif, ipv6, previous):
     s = ctx.sys
     if rename:
         s.run(["ip", "link", "set", "dev", name, "name", target])
+    _nat(ctx, target, ctx.mapping)
     if ctx.harden:
         # before the link is up, as Qubes does; the old values are kept so a
         # failed run puts them back (it leaves the host as it found it)
@@ -466,10 +530,30 @@ def _online(ctx, name, target, rename, vif, ipv6, previous):
         ctx.log.debug(done)
     if not ctx.dry_run:
         state.save(ctx.state_dir, name, dict(state.record_of(vif, ipv6, name, ctx.ifindex),
-                                             firewall=ctx.fw.name))
+                                             firewall=ctx.fw.name, mapped=mapped.record_of(ctx.mapping)))
     ctx.hooks_ran = True
     _run_hooks(ctx, "online", vif)
     _report(ctx, ctx.xenbus_path, [(f"{ctx.xenbus_path}/hotplug-status", "connected")], clear_error=True)
+
+
+def _nat(ctx, target, m):
+    """Before anything else of the link: build (or rebuild in place) the
+    vif's NAT namespace when it has mapped addresses, or remove one it no
+    longer should have (its keys went: re-running is repair). Afterwards
+    ``target`` in the netvm is the netvm end of the veth pair, and the rest
+    of online configures it as any vif, for the real addresses; its ifindex
+    is what the record proves later runs' interface by."""
+    if m is None and not mapped.netns_exists(target):
+        return
+    ctx.nat_changed = True
+    if m is None:
+        for done in mapped.teardown(ctx.sys, target):
+            ctx.log.info(f"{target}: no mapped address any more: removed its {done}")
+    else:
+        mapped.apply(ctx.sys, m)
+    facts = System.iface_facts(target)
+    if facts is not None and not ctx.dry_run:
+        ctx.ifindex = facts["ifindex"]
 
 
 def _roll_back(ctx, name, target, rename, vif, ipv6, previous, record):
@@ -478,6 +562,18 @@ def _roll_back(ctx, name, target, rename, vif, ipv6, previous, record):
     ours. Works from a fresh reading of the kernel, so whatever the failed
     step left half done is found and put right."""
     s = ctx.sys
+    if ctx.nat_changed:
+        # the NAT as it was first (the previous one rebuilt, or none), so
+        # what follows converges the interface the netvm had before
+        was = mapped.from_record(previous, (record or {}).get("mapped")) if previous is not None else None
+        try:
+            if was is None:
+                mapped.teardown(s, target)
+            else:
+                mapped.apply(s, was)
+        except Failure as exc:
+            ctx.log.warning(f"rollback of {target}'s NAT: {exc}; removing it")
+            mapped.teardown(s, target)
     now = target if s.iface_exists(target) else name
     for path, old in ctx.hardened:
         if old:
@@ -549,6 +645,143 @@ def _report(ctx, xp, items, clear_error=False):
 
 
 # ----------------------------------------------------------------------------
+# Late /mapped-ip keys (Qubes issue 9318)
+#
+# dom0 may write a disposable's /mapped-ip keys after the hotplug ran. When
+# a QubesDB online found them missing, a watch is left behind: a detached
+# process (stdio closed, so neither libxl nor udev waits for it) holding
+# one QubesDB connection with a watch on /mapped-ip/REAL/ for each pending
+# address, for at most VIF_ROUTE_QUBES_MAPPED_WAIT seconds. When the keys
+# are there and map an address, it re-runs online for the vif, which then
+# converges to its NAT (no detach); when they arrive equal to the real
+# address, or never, it just ends. Its pid and start time are in
+# STATE_DIR/VIF.watch; offline ends it and removes the file.
+
+
+def _watch_file(ctx_or_dir, name):
+    directory = ctx_or_dir if isinstance(ctx_or_dir, str) else ctx_or_dir.state_dir
+    return os.path.join(directory, f"{name}.watch")
+
+
+def _start_time(pid):
+    """The kernel's start time of process ``pid`` (None: no such process):
+    with the pid, it names one process, never a later one that reused it."""
+    stat = System.read(f"/proc/{pid}/stat")
+    if not stat or ")" not in stat:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def _mapped_wait(env) -> float:
+    from .lock import seconds
+
+    return 0.0 if env.get(MAPPED_WAIT_ENV, "").strip() == "0" else seconds(env, MAPPED_WAIT_ENV, DEFAULT_MAPPED_WAIT)
+
+
+def _start_watch(ctx, name):
+    if not ctx.mapped_pending or ctx.mapping is not None or ctx.late:
+        return
+    limit = _mapped_wait(ctx.env)
+    if limit <= 0:
+        return
+    pending = [str(a) for a in ctx.mapped_pending]
+    what = ", ".join(f"/mapped-ip/{a}/" for a in pending)
+    if ctx.dry_run:
+        ctx.sys.note(f"would watch QubesDB {what} for {limit:g} s (keys that arrive late map the address)")
+        return
+    ctx.log.debug(f"{name}: watching QubesDB {what} for {limit:g} s")
+    pid = os.fork()
+    if pid:
+        os.waitpid(pid, 0)
+        return
+    try:
+        os.setsid()
+        if os.fork() == 0:
+            devnull = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(devnull, fd)
+            # nothing of the parent's stays open: above all no lock file
+            # (a flock held by a copy of its descriptor outlives release)
+            os.closerange(3, 65536)
+            _watch(dict(ctx.env), name, pending, limit, ctx.state_dir)
+    finally:
+        os._exit(0)
+
+
+def _watch(env, name, pending, limit, directory):
+    import signal
+
+    from .config import mapped_of, mapped_path
+    from .qubesdb import QubesDB
+
+    log = Log("vif-route-qubes", env)
+    me = f"{os.getpid()} {_start_time(os.getpid())}"
+    path = _watch_file(directory, name)
+    try:
+        with open(path, "w") as f:
+            f.write(me + "\n")
+    except OSError as exc:
+        log.warning(f"{name}: no late-keys watch ({path}: {exc.strerror})")
+        return
+
+    def mine():
+        return (System.read(path) or "").strip() == me
+
+    deadline = time.monotonic() + limit
+    try:
+        with QubesDB(env) as q:
+            for a in pending:
+                q.watch(mapped_path(a))
+            while True:
+                # level-triggered: the keys are read after the watch is set,
+                # and again after every event, so none is missed
+                found = mapped_of(q, pending)
+                if all(v and g for v, g in found.values()):
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.debug(f"{name}: no /mapped-ip keys within {limit:g} s: the vif stays unmapped")
+                    return
+                q.event(left)
+    except Failure as exc:
+        log.warning(f"{name}: late-keys watch ended: {exc}")
+        return
+    finally:
+        if mine():
+            # from here on offline finds nothing to stop; the re-run checks
+            # under the vif's lock that the vif is still online
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            os.unlink(path)
+        log.close()
+    if all(v == real for real, (v, _) in found.items()):
+        return
+    run("online", {}, env, late=True)
+
+
+def _stop_watch(ctx, name):
+    """End the vif's late-keys watch, if one is waiting (offline)."""
+    path = _watch_file(ctx, name)
+    text = System.read(path)
+    if text is None:
+        return
+    ctx.sys.note(f"end the late-keys watch of {name} ({path}: {text.strip()})")
+    if ctx.dry_run:
+        return
+    words = text.split()
+    if len(words) == 2 and words[0].isdigit() and _start_time(int(words[0])) == words[1]:
+        import signal
+
+        try:
+            os.kill(int(words[0]), signal.SIGTERM)
+        except OSError:
+            pass
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+# ----------------------------------------------------------------------------
 # Offline
 
 
@@ -603,6 +836,7 @@ def offline(ctx) -> int:
         except Failure as exc:
             ctx.log.warning(str(exc))
     s = ctx.sys
+    _stop_watch(ctx, name)
     try:
         own, lock = _locks(ctx, name)
     except Failure as exc:  # a bad VIF_ROUTE_QUBES_LOCK_TIMEOUT must not stop the cleanup
@@ -623,6 +857,9 @@ def offline(ctx) -> int:
         record = state.load(ctx.state_dir, name)
         vif = _offline_vif(ctx, name, record)
         addresses = list(vif.addresses)
+        # the NAT first: its veth pair (and every route on the netvm end)
+        # goes, the real vif comes back, and the rest finds it as any vif
+        removed += mapped.teardown(s, vif.name)
         facts = System.iface_facts(vif.name)
         if facts is None:
             s.note(f"{vif.name} no longer exists: its routes, addresses and neighbour entries went with it")
@@ -746,10 +983,12 @@ def _loggable(value: str) -> str:
     return value if value.isprintable() and value.isascii() else repr(value)[1:-1]
 
 
-def run(command, variables, env, dry_run=False, log=None, out=None, firewall=None) -> int:
-    """One hotplug invocation -> exit status (0 ok / nothing to do, 1 failed)."""
+def run(command, variables, env, dry_run=False, log=None, out=None, firewall=None, late=False) -> int:
+    """One hotplug invocation -> exit status (0 ok / nothing to do, 1 failed).
+    ``late``: the re-run of a late-keys watch (see :func:`_watch`)."""
     try:
         ctx = Context(command, variables, env, dry_run=dry_run, log=log, out=out, firewall=firewall)
+        ctx.late = late
     except Failure as exc:
         # a broken setting (VIF_ROUTE_QUBES_IPTABLES=...) found before there
         # is anything to report through: one line, not a traceback
@@ -776,6 +1015,11 @@ def run(command, variables, env, dry_run=False, log=None, out=None, firewall=Non
             # offline() itself never raises for what it finds on the host;
             # only input too broken to know what to clean up gets here.
             ctx.log.error(f"offline: {exc}")
+            return 1
+        if late:
+            # the vif is up and was left as it was: Xen's failure protocol
+            # is for the attach, long over
+            ctx.log.error(f"late /mapped-ip keys: {exc}")
             return 1
         _report_failure(ctx, exc)
         return 1

@@ -108,6 +108,25 @@ def record_of(m):
             "passthrough": [str(a) for a in m.passthrough]}
 
 
+def from_record(vif, rec):
+    """The inverse of :func:`record_of`, for ``vif`` (a plan.Vif from the
+    same state record) -> MappedVif, or None (no NAT, or a record this
+    release cannot read: then there is none to rebuild)."""
+    from ipaddress import ip_address
+
+    if not rec or not vif.mac:
+        return None
+    try:
+        maps = tuple(Mapping(*map(ip_address, x)) for x in rec["maps"])
+        passthrough = tuple(ip_address(a) for a in rec.get("passthrough") or ())
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not maps:
+        return None
+    gateways = tuple(g for g in (vif.gateway, vif.gateway6) if g is not None)
+    return MappedVif(vif.name, vif.mac.lower(), maps, passthrough, gateways)
+
+
 def guest_addresses(m, version=None):
     """What the guest uses as its own addresses: visible ones for mapped
     addresses, real ones for those that pass through."""

@@ -113,7 +113,7 @@ def _public_record(record):
     if record is None:
         return None
     keep = ("name", "original", "domid", "devid", "type", "mac", "addresses", "gateway", "gateway6",
-            "xenbus_path", "ipv6")
+            "xenbus_path", "ipv6", "mapped")
     return {k: record.get(k) for k in keep}
 
 
@@ -527,12 +527,31 @@ def collect(names, env, log=None, firewall=None) -> Report:
         if want is None and not record and not xsv and name in (names or ()) and name not in kernel.links:
             st.add(MISSING, "vif", name, "no state record, no XenStore entry, no interface")
         _link_checks(st, want, kernel)
+        _nat_checks(st, record)
         _firewall_checks(st, want, kernel)
         vifs.append(st)
     chosen = firewalls[0]
     return Report(vifs=vifs, notes=notes, xenstore_error=xs_error,
                   firewall={"backend": chosen.name, "reason": chosen.reason},
                   config={"source": source, "reason": reason})
+
+
+def _nat_checks(st, record):
+    """The mapped addresses' NAT namespace (disposables): there when the
+    record says the vif has mapped addresses, else not (a file test; what
+    is inside it online rewrites at every run)."""
+    from . import mapped
+
+    maps = ((record or {}).get("mapped") or {}).get("maps") or []
+    ns = mapped.netns_name(st.name)
+    there = mapped.netns_exists(st.name)
+    detail = ", ".join(f"{real} seen by the guest as {visible} (gateway {gw})" for real, visible, gw in maps)
+    if maps and there:
+        st.add(OK, "nat", ns, detail)
+    elif maps:
+        st.add(MISSING, "nat", ns, f"{detail}: the namespace is gone (online again repairs it)")
+    elif there:
+        st.add(UNEXPECTED, "nat", ns, "no mapped address is recorded for this vif (online again removes it)")
 
 
 def render_text(report, problems=False) -> str:

@@ -122,6 +122,9 @@ class World:
             "VIF_ROUTE_QUBES_HOOKS_DIR": os.path.join(self.tmpdir, "hooks"),
             "VIF_ROUTE_QUBES_SYSLOG": os.path.join(self.tmpdir, "no-syslog"),
             "VIF_ROUTE_QUBES_HOTPLUG_LOG": os.path.join(self.tmpdir, "xen", "xen-hotplug.log"),
+            # no late-keys watch left behind by a QubesDB online whose test
+            # does not offline (tests/test_mapped.py asks for one)
+            "VIF_ROUTE_QUBES_MAPPED_WAIT": "0",
         }
         # the firewall backend the commands under test use; None leaves the
         # choice to them (auto: nft where the nft command exists)
@@ -182,15 +185,20 @@ class World:
         self.guests.append(guest)
         return guest
 
-    def hotplug(self, guest, command="online", *words, env=None, check=False, cmd=None):
-        """Run the installed console script in the netvm as libxl would."""
+    def hotplug(self, guest, command="online", *words, env=None, check=False, cmd=None, shared=False):
+        """Run the installed console script in the netvm as libxl would;
+        ``shared``: with the host's mounts (:meth:`Netns.shared`), as a run
+        that makes a named namespace (a mapped address's NAT) needs."""
         env = env or guest.env()
         prog = [cmd] if cmd else None
         if prog is None:
             from .faults import command as faulty
 
             prog, env = faulty(_script("vif-route-qubes"), env)
-        return self.netvm.exec([*prog, command, "type_if=vif", *words], check=check, env=env)
+        argv = [*prog, command, "type_if=vif", *words]
+        if shared:
+            return run(self.netvm.shared(argv), check=check, env=env)
+        return self.netvm.exec(argv, check=check, env=env)
 
     def snapshot(self, ns=None):
         """The netvm's networking state as comparable text: links, addresses,
