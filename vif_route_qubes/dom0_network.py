@@ -29,7 +29,7 @@ from collections import namedtuple
 
 from . import state, validate
 from .dom0_xs import Dom0Store
-from .errors import Failure
+from .errors import Failure, reported
 from .files import write_file
 from .lock import HostLock, seconds, state_dir
 from .log import Log
@@ -557,24 +557,9 @@ Exit status: 0 done (or nothing to do), 1 error (up rolled back).
 
 
 def _run(ctx_args, fn, *args):
-    import click
-
-    ctx = None
-    try:
-        ctx = Ctx(**ctx_args)
-        if fn in (up, down) and not ctx.dry_run:
-            with _lock(ctx):
-                return fn(ctx, *args)
-        return fn(ctx, *args)
-    except Failure as exc:
-        if ctx is not None:
-            ctx.log.error(str(exc))
-        else:
-            click.echo(f"{TAG}: {exc}", err=True)
-        sys.exit(1)
-    finally:
-        if ctx is not None:
-            ctx.close()
+    # up and down change shared state: one at a time (a dry run changes none)
+    return reported(TAG, lambda: Ctx(**ctx_args), fn, *args,
+                    around=lambda ctx, f: _lock(ctx) if f in (up, down) and not ctx.dry_run else None)
 
 
 def command():

@@ -12,7 +12,7 @@ import sys
 
 from . import validate
 from .dom0_xs import GUEST_KEYS, NETVM_KEYS, Dom0Store, perms_for  # noqa: F401 - re-exported
-from .errors import Failure
+from .errors import Failure, reported
 from .log import Log
 from .system import System
 
@@ -160,21 +160,7 @@ input was bad).
 
 
 def _run(ctx_args, fn, *args):
-    import click
-
-    ctx = None
-    try:
-        ctx = Ctx(**ctx_args)
-        return fn(ctx, *args)
-    except Failure as exc:
-        if ctx is not None:
-            ctx.log.error(str(exc))
-        else:
-            click.echo(f"{TAG}: {exc}", err=True)
-        sys.exit(1)
-    finally:
-        if ctx is not None:
-            ctx.close()
+    return reported(TAG, lambda: Ctx(**ctx_args), fn, *args)
 
 
 def command():
