@@ -98,12 +98,14 @@ def qubesdb_values(env, mapping) -> dict:
         return _read(q, mapping)
 
 
-def _read(q, mapping) -> dict:
+def _read(q, mapping, under=None, have=None) -> dict:
     """``mapping``'s values on connection ``q``: a path that is a prefix of
     others (``/qubes-netvm-gateway`` of ``...gateway6``) is one multiread
-    for all of them, the others one read each."""
-    paths = sorted(set(mapping.values()))
-    found, covered = {}, []
+    for all of them, the others one read each. ``have``: {path: bytes} of
+    a multiread of ``under`` already made: paths under it are not asked
+    again (absent from it is absent)."""
+    paths = sorted(p for p in set(mapping.values()) if not (under and p.startswith(under)))
+    found, covered = dict(have or {}), []
     for path in paths:
         if any(path.startswith(c) for c in covered):
             continue
@@ -114,14 +116,15 @@ def _read(q, mapping) -> dict:
             raw = q.read(path)
             if raw is not None:
                 found[path] = raw
-    out = {}
-    for key, path in mapping.items():
-        raw = found.get(path)
-        try:
-            out[key] = raw.decode("ascii") if raw is not None else None
-        except UnicodeDecodeError:
-            raise Failure(f"QubesDB {path}: {raw[:40]!r} is not ASCII text") from None
-    return out
+    return {key: _text(path, found.get(path)) for key, path in mapping.items()}
+
+
+def _text(path, raw):
+    """A QubesDB value as the text every validator takes (None: absent)."""
+    try:
+        return raw.decode("ascii") if raw is not None else None
+    except UnicodeDecodeError:
+        raise Failure(f"QubesDB {path}: {raw[:40]!r} is not ASCII text") from None
 
 
 # a guest's mapped addresses (disposables): /mapped-ip/REAL/{visible-ip,
@@ -163,14 +166,7 @@ def mapped_of(q, addresses) -> dict:
             out[real] = (None, None)
             continue
         got = q.multiread(base)
-        values = []
-        for key in MAPPED_KEYS:
-            raw = got.get(base + key)
-            try:
-                values.append(raw.decode("ascii") if raw is not None else None)
-            except UnicodeDecodeError:
-                raise Failure(f"QubesDB {base}{key}: {raw[:40]!r} is not ASCII text") from None
-        out[real] = tuple(values)
+        out[real] = tuple(_text(base + key, got.get(base + key)) for key in MAPPED_KEYS)
     return out
 
 
@@ -182,14 +178,20 @@ def guest_values(env, mac) -> tuple:
     from .qubesdb import QubesDB
 
     with QubesDB(env) as q:
-        prefix = "/qubes-"
-        if mac is not None and q.read(f"/net-config/{mac}/ip") is not None:
-            prefix = f"/net-config/{mac}/"
+        # the interface's own directory in one round trip: whether dom0
+        # wrote an ip there decides, and the rest of it is then read too
+        prefix, iface = "/qubes-", {}
+        if mac is not None:
+            iface = q.multiread(f"/net-config/{mac}/")
+            if f"/net-config/{mac}/ip" in iface:
+                prefix = f"/net-config/{mac}/"
         mapping = {key: prefix + suffix for key, suffix in GUEST_IFACE.items()}
         mapping.update(GUEST)
         if prefix != "/qubes-":
             mapping[GUEST_CUSTOM] = prefix + GUEST_CUSTOM
-        found = _read(q, mapping)
+            found = _read(q, mapping, under=prefix, have=iface)
+        else:
+            found = _read(q, mapping)
     custom = mapping.pop(GUEST_CUSTOM, None)
     if found.pop(GUEST_CUSTOM, None) is not None:
         found["disable-gateway-mac-pin"] = "1"
