@@ -92,8 +92,9 @@ class DnatLoop:
         self.thread.join(60)
 
 
-def check_nft_elements(world, guests):
-    """Every vif: exactly its elements in the qubes sets, nothing else."""
+def wanted_nft_elements(guests) -> set:
+    """The elements the nft backend gives these vifs, as
+    :func:`check_nft_elements` compares them."""
     want = set()
     for g in guests:
         want.add(f'ip vrq-guarded "{g.vif}"')
@@ -103,14 +104,18 @@ def check_nft_elements(world, guests):
             want.add(f'{fam} downstream "{a}"')
         if any(":" in a for a in g.addresses):
             want.add(f'ip6 vrq-nd-mld "{g.vif}"')
-    lines = world.netvm.exec(["nft", "-j", "list", "sets"]).stdout
-    import json as _json
+    return want
 
+
+def check_nft_elements(world, guests, skip=()):
+    """Every vif: exactly its elements in the qubes sets, nothing else (but
+    in the sets named in ``skip``)."""
+    want = wanted_nft_elements(guests)
     have = []
-    for item in _json.loads(lines)["nftables"]:
+    for item in json.loads(world.netvm.exec(["nft", "-j", "list", "sets"]).stdout)["nftables"]:
         st = item.get("set")
-        if st and st["table"] == "qubes":
-            have += [f"{st['family']} {st['name']} {_json.dumps(e)}" for e in st.get("elem", [])]
+        if st and st["table"] == "qubes" and st["name"] not in skip:
+            have += [f"{st['family']} {st['name']} {json.dumps(e)}" for e in st.get("elem", [])]
     assert len(have) == len(set(have))
     assert set(have) == want, (sorted(set(have) - want)[:5], sorted(want - set(have))[:5])
 
@@ -231,22 +236,7 @@ def check_each_vif_whole(world, guests):
     if world.firewall == "nft":
         # vrq-shared marks addresses two vifs hold; what it holds is the
         # backend's own bookkeeping, checked empty at the end
-        want = set()
-        for g in online:
-            want.add(f'ip vrq-guarded "{g.vif}"')
-            for a in g.addresses:
-                fam = "ip6" if ":" in a else "ip"
-                want.add(f'{fam} allowed {{"concat": ["{g.vif}", "{a}"]}}')
-                want.add(f'{fam} downstream "{a}"')
-            if any(":" in a for a in g.addresses):
-                want.add(f'ip6 vrq-nd-mld "{g.vif}"')
-        have = []
-        for item in json.loads(world.netvm.exec(["nft", "-j", "list", "sets"]).stdout)["nftables"]:
-            st = item.get("set")
-            if st and st["table"] == "qubes" and st["name"] != "vrq-shared":
-                have += [f"{st['family']} {st['name']} {json.dumps(e)}" for e in st.get("elem", [])]
-        assert len(have) == len(set(have))
-        assert set(have) == want, (sorted(set(have) - want)[:5], sorted(want - set(have))[:5])
+        check_nft_elements(world, online, skip=("vrq-shared",))
         # routes and neighbours of the online ones, as the other storm checks them
         check_all_rules_links(world, online)
     else:
