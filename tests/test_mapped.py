@@ -420,3 +420,22 @@ def test_dry_run_prints_the_nat_and_changes_nothing(mworld):
     assert f"netns add {M.netns_name(guest.vif)}" in res.stdout
     assert f"$ ip netns exec {M.netns_name(guest.vif)} nft -f -" in res.stdout
     as_before(world, guest, before)
+
+
+@NFT
+def test_a_namespace_that_only_shares_a_vifname_is_left_alone(mworld):
+    """vifname=NAME and a namespace NAME-nat that no online of ours made:
+    neither online (no mapped address) nor offline touches it."""
+    world, qdb, made = mworld
+    name = f"vrqx{os.getpid() % 100000}"
+    guest = world.add_guest(19 + os.getpid() % 20000, [str(REAL)], vifname=name)
+    foreign = f"{name}-nat"
+    run(["ip", "netns", "add", foreign])
+    try:
+        run(["ip", "-n", foreign, "link", "add", name, "type", "veth", "peer", "name", "q" + name])
+        assert hotplug(world, qdb, guest, "online").returncode == 0
+        assert hotplug(world, qdb, guest, "offline").returncode == 0
+        assert foreign in nat_names(world)
+        assert name in run(["ip", "-n", foreign, "-o", "link", "show"]).stdout
+    finally:
+        run(["ip", "netns", "del", foreign], check=False)

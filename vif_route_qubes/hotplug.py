@@ -99,6 +99,7 @@ class Context:
         self.mapped_pending = []  # real IPv4 addresses whose /mapped-ip keys are not all there
         self.nat_changed = False  # this run built, rebuilt or removed the vif's NAT namespace
         self.late = False  # a late-keys watch's re-run: only a vif that is still online
+        self.record = None  # the vif's state record as online found it
 
     @property
     def config(self):
@@ -380,7 +381,7 @@ def online(ctx) -> int:
     try:
         if not ctx.dry_run:
             lock.acquire()
-        record = state.load(ctx.state_dir, name)
+        record = ctx.record = state.load(ctx.state_dir, name)
         if ctx.late and (record is None or record.get("name") != target):
             # the watch outlived its vif (offline ran meanwhile): a re-run
             # must not bring back a gone guest's configuration
@@ -543,7 +544,7 @@ def _nat(ctx, target, m):
     ``target`` in the netvm is the netvm end of the veth pair, and the rest
     of online configures it as any vif, for the real addresses; its ifindex
     is what the record proves later runs' interface by."""
-    if m is None and not mapped.netns_exists(target):
+    if m is None and not (mapped.netns_exists(target) and _nat_ours(target, ctx.env["vif"], ctx.record)):
         return
     ctx.nat_changed = True
     if m is None:
@@ -554,6 +555,14 @@ def _nat(ctx, target, m):
     facts = System.iface_facts(target)
     if facts is not None and not ctx.dry_run:
         ctx.ifindex = facts["ifindex"]
+
+
+def _nat_ours(target, name, record) -> bool:
+    """Namespace ``target``-nat is this vif's to remove: named after the
+    interface netback made (as Qubes' vif-qubes-nat.sh names it too), or
+    recorded by an earlier online. A namespace that merely shares a
+    ``vifname``'s name is someone else's."""
+    return target == name or bool(record and record.get("mapped") and record.get("name") == target)
 
 
 def _roll_back(ctx, name, target, rename, vif, ipv6, previous, record):
@@ -690,9 +699,14 @@ def _start_watch(ctx, name):
         ctx.sys.note(f"would watch QubesDB {what} for {limit:g} s (keys that arrive late map the address)")
         return
     ctx.log.debug(f"{name}: watching QubesDB {what} for {limit:g} s")
+    # online returns once the watch has written its file, so an offline
+    # right after it always finds the watch to end (bounded: 2 s)
+    ready, told = os.pipe()
     pid = os.fork()
     if pid:
+        os.close(told)
         os.waitpid(pid, 0)
+        os.close(ready)
         return
     try:
         os.setsid()
@@ -702,13 +716,19 @@ def _start_watch(ctx, name):
                 os.dup2(devnull, fd)
             # nothing of the parent's stays open: above all no lock file
             # (a flock held by a copy of its descriptor outlives release)
-            os.closerange(3, 65536)
-            _watch(dict(ctx.env), name, pending, limit, ctx.state_dir)
+            os.closerange(3, told)
+            os.closerange(told + 1, 65536)
+            _watch(dict(ctx.env), name, pending, limit, ctx.state_dir, told)
+        else:
+            import select
+
+            os.close(told)
+            select.select([ready], [], [], 2.0)
     finally:
         os._exit(0)
 
 
-def _watch(env, name, pending, limit, directory):
+def _watch(env, name, pending, limit, directory, told):
     import signal
 
     from .config import mapped_of, mapped_path
@@ -723,6 +743,8 @@ def _watch(env, name, pending, limit, directory):
     except OSError as exc:
         log.warning(f"{name}: no late-keys watch ({path}: {exc.strerror})")
         return
+    finally:
+        os.close(told)  # online may return
 
     def mine():
         return (System.read(path) or "").strip() == me
@@ -859,7 +881,8 @@ def offline(ctx) -> int:
         addresses = list(vif.addresses)
         # the NAT first: its veth pair (and every route on the netvm end)
         # goes, the real vif comes back, and the rest finds it as any vif
-        removed += mapped.teardown(s, vif.name)
+        if _nat_ours(vif.name, name, record):
+            removed += mapped.teardown(s, vif.name)
         facts = System.iface_facts(vif.name)
         if facts is None:
             s.note(f"{vif.name} no longer exists: its routes, addresses and neighbour entries went with it")
