@@ -1175,6 +1175,22 @@ def ratios(row, ref, keys):
     return {k: round(row[k]["median"] / ref[k]["median"], 3) for k in keys if row.get(k) and ref.get(k)}
 
 
+def say_vs_qubes(out, phases, width):
+    """Each contender's ``phases`` ((key, label) pairs: its ``KEY_ms`` and
+    ``KEY_cpu_ms`` medians), then its ratios to today's Qubes, which are
+    also kept in the row (``ratio_to_qubes``)."""
+    ref = out["qubes today"]
+    keys = [f"{k}_ms" for k, _ in phases] + [f"{k}_cpu_ms" for k, _ in phases]
+    for name, row in out.items():
+        r = row["ratio_to_qubes"] = ratios(row, ref, keys)
+        for i, (k, label) in enumerate(phases):
+            say(f"  {name if i == 0 else '':{width}s} {label}  {fmt(row[k + '_ms'])}  "
+                f"CPU median {row[k + '_cpu_ms']['median']:.1f}")
+        if name != "qubes today":
+            say(f"  {'':{width}s} / qubes today: " + "; ".join(
+                f"{k} {r[k + '_ms']} wall, {r[k + '_cpu_ms']} CPU" for k, _ in phases))
+
+
 def bench_vs_qubes_single(q, venv, n, results):
     """One vif, one IPv4 address each: today's Qubes script, ours (nft), and
     the iptables-era script, in one netvm with Qubes' table, in rounds whose
@@ -1198,16 +1214,7 @@ def bench_vs_qubes_single(q, venv, n, results):
             c.cycle()
             q.reset_vifs([c.vif])
     out = {c.name: c.summary() for c in cycles}
-    ref = out["qubes today"]
-    keys = ("online_ms", "offline_ms", "online_cpu_ms", "offline_cpu_ms")
-    for name, row in out.items():
-        row["ratio_to_qubes"] = ratios(row, ref, keys)
-        r = row["ratio_to_qubes"]
-        say(f"  {name:22s} online  {fmt(row['online_ms'])}  CPU median {row['online_cpu_ms']['median']:.1f}")
-        say(f"  {'':22s} offline {fmt(row['offline_ms'])}  CPU median {row['offline_cpu_ms']['median']:.1f}")
-        if name != "qubes today":
-            say(f"  {'':22s} / qubes today: online {r['online_ms']} wall, {r['online_cpu_ms']} CPU; "
-                f"offline {r['offline_ms']} wall, {r['offline_cpu_ms']} CPU")
+    say_vs_qubes(out, (("online", "online "), ("offline", "offline")), 22)
     results.setdefault("vs_qubes", {})["single"] = {"rounds": n, "contenders": out}
 
 
@@ -1358,17 +1365,7 @@ def bench_vs_qubes_dnat(q, venv, n, results):
     out = {}
     for name, row in rows.items():
         out[name] = {f"{k}_ms": stats(v) for k, v in row.items()}
-    ref = out["qubes today"]
-    keys = ("changed_ms", "unchanged_ms", "changed_cpu_ms", "unchanged_cpu_ms")
-    for name, row in out.items():
-        row["ratio_to_qubes"] = ratios(row, ref, keys)
-        r = row["ratio_to_qubes"]
-        say(f"  {name:12s} changed (exit 0)   {fmt(row['changed_ms'])}  CPU median {row['changed_cpu_ms']['median']:.1f}")
-        say(f"  {'':12s} unchanged (100)    {fmt(row['unchanged_ms'])}  CPU median "
-            f"{row['unchanged_cpu_ms']['median']:.1f}")
-        if name != "qubes today":
-            say(f"  {'':12s} / qubes today: changed {r['changed_ms']} wall, {r['changed_cpu_ms']} CPU; "
-                f"unchanged {r['unchanged_ms']} wall, {r['unchanged_cpu_ms']} CPU")
+    say_vs_qubes(out, (("changed", "changed (exit 0) "), ("unchanged", "unchanged (100)  ")), 12)
     results.setdefault("vs_qubes", {})["dnat"] = {
         "rounds": n, "upstreams": list(DNAT_UPSTREAMS), "virtual_nameservers": ["10.139.1.1", "10.139.1.2"],
         "system_bus": "private dbus-daemon, no systemd-resolved", "contenders": out}
