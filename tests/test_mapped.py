@@ -356,8 +356,12 @@ def watch_pid(world, guest):
 
 @NFT
 def test_keys_that_arrive_after_online_map_the_vif_without_a_detach(mworld):
+    """Two IPv4 addresses, keys written late for the first only (dom0
+    writes them for a qube's first address): the first maps, the second
+    passes through."""
     world, qdb, made = mworld
-    guest = new_guest(world, made, 16)
+    second = "10.138.0.10"
+    guest = new_guest(world, made, 16, [str(REAL), second])
     before = comparable(world.snapshot())
     t0 = time.monotonic()
     res = hotplug(world, qdb, guest, "online", VIF_ROUTE_QUBES_MAPPED_WAIT="30")
@@ -377,7 +381,8 @@ def test_keys_that_arrive_after_online_map_the_vif_without_a_detach(mworld):
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline and (record(world, guest).get("mapped") is None or _alive(pid)):
         time.sleep(0.05)
-    assert record(world, guest)["mapped"] == {"maps": [[str(REAL), str(VISIBLE), str(VGW)]], "passthrough": []}
+    assert record(world, guest)["mapped"] == {"maps": [[str(REAL), str(VISIBLE), str(VGW)]],
+                                              "passthrough": [second]}
     assert not _alive(pid)
     assert not os.path.exists(os.path.join(world.env["VIF_ROUTE_QUBES_STATE_DIR"], f"{guest.vif}.watch"))
     guest_side(guest, [VISIBLE], [VGW])

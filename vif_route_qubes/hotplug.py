@@ -757,8 +757,10 @@ def _watch(env, name, pending, limit, directory, told):
             while True:
                 # level-triggered: the keys are read after the watch is set,
                 # and again after every event, so none is missed
-                found = mapped_of(q, pending)
-                if all(v and g for v, g in found.values()):
+                # dom0 writes them for a qube's first IPv4 address only, so
+                # one address with both keys is what there is to wait for
+                found = {real: v for real, (v, g) in mapped_of(q, pending).items() if v and g}
+                if found:
                     break
                 left = deadline - time.monotonic()
                 if left <= 0:
@@ -775,8 +777,8 @@ def _watch(env, name, pending, limit, directory, told):
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             os.unlink(path)
         log.close()
-    if all(v == real for real, (v, _) in found.items()):
-        return
+    if all(v == real for real, v in found.items()):
+        return  # not hidden after all: nothing to change
     run("online", {}, env, late=True)
 
 
