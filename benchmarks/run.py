@@ -928,7 +928,7 @@ IPTABLES_ERA_REV = "release4.1"
 FLOWTABLE_IF = 'if [[ -n "$separator" ]]; then'
 FLOWTABLE_OFF = "if false; then  # vrq benchmark: flowtable switched off (no nf_flow_table)"
 CACHE = "/var/cache/vif-route-qubes-bench"
-BUILD_QUBESDB = os.path.join(os.path.dirname(ROOT), "shared", "vendor", "build-qubesdb")
+from tests.rigs.qubesdb import build_script  # noqa: E402
 QUBESDB_STANDIN_KEYS = """#!/bin/sh
 # qubesdb-read stand-in (only when the real QubesDB cannot run): the keys
 # vif-route-qubes reads, as a netvm's QubesDB answers them; others absent (2)
@@ -1029,9 +1029,10 @@ def qubesdb_prefix(opt):
     prefix = os.path.join(CACHE, "qubesdb")
     if os.access(os.path.join(prefix, "bin", "qubesdb-daemon"), os.X_OK):
         return prefix
-    if os.access(BUILD_QUBESDB, os.X_OK):
-        say(f"  building QubesDB into {prefix} ({BUILD_QUBESDB}) ...")
-        r = subprocess.run([BUILD_QUBESDB, prefix, PROD_PYTHON], capture_output=True, text=True)
+    script = build_script()  # ../shared/vendor/build-qubesdb, as the tests find it
+    if script is not None:
+        say(f"  building QubesDB into {prefix} ({script}) ...")
+        r = subprocess.run(["bash", script, prefix, PROD_PYTHON], capture_output=True, text=True)
         if r.returncode == 0:
             return prefix
         say(f"  build-qubesdb failed: {r.stderr.strip()[-400:]}")

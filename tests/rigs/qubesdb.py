@@ -20,8 +20,34 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-VENDOR = os.path.join(os.path.dirname(ROOT), "shared", "vendor")
 CACHE = os.environ.get("VRQ_QUBESDB") or "/var/cache/vif-route-qubes-qubesdb"
+
+
+def vendor_dirs() -> list:
+    """Where the vendored QubesDB sources may be, in order: $VRQ_VENDOR;
+    ``../shared/vendor`` beside this checkout; beside the repository it was
+    cloned from, when that is a local path (a clean clone made elsewhere,
+    as CI and a check before landing make one); ``/work/shared/vendor``,
+    where the machines of this project keep it."""
+    dirs = [os.environ.get("VRQ_VENDOR", ""), os.path.join(os.path.dirname(ROOT), "shared", "vendor")]
+    res = subprocess.run(["git", "-C", ROOT, "config", "--get", "remote.origin.url"],
+                         capture_output=True, text=True)
+    origin = res.stdout.strip() if res.returncode == 0 else ""
+    if origin.startswith("file://"):
+        origin = origin[len("file://"):]
+    if origin.startswith("/"):
+        dirs.append(os.path.join(os.path.dirname(origin.rstrip("/")), "shared", "vendor"))
+    dirs.append("/work/shared/vendor")
+    return list(dict.fromkeys(d for d in dirs if d))
+
+
+def build_script():
+    """The vendored ``build-qubesdb``, or None when no place has it."""
+    for d in vendor_dirs():
+        script = os.path.join(d, "build-qubesdb")
+        if os.path.exists(script):
+            return script
+    return None
 
 
 def build(prefix=CACHE) -> str:
@@ -29,10 +55,10 @@ def build(prefix=CACHE) -> str:
     daemon = os.path.join(prefix, "bin", "qubesdb-daemon")
     if os.access(daemon, os.X_OK):
         return prefix
-    script = os.path.join(VENDOR, "build-qubesdb")
-    if not os.path.exists(script):
-        raise RuntimeError(f"no QubesDB: {daemon} is not built and {script} is missing "
-                           "(the vendored sources live in ../shared/vendor)")
+    script = build_script()
+    if script is None:
+        raise RuntimeError(f"no QubesDB: {daemon} is not built and no build-qubesdb is in "
+                           f"{', '.join(vendor_dirs())} (the vendored sources: ../shared/vendor)")
     res = subprocess.run(["bash", script, prefix, "/usr/bin/python3"], capture_output=True, text=True)
     if res.returncode != 0 or not os.access(daemon, os.X_OK):
         raise RuntimeError(f"build-qubesdb {prefix} failed ({res.returncode}): {res.stderr[-2000:]}")
