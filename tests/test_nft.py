@@ -171,6 +171,30 @@ def test_which_default_deny_drops_a_vif_of_the_other_backend():
     assert not have.denies(4)
 
 
+def test_the_last_vif_retires_only_unnamed_sets_of_ours_and_only_when_alone():
+    nd_rule = [{"match": {"op": "==", "left": {"meta": {"key": "iifname"}}, "right": f"@{N.ND_SET}"}},
+               {"accept": None}]
+    sets = {("ip", "allowed"): [("vif3.0", "10.137.0.12")], ("ip", N.GUARDED): ["vif3.0"],
+            ("ip", N.SHARED): [], ("ip6", N.SHARED): [], ("ip6", N.ND_SET): ["vif3.0"]}
+    qubes = N.Ruleset(tables={"ip", "ip6"}, sets=sets)
+    everything = [("ip", N.GUARDED), ("ip", N.SHARED), ("ip6", N.SHARED), ("ip6", N.ND_SET)]
+    assert N.retirement(qubes, "vif3.0", True) == everything
+    # tables we made: our antispoof rule names the ND set, which stays
+    ours = N.Ruleset(tables={"ip", "ip6"}, sets=sets, rules={("ip6", "antispoof"): [nd_rule]})
+    assert N.retirement(ours, "vif3.0", True) == everything[:3]
+    # another interface still has elements (ours or another writer's): nothing
+    for extra in ({("ip", "allowed"): [("vif3.0", "10.137.0.12"), ("vif9.0", "10.137.0.99")]},
+                  {("ip", N.GUARDED): ["vif3.0", "vif4.0"]}, {("ip6", N.ND_SET): ["vif4.0"]}):
+        assert N.retirement(N.Ruleset(tables={"ip", "ip6"}, sets={**sets, **extra}), "vif3.0", True) == []
+    # release 0.1's ND set waits for its upgrade
+    assert N.retirement(N.Ruleset(tables={"ip", "ip6"}, sets={**sets, ("ip6", N.OLD_ND_SET): []}),
+                        "vif3.0", True) == []
+    # sets already gone are not deleted again, unless the removal creates them
+    bare = N.Ruleset(tables={"ip", "ip6"}, sets={("ip", "allowed"): []})
+    assert N.retirement(bare, "vif3.0", False) == [] and N.retirement(bare, "vif3.0", True) == everything
+    assert N.retirement(N.Ruleset(tables={"ip"}), "vif3.0", True) == everything[:2]
+
+
 # ----------------------------------------------------------------------------
 # Namespaces: helpers
 
@@ -334,6 +358,66 @@ def test_coexistence_with_a_qubes_loaded_table(world):
     elements = world.snapshot()["nft-elements"]
     assert "vif3.0" not in elements and '["vif9.0", "10.137.0.99"]' in elements
     assert qubes_tables(world) == during
+
+
+def full_tables(world):
+    """Both qubes tables as nft lists them, elements included, counters not."""
+    return [world.netvm.exec(["nft", "-s", "list", "table", fam, "qubes"]).stdout for fam in ("ip", "ip6")]
+
+
+@NFT
+def test_the_last_offline_leaves_a_qubes_table_exactly_as_it_found_it(world):
+    world.xs.write("/local/domain/0/qubes_netvm_gateway6", GW6)
+    bare = QUBES_RULESET.replace("elements = { 10.137.0.99 } ", "").replace(
+        'elements = { "vif9.0" . 10.137.0.99 } ', "")
+    world.netvm.exec(["nft", "-f", "-"], input=bare)
+    loaded = full_tables(world)
+    g = world.add_guest(3, ["10.137.0.12", "fd09:24ef:4179::a89:c"])
+    h = world.add_guest(4, ["10.137.0.14"])
+    for round in range(2):  # and again: the next first vif finds the sets absent
+        online(world, g)
+        online(world, h)
+        assert all(n in "".join(full_tables(world)) for n in (N.GUARDED, N.SHARED, N.ND_SET))
+        assert world.hotplug(g, "offline").returncode == 0
+        # one vif left: our sets stay, and it stays guarded
+        assert "".join(full_tables(world)).count(N.SHARED) == 2
+        if round == 0:
+            h.configure()
+        assert reaches(world, h, "10.137.0.14", world.UPLINK_UPSTREAM, "own", world.upstream)
+        h.ns.ip("addr", "add", "10.137.0.99/32", "dev", "eth0")
+        assert not reaches(world, h, "10.137.0.99", world.UPLINK_UPSTREAM, "forged", world.upstream)
+        h.ns.ip("addr", "del", "10.137.0.99/32", "dev", "eth0")
+        res = world.hotplug(h, "offline", env=h.env(VIF_ROUTE_QUBES_DEBUG="1"))
+        assert res.returncode == 0, res.stderr
+        assert "our nft sets ip vrq-guarded, ip vrq-shared, ip6 vrq-shared, ip6 vrq-nd-mld" in res.stderr
+        assert full_tables(world) == loaded
+
+
+@NFT
+def test_the_last_offline_in_tables_we_made_keeps_what_guards(world):
+    world.xs.write("/local/domain/0/qubes_netvm_gateway6", GW6)
+    g = world.add_guest(3, ["10.137.0.12", "fd09:24ef:4179::a89:c"])
+    other = world.add_guest(4, ["10.137.0.14"])
+    online(world, g)
+    assert world.hotplug(g, "offline").returncode == 0
+    ip, ip6 = full_tables(world)
+    # the tables, their chains and sets, and the ND set our rule names stay
+    assert N.GUARDED not in ip and N.SHARED not in ip + ip6 and f"set {N.ND_SET}" in ip6
+    for name in ("chain prerouting", "chain antispoof", "set allowed", "set downstream"):
+        assert name in ip and name in ip6
+    # the default deny outlives the guests: a group 2 interface made by
+    # hand gets nothing through
+    world.netvm.ip("link", "set", "vif4.0", "group", "2", "up")
+    world.netvm.ip("route", "add", "10.137.0.14/32", "dev", "vif4.0")
+    other.configure()
+    assert not reaches(world, other, "10.137.0.14", world.UPLINK_UPSTREAM, "deny", world.upstream)
+    # the next first vif makes the sets again and is guarded
+    online(world, g)
+    assert full_tables(world)[0].count(N.GUARDED) == 1
+    g.configure()
+    assert reaches(world, g, "10.137.0.12", world.UPLINK_UPSTREAM, "back", world.upstream)
+    g.ns.ip("addr", "add", "10.137.0.99/32", "dev", "eth0")
+    assert not reaches(world, g, "10.137.0.99", world.UPLINK_UPSTREAM, "forged", world.upstream)
 
 
 @NFT

@@ -84,6 +84,7 @@ class Context:
             self.fw = backend_for(self.sys, {k: v for k, v in self.env.items() if k != FIREWALL_ENV})
         self._config = None
         self.state_dir = state_dir(self.env)
+        self.fw.state_dir = self.state_dir  # where a backend keeps its hints
         self.hooks_dir = self.env.get("VIF_ROUTE_QUBES_HOOKS_DIR") or DEFAULT_HOOKS
         self._xs = None
         self.xenbus_path = None  # set once validated: where errors are reported
@@ -100,6 +101,7 @@ class Context:
         self.nat_changed = False  # this run built, rebuilt or removed the vif's NAT namespace
         self.late = False  # a late-keys watch's re-run: only a vif that is still online
         self.record = None  # the vif's state record as online found it
+        self.alone = False  # online: a new vif and no other has a record (rollback: retire too)
 
     @property
     def config(self):
@@ -403,6 +405,7 @@ def online(ctx) -> int:
         previous = None
         if record and record.get("name") == target:
             previous = state.vif_of(record)[0]
+        ctx.alone = previous is None and not state.others(ctx.state_dir, name)
         # guarded by the other firewall backend until now: move over
         ctx.fw_was = recorded_backend(ctx.sys, ctx.env, record, ctx.fw) if previous is not None else None
         if ctx.fw_was is not None:
@@ -611,11 +614,12 @@ def _roll_back(ctx, name, target, rename, vif, ipv6, previous, record):
             except Failure as exc2:
                 ctx.log.warning(f"rollback of {target}: {exc2}")
     else:
+        # alone: the sets this run created (the first vif after none) go too
         try:
-            _converge(ctx, now, None, ipv6, lambda: ctx.fw.remove(target), check=False)
+            _converge(ctx, now, None, ipv6, lambda: ctx.fw.remove(target, alone=ctx.alone), check=False)
         except Failure as exc:
             ctx.log.warning(f"rollback of {target}: {exc}")
-            ctx.fw.remove(target)
+            ctx.fw.remove(target, alone=ctx.alone)
     try:
         if record:
             state.save(ctx.state_dir, name, record)
@@ -925,7 +929,10 @@ def offline(ctx) -> int:
                 left.append("link configuration" if proven else "routes")
         missing = [t for t in getattr(ctx.fw, "tools", ()) if s.which(t) is None]
         try:
-            removed += ctx.fw.remove(vif.name, known=vif.addresses if record else None)
+            # the host's last vif: our bookkeeping that then holds nothing
+            # goes in the same step (one read instead of none: the last only)
+            alone = not state.others(ctx.state_dir, name) and (ctx.dry_run or lock in locked)
+            removed += ctx.fw.remove(vif.name, known=vif.addresses if record else None, alone=alone)
             was = recorded_backend(ctx.sys, ctx.env, record, ctx.fw)
             if was is not None:
                 lock.exclusive()

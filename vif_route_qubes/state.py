@@ -123,6 +123,16 @@ def save(directory: str, name: str, record: dict) -> None:
         raise Failure(f"cannot write state record {target}: {exc.strerror}") from None
 
 
+def others(directory: str, name: str) -> bool:
+    """Whether a vif other than ``name`` has a record in ``directory``
+    (read or not: an unreadable one still counts)."""
+    try:
+        entries = os.listdir(directory)
+    except OSError:
+        return False
+    return any(e.endswith(".json") and e != f"{name}.json" for e in entries)
+
+
 def remove(directory: str, name: str) -> None:
     try:
         os.unlink(path(directory, name))

@@ -31,6 +31,7 @@ class VifGuard(abc.ABC):
     # per vif: the host lock is then held shared, see vif_route_qubes.lock)
     concurrent = False
     tools = ()  # the commands it runs, for "what is missing" reports
+    state_dir = None  # where it may keep hints across runs (hotplug sets it)
 
     @abc.abstractmethod
     def apply(self, vif, previous):
@@ -38,11 +39,14 @@ class VifGuard(abc.ABC):
         nothing of ours) is back in place before the Failure propagates."""
 
     @abc.abstractmethod
-    def remove(self, name, known=None) -> list:
+    def remove(self, name, known=None, alone=False) -> list:
         """Remove everything of ours for interface ``name`` -> descriptions
         of what was removed. Never raises for what it finds; a missing tool
         is a Failure the caller reports (offline still exits 0). ``known``:
-        the addresses the state record names (spares a read)."""
+        the addresses the state record names (spares a read). ``alone``: the
+        host's last vif, the host lock held exclusively: the host-wide
+        bookkeeping of ours that then holds nothing goes in the same step,
+        never what guards (the default deny outlives every guest)."""
 
     @abc.abstractmethod
     def addresses(self, name) -> list:

@@ -425,10 +425,11 @@ class Backend(VifGuard):
         res = s.run(s.restore(version), payload, check=False)
         return None if res.code == 0 else CommandFailed(res.argv, res.code, res.stderr)
 
-    def remove(self, name, known=None):
+    def remove(self, name, known=None, alone=False):
         """Remove our chains and jumps in both families; never fails: what is
         already gone is fine, and a partial leftover is removed exactly.
-        (``known`` is not needed: the chains are named after the interface.)"""
+        (``known`` is not needed: the chains are named after the interface;
+        ``alone`` neither: the guard chain is the default deny, it stays.)"""
         s = self.sys
         removed = []
         fws = [firewall(Vif(name=name, domid=0), v) for v in FAMILIES]

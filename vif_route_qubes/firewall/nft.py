@@ -79,6 +79,8 @@ absent or present before, absent after, and the transaction stands.
 """
 
 
+import json
+import os
 from ipaddress import ip_address
 
 from ..errors import CommandFailed, Failure
@@ -95,6 +97,10 @@ ND_SET = "vrq-nd-mld"
 OLD_ND_SET = "vrq-nd"  # release 0.1's, with its rule accepting every ICMPv6 type
 GUARDED = "vrq-guarded"  # in ip qubes: the interfaces we hold elements for
 SHARED = "vrq-shared"  # per family: addresses more than one vif has in allowed
+SETS_MARKER = "nft-sets"  # in the state dir: our sets exist (a hint)
+# our bookkeeping sets: (family, name, type)
+OWN_SETS = (("ip", GUARDED, "ifname"), ("ip", SHARED, "ipv4_addr"),
+            ("ip6", SHARED, "ipv6_addr"), ("ip6", ND_SET, "ifname"))
 ND_SOURCES = "{ " + ", ".join(a.replace("::/128", "::") for a in LINK_SOURCES6) + " }"
 # how nft names (and lists) plan.LINK_ICMP6_TYPES
 ICMP6_NAMES = {130: "mld-listener-query", 131: "mld-listener-report", 132: "mld-listener-done",
@@ -252,13 +258,28 @@ def _kernel_identity() -> str:
     """This boot of this kernel: the flowtable probe's answer holds that
     long (a module can only appear with a new kernel or a reboot, or an
     administrator's modprobe, after which removing the marker re-probes)."""
-    import os
-
     return f"{os.uname().release} {boot_id()}"
 
 
 def _nothing():
     pass
+
+
+def retirement(have, name, dropping):
+    """[(family, set)] of our bookkeeping sets to delete once ``name``'s
+    elements are gone, where ``have`` shows no other interface with
+    elements: those present and named by no rule (in tables we made, the
+    ND set stays with the rule that names it). ``dropping``: the same
+    transaction removes ``name``'s elements, and creates the sets of ours
+    that names where a table lacks them. A Qubes-loaded table is then
+    exactly as ``qubes-antispoof.nft`` made it. Release 0.1's ND set is
+    left to its upgrade (:func:`upgrade_nd`)."""
+    if have.owners() - {name} or ("ip6", OLD_ND_SET) in have.sets:
+        return []
+    named = {fam: json.dumps([r for (f, _), rules in have.rules.items() if f == fam for r in rules])
+             for fam in ("ip", "ip6")}
+    return [(fam, n) for fam, n, _ in OWN_SETS
+            if fam in have.tables and ((fam, n) in have.sets or dropping) and f'"@{n}"' not in named[fam]]
 
 
 def removal(fam):
@@ -426,6 +447,32 @@ class Backend(VifGuard):
         if payload:
             self.sys.run(["nft", "-f", "-"], payload)
 
+    # The hint that our sets exist (SETS_MARKER in ``state_dir``): made by
+    # the slow path, removed by the removal that deletes them, both under
+    # the exclusive lock; read under the shared one. Only a hint: the
+    # transaction has the last word, a stale hint costs a refused one.
+    def _marker(self):
+        return os.path.join(self.state_dir, SETS_MARKER) if self.state_dir else None
+
+    def _sets_known(self):
+        """Whether our sets are there, as far as the hint knows (no state
+        dir: assume so, and let the transaction tell)."""
+        marker = self._marker()
+        return marker is None or os.path.exists(marker)
+
+    def _mark(self, present):
+        marker = self._marker()
+        if marker is None or self.sys.dry_run:
+            return
+        try:
+            if present:
+                os.makedirs(self.state_dir, mode=0o755, exist_ok=True)
+                open(marker, "a").close()
+            else:
+                os.unlink(marker)
+        except OSError:
+            pass  # a hint: a wrong one costs a refused transaction, never a rule
+
     def apply(self, vif, previous):
         s = self.sys
         renamed = previous is not None and previous.name != vif.name
@@ -444,22 +491,45 @@ class Backend(VifGuard):
                                guard="add" if previous is not None and not renamed else "create",
                                fresh=[a for a in vif.addresses if a not in before],
                                unshared=[a for a in before if a not in vif.addresses])
-        if s.dry_run:
-            s.note("nft: if this transaction is refused (tables absent, elements of an earlier "
-                   f"{vif.name} left behind, an address another vif has too), the kernel's sets are "
-                   "read and a second one creates what is absent and replaces what is there")
-        try:
-            self._commit(payload)
-            return
-        except CommandFailed as exc:
-            if "injected fault" in exc.stderr:
-                raise
-            if s.log:
-                s.log.debug(f"nft: transaction refused ({exc.stderr.strip()}); reading the kernel")
+        # A new vif where the hint says our sets are absent (the last vif's
+        # offline deleted them, or none were made since boot): the
+        # transaction would only be refused, so the kernel is read first.
+        cold = previous is None and not self._sets_known()
+        if cold:
+            s.note("nft: our sets are not there (no vif since the last one went): "
+                   "the kernel's sets are read and one transaction creates them with this vif's elements")
+        else:
+            if s.dry_run:
+                s.note("nft: if this transaction is refused (tables absent, elements of an earlier "
+                       f"{vif.name} left behind, an address another vif has too), the kernel's sets are "
+                       "read and a second one creates what is absent and replaces what is there")
+            try:
+                self._commit(payload)
+                return
+            except CommandFailed as exc:
+                if "injected fault" in exc.stderr:
+                    raise
+                if s.log:
+                    s.log.debug(f"nft: transaction refused ({exc.stderr.strip()}); reading the kernel")
+        self._rebuild(vif, previous, renamed, retry=payload if cold else None)
+
+    def _rebuild(self, vif, previous, renamed, retry=None):
+        """The slow path of :meth:`apply`: under the exclusive lock, one
+        read and one transaction written from what the kernel holds.
+        ``retry``: the fast transaction not tried yet, tried first if
+        another run made the sets while this one waited for the lock (the
+        first vifs of a storm)."""
+        self.serialize()
+        if retry is not None and self._sets_known() and not self.sys.dry_run:
+            try:
+                self._commit(retry)
+                return
+            except CommandFailed as exc:
+                if "injected fault" in exc.stderr:
+                    raise
         # A failed transaction changed nothing; the kernel says what exists,
         # which elements of this interface are there to replace, and which
         # addresses other vifs have too.
-        self.serialize()
         have = self.ruleset()
         mine = {vif.name} | ({previous.name} if renamed else set())
         # what is absent of the layout first: the old name's removal may
@@ -474,33 +544,39 @@ class Backend(VifGuard):
             keep_downstream=[a for a in dropped if have.holders(a, mine)],
             shared=[a for a in vif.addresses if have.holders(a, mine)],
             unshare=[a for a in dropped if len(have.holders(a, mine)) <= 1]))
+        self._mark(True)  # the skeleton made whatever of our sets was absent
 
     @staticmethod
     def _drop(have, name, mine, alone=False):
         """The removal of ``name``'s elements as ``have`` shows them.
         ``alone``: the whole payload (offline), which then also takes
         release 0.1's ND set and rule out (:func:`upgrade_nd`) and creates
-        the ND set the removal names where the ip6 table lacks it; with
+        the sets of ours the removal names where a table lacks them; with
         ``apply`` its own transaction's skeleton does that."""
         found = [ip_address(a) for a in have.allowed(name)]
         head = []
-        if alone and "ip6" in have.tables:
-            if ("ip6", ND_SET) not in have.sets:
-                head.append(f"add set ip6 {TABLE} {ND_SET} {{ type ifname; }}")
-            head += upgrade_nd(have)
+        if alone:
+            # the removal names them; a host whose last vif deleted them may
+            # still have elements of another writer (Qubes' own script)
+            head = [f"add set {fam} {TABLE} {n} {{ type {typ}; }}" for fam, n, typ in OWN_SETS
+                    if fam in have.tables and (fam, n) not in have.sets]
+            if "ip6" in have.tables:
+                head += upgrade_nd(have)
         return "".join(line + "\n" for line in head) + transaction(
             name, (), found, drop_nd=True, guard="drop",
             keep_downstream=[a for a in found if have.holders(a, mine)],
             unshare=[a for a in found if len(have.holders(a, mine)) <= 1])
 
-    def remove(self, name, known=None):
+    def remove(self, name, known=None, alone=False):
         """Remove ``name``'s elements. ``known``: the addresses the state
         record names (one transaction, no read, refused when one of them is
         shared with another vif); else, or if that was refused, the
-        kernel's sets say. Never raises."""
+        kernel's sets say. ``alone``: the kernel's sets say, and where they
+        show no other interface, the same transaction deletes our
+        bookkeeping sets (:func:`retirement`). Never raises."""
         s = self.sys
         try:
-            if known is not None:
+            if known is not None and not alone:
                 try:
                     self._commit(transaction(name, (), known, drop_nd=True, guard="drop", unshared=known))
                     return [f"nft elements of {name}: {' '.join(map(str, known)) or 'none'}"]
@@ -514,14 +590,21 @@ class Backend(VifGuard):
             except Failure as exc:
                 # as offline does with the host lock: a dead guest's
                 # elements must not outlive it because of a hung holder
+                # (but the sets other runs may be filling stay)
                 if s.log:
                     s.log.warning(f"{exc}; removing the nft elements of {name} without the lock")
+                alone = False
             have = self.ruleset()
             found = [ip_address(a) for a in have.allowed(name)]
-            if not found and name not in have.owners():
-                return []
-            self._commit(self._drop(have, name, {name}, alone=True))
-            return [f"nft elements of {name}: {' '.join(map(str, found)) or 'none'}"]
+            payload = self._drop(have, name, {name}, alone=True) if found or name in have.owners() else ""
+            retired = retirement(have, name, bool(payload)) if alone else []
+            self._commit(payload + "".join(f"delete set {fam} {TABLE} {n}\n" for fam, n in retired))
+            if ("ip", GUARDED) in retired:
+                self._mark(False)
+            done = [f"nft elements of {name}: {' '.join(map(str, found)) or 'none'}"] if payload else []
+            if retired:
+                done.append("our nft sets " + ", ".join(f"{fam} {n}" for fam, n in retired) + " (none left in use)")
+            return done
         except Failure as exc:
             if s.log:
                 s.log.warning(f"could not remove the nft elements of {name}: {exc}")
@@ -534,8 +617,6 @@ class Backend(VifGuard):
         probed once per boot and kernel: a refusal for want of it leaves a
         marker in ``state_dir``, logged once, and later runs skip the
         process."""
-        import os
-
         s = self.sys
         marker = os.path.join(state_dir, ACCEL_MARKER)
         ident = _kernel_identity()
