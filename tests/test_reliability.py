@@ -289,6 +289,27 @@ def test_storm_mixing_online_and_offline_of_the_same_vifs(world):
         assert after[key] == before[key], (seed, key)
 
 
+@pytest.mark.parametrize("world", ["nft"], indirect=True)
+def test_the_last_offlines_at_once_still_retire_our_sets(world):
+    """The last vifs go offline side by side (their runs overlap: the nft
+    backend holds the host lock shared), so each sees the other's record
+    when it removes its elements. Whichever finds no record after removing
+    its own retires our bookkeeping sets, and the hint that they exist."""
+    guests = [world.add_guest(d, [f"10.137.0.{40 + d}"]) for d in (1, 2, 3)]
+    for rnd in range(6):
+        for g in guests:
+            assert world.hotplug(g, "online").returncode == 0
+        assert "nft-sets" in files_left(world)
+        results = finish([start(world, g, "offline") for g in guests])
+        assert results == [(0, "")] * len(guests), (rnd, results)
+        assert files_left(world) == [], rnd
+        # what stays is what the rules name, empty (the ND set of our own
+        # tables stays with the rule that names it)
+        sets = world.netvm.exec(["nft", "list", "sets"]).stdout
+        assert "vrq-guarded" not in sets and "vrq-shared" not in sets, (rnd, sets)
+        assert "elements" not in sets, (rnd, sets)
+
+
 class _Nothing:
     results = ()
 

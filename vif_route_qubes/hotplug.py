@@ -928,6 +928,7 @@ def offline(ctx) -> int:
                 ctx.log.warning(f"offline {vif.name}: {exc}")
                 left.append("link configuration" if proven else "routes")
         missing = [t for t in getattr(ctx.fw, "tools", ()) if s.which(t) is None]
+        alone = False
         try:
             # the host's last vif: our bookkeeping that then holds nothing
             # goes in the same step (one read instead of none: the last only)
@@ -964,6 +965,12 @@ def offline(ctx) -> int:
             else:
                 state.remove(ctx.state_dir, name)
                 gone = True
+                if ctx.fw.concurrent and not alone and lock in locked and not state.others(ctx.state_dir, name):
+                    # runs of a concurrent backend overlap: two last
+                    # offlines each saw the other's record above. Whichever
+                    # finds no record after removing its own is the last one
+                    # out, and retires what the kernel shows unused.
+                    removed += ctx.fw.remove(vif.name, alone=True)
     finally:
         # the host lock first, then this vif's; once the vif is gone its
         # lock file goes too ("nothing of ours")
