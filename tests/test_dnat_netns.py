@@ -517,7 +517,7 @@ def test_real_resolved_per_link_servers_without_global_ones(rig):
         assert res.returncode == 0, res.stderr
         assert rig.answers(*ALL) == {t: ANSWER[UP2] for t in ALL}
         status = rig.dnat("--status", resolv=STUB, env=resolved.env)
-        assert f"(from systemd-resolved over D-Bus, per-link servers)" in status.stdout
+        assert "(from systemd-resolved over D-Bus, per-link servers)" in status.stdout
 
 
 def test_unreadable_upstream_source_changes_nothing(rig):

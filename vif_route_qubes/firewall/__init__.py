@@ -46,23 +46,8 @@ def choose(env, requested=None):
 
 def backend_for(sys_, env, requested=None):
     """The backend object a run works through: a
-    :class:`.contract.VifGuard` (the contract, declared there; only the
-    chosen backend's module is imported). In short:
-
-    ``.name``, ``.reason``; ``.apply(vif, previous)`` guards ``vif`` (and,
-    when it fails, has put ``previous``'s guard, or nothing of ours, back
-    before raising); ``.remove(name, known=None)`` -> descriptions of what
-    was removed, never raises (``known``: the addresses the state record
-    names, which spares nft a read of the kernel); ``.addresses(name)`` -> the guest addresses our rules hold
-    in the kernel; ``.check(vif, name)`` -> [(verdict, item, detail)] for
-    status, where an item starts with the table kind it concerns
-    (``iptables``, ``ip6tables``, ``nft``), and ``vif`` None means nothing
-    of ours is expected; ``.denies(vif)`` -> [(item, detail)] when it is
-    *not* the chosen backend: its default deny, left on the host, in force
-    for ``vif`` (status lists each as unexpected);
-    ``.accelerate(state_dir, leaving=None)`` rebuilds the forwarding
-    flowtable (nft; nothing for iptables) -> a description or None, never
-    raises."""
+    :class:`.contract.VifGuard`, whose methods the contract declares (only
+    the chosen backend's module is imported)."""
     from .contract import guard_class
 
     name, reason = choose(env, requested)
