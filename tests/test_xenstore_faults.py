@@ -139,3 +139,36 @@ def test_messages_name_the_fault(healed):
     value = world.xs.read(f"/local/domain/0/{g.xenbus_path}/hotplug-error")
     assert value is not None and b"is not a MAC address" in value
     assert world.xs.read(f"/local/domain/0/{g.xenbus_path}/hotplug-status") == b"error"
+
+
+def test_a_hang_up_halfway_through_a_send_is_a_clean_failure(xenstored):
+    """pyxs's router thread drops the connection's transport on the daemon's
+    hang-up without taking the send lock, so a send that passed pyxs's
+    is_connected check can find the transport gone between the header and
+    the body (seen once in CI as "closes after one reply" ending in an
+    AttributeError traceback). Here that moment is made to happen."""
+    import socket
+
+    from vif_route_qubes.errors import Failure
+    from vif_route_qubes.xs import XenStore
+
+    xs = XenStore(env={"XENSTORED_PATH": xenstored.socket_path}, timeout=2)
+    conn = xs._open().connection
+    real = conn.transport
+
+    class GoneAfterTheHeader:
+        def send(self, data):
+            real.send(data)
+            conn.transport = None  # what the router thread's close() does
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+    conn.transport = GoneAfterTheHeader()
+    try:
+        with pytest.raises(Failure, match="closed the connection"):
+            xs.read_many(["/local/domain/0/backend"])
+    finally:
+        real.sock.shutdown(socket.SHUT_RDWR)  # wakes the router thread, which then ends
+        xs.close()
+        real.close()

@@ -105,11 +105,16 @@ class XenStore:
         try:
             packet = Packet(op, b"".join(args), rq_id=next_rq_id(), tx_id=0)
             return router.send(packet)
-        except PyXSError as exc:
+        except (PyXSError, AttributeError) as exc:
             if router.died or not router.connection.is_connected:
                 # the daemon hung up while our pipelined requests were still
-                # going out: say so, not "not connected"
+                # going out: say so, not "not connected". pyxs's router
+                # thread drops the transport without the send lock, so a
+                # send that passed pyxs's is_connected check can find it
+                # gone halfway (AttributeError on None).
                 raise Failure(f"XenStore: {self.where} closed the connection") from None
+            if isinstance(exc, AttributeError):
+                raise
             raise Failure(f"XenStore: {self.where}: {_reason(exc)}") from None
 
     def _collect(self, rvar, what):
